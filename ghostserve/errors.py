@@ -3,7 +3,7 @@
 One base class, :class:`GhostServeError`, and a few subclasses that carry the
 failing rank, block, shard or erasure pattern as attributes. The gRPC layer maps
 each class to a status code through :data:`GRPC_STATUS` (one table, in
-``ghostserve.rpc.status``), so a client sees the same meaning on the wire.
+``ghostserve.daemon.status_codes``), so a client sees the same meaning on the wire.
 
 Each class says who raises it.
 """
@@ -156,6 +156,11 @@ class ResourceExhausted(DaemonError):
     def __init__(self, what: str):
         self.what = what
         super().__init__(f"out of {what}")
+
+
+class Unsupported(DaemonError):
+    """The request needs something this daemon does not have (a CUDA device for
+    CUDA IPC regions). Raised by registration."""
 
 
 class DaemonUnavailable(GhostServeError):

@@ -116,8 +116,7 @@ class RSCode:
         coeffs = gf.matmul(self.matrix[list(key)], inverse) if key else np.zeros((0, self.k), np.uint8)
         coeffs.flags.writeable = False
         with self._lock:
-            self._decode.setdefault(key, (survivors, coeffs))
-        return survivors, coeffs
+            return self._decode.setdefault(key, (survivors, coeffs))
 
     def reconstruct(self, shards: Any, erased: Sequence[int]) -> Any:
         """Rebuild the ``erased`` rows of ``shards`` (k + m shards) in place from
@@ -129,6 +128,29 @@ class RSCode:
             ordered = sorted(set(int(e) for e in erased))
             self._apply(coeffs, views.pick(survivors), views.pick(ordered))
         return shards
+
+    def rebuild(self, shards: Sequence[Any], erased: Sequence[int], want: Sequence[int]) -> None:
+        """Rebuild only the rows ``want`` (a subset of ``erased``) in place.
+
+        ``shards`` has k + m entries; entries at erased indices not in ``want``
+        may be None (a lost rank with no memory yet). Used by the restorer,
+        which writes the replacement's shard and repairs corrupt survivors
+        without needing buffers for ranks that are still gone.
+        """
+        if len(shards) != self.k + self.m:
+            raise ShardError(f"shards: {len(shards)} entries, expected {self.k + self.m}")
+        survivors, coeffs = self.decode_matrix(list(erased))
+        ordered = sorted(set(int(e) for e in erased))
+        if not set(want) <= set(ordered):
+            raise ShardError(f"want {list(want)} must be a subset of erased {ordered}")
+        if not want:
+            return
+        src = as_shards([shards[i] for i in survivors], self.k, writable=False, what="survivors")
+        dst = as_shards([shards[w] for w in want], len(want), writable=True, what="outputs")
+        check_lengths(dst, len(src[0]))
+        rows = np.ascontiguousarray(coeffs[[ordered.index(w) for w in want]])
+        rows.flags.writeable = False
+        self._apply(rows, src, dst)
 
     def verify(self, shards: Any) -> bool:
         """True when the parity rows of ``shards`` (k + m shards) match its data rows."""

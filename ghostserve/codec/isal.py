@@ -179,3 +179,18 @@ class IsalBackend(Backend):
             for d, c in zip(dst, dstc, strict=True):
                 if d is not c:
                     d[:] = c
+
+
+@lru_cache(maxsize=1)
+def _crc_fn():
+    lib = library()
+    fn = lib.crc32_iscsi
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    fn.restype = ctypes.c_uint32
+    return fn
+
+
+def crc32c(addr: int, length: int, seed: int = 0) -> int:
+    """ISA-L's CRC32C (``crc32_iscsi``) of ``length`` bytes at ``addr``, chained from
+    ``seed``. Releases the GIL. The caller guarantees the bytes stay mapped."""
+    return _crc_fn()(addr, length, seed)

@@ -1,0 +1,280 @@
+"""Clients of the daemon: :class:`WorkerClient` for engine ranks, :class:`OperatorClient`
+for tools.
+
+A worker registers its KV region once, then calls :meth:`WorkerClient.commit`
+after every step. ``commit`` only appends to an in-process queue (a few
+microseconds, no network, no proto encoding): a background thread owns the
+gRPC stream, sends commits in order, and applies acknowledgements. Commits not
+yet acknowledged as protected are kept and re-sent if the daemon restarts, so a
+daemon crash loses nothing the engine committed.
+
+Thread safety: ``commit`` is meant to be called from one thread (the engine's
+step loop); the read-only properties and ``wait_protected`` from any thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import grpc
+
+from ghostserve.errors import DaemonUnavailable
+from ghostserve.v1 import ghostserve_pb2 as pb
+
+_END = object()
+
+
+def target_of(socket_or_target: str) -> str:
+    """A gRPC target: ``unix:PATH`` for a socket path, else as given (``host:port``)."""
+    if socket_or_target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return socket_or_target
+    if "/" in socket_or_target or socket_or_target.endswith(".sock"):
+        return "unix:" + os.path.abspath(socket_or_target)
+    return socket_or_target
+
+
+def channel(socket_or_target: str) -> grpc.Channel:
+    return grpc.insecure_channel(target_of(socket_or_target))
+
+
+class _Stub:
+    """Minimal stubs built from method names (the generated ones would do the same)."""
+
+    def __init__(self, ch: grpc.Channel, service: str, methods: Mapping[str, tuple[Any, Any, str]]):
+        for name, (req, resp, kind) in methods.items():
+            path = f"/ghostserve.v1.{service}/{name}"
+            make = ch.unary_unary if kind == "uu" else ch.stream_stream
+            setattr(self, name, make(path, request_serializer=req.SerializeToString,
+                                     response_deserializer=resp.FromString))
+
+
+def worker_stub(ch: grpc.Channel) -> Any:
+    return _Stub(ch, "Worker", {
+        "Register": (pb.RegisterRequest, pb.RegisterResponse, "uu"),
+        "Restore": (pb.RestoreRequest, pb.RestoreResponse, "uu"),
+        "Stream": (pb.WorkerMessage, pb.DaemonMessage, "ss"),
+    })
+
+
+def operator_stub(ch: grpc.Channel) -> Any:
+    return _Stub(ch, "Operator", {
+        "Status": (pb.StatusRequest, pb.StatusResponse, "uu"),
+        "Scrub": (pb.ScrubRequest, pb.ScrubResponse, "uu"),
+        "Restore": (pb.RestoreRequest, pb.RestoreResponse, "uu"),
+    })
+
+
+class WorkerClient:
+    """One TP rank's connection. ``layout`` has the fields of ``KVLayout``."""
+
+    def __init__(self, socket: str, group: str, rank: int, world_size: int, parity: int,
+                 layout: Mapping[str, int], region: str, region_size: int, pid: int | None = None,
+                 reconnect: bool = True, timeout: float = 10.0):
+        self.socket, self.group, self.rank = socket, group, rank
+        self.world_size, self.parity = world_size, parity
+        self.layout, self.region, self.region_size = dict(layout), region, region_size
+        self.pid = pid or os.getpid()
+        self.reconnect, self.timeout = reconnect, timeout
+        self.role: str | None = None
+        self.session = ""
+        self.events: queue.Queue[pb.GroupEvent] = queue.Queue()
+        self.errors: list[grpc.RpcError] = []
+        self._channel = channel(socket)
+        self._stub = worker_stub(self._channel)
+        self._cond = threading.Condition()
+        self._protected = -1
+        self._watermarks: dict[str, int] = {}
+        self._unacked: collections.deque[tuple] = collections.deque()
+        self._sendq: queue.Queue = queue.Queue()
+        self._send_lock = threading.Lock()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    # ---------------------------------------------------------------- calls
+
+    def register(self) -> pb.RegisterResponse:
+        """Register (or re-register) this rank and open the commit stream."""
+        resp = self._stub.Register(pb.RegisterRequest(
+            group=self.group, rank=self.rank, world_size=self.world_size, parity=self.parity,
+            layout=pb.KVLayout(**self.layout),
+            region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
+        ), timeout=self.timeout)
+        self.role = pb.RegisterResponse.Role.Name(resp.role)
+        self.session = resp.session
+        with self._cond:
+            self._protected = max(self._protected, resp.protected_step) if self.role != "REPLACEMENT" \
+                else resp.protected_step
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"gs-client-{self.rank}", daemon=True)
+            self._open_stream()
+            self._thread.start()
+        return resp
+
+    def commit(self, step: int, dirty: Iterable[tuple[int, int, int]] = (),
+               requests: Mapping[str, int] | None = None, freed: Iterable[int] = (),
+               finished: Iterable[str] = ()) -> None:
+        """Queue step ``step``'s writes: ``dirty`` (block, start, end) byte ranges,
+        request lengths after the step, freed blocks, finished requests. Never blocks."""
+        item = (step, tuple(dirty), dict(requests or {}), tuple(freed), tuple(finished))
+        with self._send_lock:
+            self._unacked.append(item)
+            self._sendq.put(item)
+
+    def restore(self) -> pb.RestoreResponse:
+        """Ask the daemon to rebuild this (replacement) rank's protected KV."""
+        resp = self._stub.Restore(pb.RestoreRequest(group=self.group, rank=self.rank,
+                                                    session=self.session), timeout=600)
+        with self._cond:
+            self._protected = resp.protected_step
+            self._watermarks = {w.request_id: w.tokens for w in resp.watermarks}
+        return resp
+
+    @property
+    def protected_step(self) -> int:
+        return self._protected
+
+    @property
+    def watermarks(self) -> dict[str, int]:
+        with self._cond:
+            return dict(self._watermarks)
+
+    def wait_protected(self, step: int, timeout: float = 10.0) -> bool:
+        """Block until ``step`` is protected; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._protected < step:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def close(self) -> None:
+        """End the stream (the daemon then treats this rank as gone) and the channel."""
+        self._closed = True
+        with self._send_lock:
+            self._sendq.put(_END)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._channel.close()
+
+    # ---------------------------------------------------------------- stream
+
+    def _open_stream(self) -> None:
+        hello = pb.WorkerMessage(hello=pb.Hello(group=self.group, rank=self.rank, session=self.session))
+        with self._send_lock:
+            self._sendq.put(_END)  # ends the old request iterator, if any
+            self._sendq = queue.Queue()
+            for item in self._unacked:
+                if item[0] > self._protected:
+                    self._sendq.put(item)
+            self._call = self._stub.Stream(self._requests(hello, self._sendq))
+
+    def _requests(self, hello: pb.WorkerMessage, q: queue.Queue) -> Iterator[pb.WorkerMessage]:
+        yield hello
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            step, dirty, requests, freed, finished = item
+            yield pb.WorkerMessage(commit=pb.Commit(
+                step=step, dirty=[pb.ByteRange(block=b, start=s, end=e) for b, s, e in dirty],
+                requests=[pb.RequestTokens(request_id=k, tokens=v) for k, v in requests.items()],
+                freed_blocks=freed, finished_requests=finished))
+
+    def _run(self) -> None:
+        while True:
+            try:
+                for msg in self._call:
+                    self._apply(msg)
+                if self._closed:
+                    return
+            except grpc.RpcError as exc:
+                if self._closed:
+                    return
+                self.errors.append(exc)
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                    return  # the daemon refused something: surface it, do not loop
+            if not self.reconnect or self._closed:
+                return
+            self._rejoin()
+
+    def _rejoin(self) -> None:
+        """The daemon went away: re-register until it is back, then resend."""
+        while not self._closed:
+            try:
+                self._stub = worker_stub(self._channel)
+                resp = self._stub.Register(pb.RegisterRequest(
+                    group=self.group, rank=self.rank, world_size=self.world_size, parity=self.parity,
+                    layout=pb.KVLayout(**self.layout),
+                    region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
+                ), timeout=self.timeout)
+            except grpc.RpcError:
+                time.sleep(0.05)
+                continue
+            self.session = resp.session
+            with self._cond:
+                self._protected = max(self._protected, resp.protected_step)
+            self._open_stream()
+            return
+
+    def _apply(self, msg: pb.DaemonMessage) -> None:
+        if msg.WhichOneof("msg") == "ack":
+            with self._cond:
+                self._protected = max(self._protected, msg.ack.protected_step)
+                for w in msg.ack.watermarks:
+                    if w.tokens:
+                        self._watermarks[w.request_id] = w.tokens
+                    else:
+                        self._watermarks.pop(w.request_id, None)
+                while self._unacked and self._unacked[0][0] <= self._protected:
+                    self._unacked.popleft()
+                self._cond.notify_all()
+        else:
+            self.events.put(msg.event)
+
+
+class OperatorClient:
+    """Status, scrub and manual restore; health through ``grpc.health.v1``."""
+
+    def __init__(self, socket: str, timeout: float = 10.0):
+        self._channel = channel(socket)
+        self._stub = operator_stub(self._channel)
+        self.socket, self.timeout = socket, timeout
+
+    def _call(self, name: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self._stub, name)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise DaemonUnavailable(f"no ghostserve daemon answers on {self.socket}: {exc.details()}") from exc
+            raise
+
+    def status(self, group: str = "") -> pb.StatusResponse:
+        return self._call("Status", pb.StatusRequest(group=group))
+
+    def scrub(self, group: str) -> pb.ScrubResponse:
+        return self._call("Scrub", pb.ScrubRequest(group=group), timeout=600)
+
+    def restore(self, group: str, rank: int) -> pb.RestoreResponse:
+        return self._call("Restore", pb.RestoreRequest(group=group, rank=rank), timeout=600)
+
+    def healthy(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+        try:
+            resp = health_pb2_grpc.HealthStub(self._channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
+        except grpc.RpcError:
+            return False
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,117 @@
+"""Daemon configuration: one frozen dataclass, validated at construction.
+
+Precedence, lowest first: the defaults here, ``GHOSTSERVE_*`` environment
+variables (``GHOSTSERVE_SOCKET``, ``GHOSTSERVE_SHM_PREFIX``, ...: the field name
+upper-cased), then command-line flags. Nothing else in the code base picks a
+port, a socket path or a shared-memory name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ghostserve.errors import GhostServeError
+
+
+class ConfigError(GhostServeError, ValueError):
+    """A configuration value is invalid. ``field`` names it. Raised by ``Config()``."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+def default_socket() -> str:
+    """``$XDG_RUNTIME_DIR/ghostserve/ghostserve.sock``, else one under the temp dir per user."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
+        os.environ.get("TMPDIR", "/tmp"), f"ghostserve-{os.getuid()}"
+    )
+    return os.path.join(base, "ghostserve", "ghostserve.sock")
+
+
+@dataclass(frozen=True)
+class Config:
+    socket: str = dataclasses.field(default_factory=default_socket)
+    listen: str = ""              # HOST:PORT for TCP, in addition to the socket
+    tls_cert: str = ""
+    tls_key: str = ""
+    insecure: bool = False        # TCP without TLS; refused unless HOST is loopback
+    metrics_port: int = 0         # Prometheus exposition; 0 disables
+    metrics_host: str = "0.0.0.0"
+    shm_prefix: str = "ghostserve-"
+    encode_threads: int = 0       # 0: one per CPU
+    backend: str = "auto"         # codec backend for CPU regions
+    pid_poll_seconds: float = 0.05
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.socket and not self.listen:
+            raise ConfigError("socket", "give a unix socket path or --listen HOST:PORT")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", self.shm_prefix):
+            raise ConfigError("shm_prefix", f"{self.shm_prefix!r}: use 1-64 of [A-Za-z0-9._-]")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError("metrics_port", f"{self.metrics_port} is not a port")
+        if self.encode_threads < 0:
+            raise ConfigError("encode_threads", "must be >= 0")
+        if self.pid_poll_seconds <= 0:
+            raise ConfigError("pid_poll_seconds", "must be > 0")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log_level", f"{self.log_level!r}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("tls_cert", "give both --tls-cert and --tls-key")
+        if self.listen:
+            host, _, port = self.listen.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ConfigError("listen", f"{self.listen!r} is not HOST:PORT")
+            if not self.tls_cert:
+                if not self.insecure:
+                    raise ConfigError("listen", "TCP needs --tls-cert/--tls-key, or --insecure on loopback")
+                if not _is_loopback(host):
+                    raise ConfigError("insecure", f"refused for non-loopback address {host!r}")
+
+    @property
+    def threads(self) -> int:
+        return self.encode_threads or (os.cpu_count() or 1)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Config:
+        """Defaults, then ``GHOSTSERVE_*`` from ``env``, then ``overrides`` (None values ignored)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get("GHOSTSERVE_" + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f.name, f.type, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, kind: Any, raw: str) -> Any:
+    kind = kind if isinstance(kind, str) else kind.__name__
+    try:
+        if kind == "bool":
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes")
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(name, f"GHOSTSERVE_{name.upper()}={raw!r} is not a {kind}") from None
+    return raw
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,540 @@
+"""One tensor-parallel group: its ranks, the stripe scheduler, encoder and restorer.
+
+A stripe is the same (layer, block) on all N ranks. Ranks commit steps in order;
+when every rank has committed step t, the encoder thread encodes the union of
+the byte ranges step t wrote (only those bytes) into the parity store, records
+CRC32C checksums of every rank's chunk, frees released blocks, and acknowledges
+the new protected step and request watermarks to every rank's stream.
+
+Threads and locks:
+
+* ``lock`` guards rank state, pending commits and watermarks. gRPC handler
+  threads take it briefly; it is never held while bytes are encoded.
+* ``io_lock`` serialises everything that reads or writes KV and parity bytes
+  (encoding a step, restore, scrub), so a restore never sees half a step.
+* The encoder thread is the only writer of the parity store's step records.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ghostserve import shm
+from ghostserve.codec import RSCode
+from ghostserve.codec.isal import crc32c
+from ghostserve.daemon.store import Layout, ParityStore
+from ghostserve.errors import BlockOutOfRange, DuplicateRank, InvalidRequest, UnknownRank, WrongState
+from ghostserve.metrics import Metrics
+
+log = logging.getLogger("ghostserve.group")
+
+ALIVE, LOST, DETACHED, REPLACING = "alive", "lost", "detached", "replacing"
+
+
+@dataclass
+class CommitRecord:
+    """A validated step commit of one rank (plain Python, no proto)."""
+
+    step: int
+    ranges: list[tuple[int, int, int]]          # (block, start, end), chunk-aligned
+    requests: list[tuple[str, int]] = field(default_factory=list)
+    freed: list[int] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Rank:
+    rank: int
+    state: str
+    pid: int
+    region: str
+    session: str = ""
+    segment: shm.Segment | None = None
+    view: np.ndarray | None = None
+    addr: int = 0
+    committed: int = -1
+    outbox: queue.Queue | None = None
+
+    def map(self, size: int) -> None:
+        self.segment = shm.Segment.attach(self.region, size)
+        self.view = self.segment.array()
+        self.addr = self.view.ctypes.data
+
+    def unmap(self) -> None:
+        """Forget the memory: a lost rank's bytes must never feed a restore."""
+        self.view, self.addr = None, 0
+        if self.segment is not None:
+            self.segment.close()
+            self.segment = None
+
+
+@dataclass
+class RestoreResult:
+    protected_step: int
+    restored_bytes: int = 0
+    unrecoverable_blocks: list[int] = field(default_factory=list)
+    unrecoverable_bytes: int = 0
+    corrupt_chunks: int = 0
+    watermarks: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class ScrubResult:
+    chunks_checked: int = 0
+    parity_mismatches: int = 0
+    checksum_mismatches: int = 0
+    bad_blocks: list[int] = field(default_factory=list)
+
+
+class Group:
+    def __init__(self, name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor,
+                 backend: str = "isal"):
+        self.name, self.store, self.metrics, self.pool = name, store, metrics, pool
+        self.layout: Layout = store.layout
+        self.n, self.m = store.k, store.m
+        self.code = RSCode(self.n, self.m, backend, **({"threads": 1} if backend == "isal" else {}))
+        self.lock = threading.RLock()
+        self.cond = threading.Condition(self.lock)
+        self.io_lock = threading.Lock()
+        self.ranks: dict[int, Rank] = {}
+        self.pending: dict[int, dict[int, CommitRecord]] = {}
+        self.watermarks: dict[str, int] = store.read_watermarks()
+        self.last_restore: dict[str, Any] | None = None
+        self._stopped = False
+        self._encoder = threading.Thread(target=self._encode_loop, name=f"gs-encode-{name}", daemon=True)
+        lay = self.layout
+        self.metrics.kv_bytes.labels(name).set(lay.kv_bytes() * self.n)
+        self.metrics.parity_arena_bytes.labels(name).set(lay.kv_bytes() * self.m)
+        self._update_gauges()
+
+    def start(self) -> None:
+        self._encoder.start()
+
+    def stop(self) -> None:
+        with self.cond:
+            self._stopped = True
+            self.cond.notify_all()
+        if self._encoder.is_alive():
+            self._encoder.join(timeout=5)
+
+    # ------------------------------------------------------------------ ranks
+
+    @property
+    def protected_step(self) -> int:
+        return self.store.protected_step
+
+    def manifest_ranks(self) -> None:
+        """Persist rank regions and pids (a restarted daemon re-attaches from them)."""
+        manifest = dict(self.store.manifest)
+        manifest["ranks"] = {str(r.rank): {"region": r.region, "pid": r.pid, "state": r.state}
+                             for r in self.ranks.values()}
+        self.store.write_manifest(manifest)
+
+    def register(self, rank: int, pid: int, region: str, region_size: int) -> tuple[str, str]:
+        """Add or re-admit ``rank``; returns (role, session). Caller validated layout/code."""
+        if not 0 <= rank < self.n:
+            raise UnknownRank(self.name, rank, f"is outside 0..{self.n - 1}")
+        with self.lock:
+            old = self.ranks.get(rank)
+            if old is None:
+                role = "NEW"
+            elif old.state in (ALIVE, DETACHED) and old.region == region:
+                if old.state == ALIVE and old.pid != pid:
+                    raise DuplicateRank(self.name, rank)
+                role = "REJOINED"
+            elif old.state in (ALIVE, DETACHED):
+                raise DuplicateRank(self.name, rank)
+            else:  # LOST or REPLACING: fresh memory for a lost rank
+                role = "REPLACEMENT"
+            new = Rank(rank, ALIVE if role != "REPLACEMENT" else REPLACING, pid, region)
+            try:
+                new.map(region_size)
+            except FileNotFoundError:
+                raise InvalidRequest(f"shared memory region {region!r} does not exist") from None
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            if old is not None:
+                if role == "REJOINED":
+                    new.committed = old.committed if old.state == ALIVE else self.protected_step
+                if old.outbox is not None:
+                    old.outbox.put(None)
+                old.unmap()
+            else:
+                new.committed = self.protected_step
+            if role == "REPLACEMENT":
+                new.committed = self.protected_step
+            new.session = uuid.uuid4().hex
+            self.ranks[rank] = new
+            self.manifest_ranks()
+            self._update_gauges()
+            self.cond.notify_all()
+            return role, new.session
+
+    def attach_detached(self, manifest_ranks: dict[str, Any], region_size: int) -> None:
+        """After a daemon restart: map every known rank's region again, detached
+        until its worker reconnects; a rank whose region is gone is lost."""
+        with self.lock:
+            for key, info in manifest_ranks.items():
+                r = Rank(int(key), DETACHED, int(info["pid"]), info["region"], committed=self.protected_step)
+                if info.get("state") in (LOST, REPLACING):
+                    r.state = LOST
+                else:
+                    try:
+                        r.map(region_size)
+                    except (FileNotFoundError, ValueError):
+                        r.state = LOST
+                self.ranks[r.rank] = r
+            self._update_gauges()
+
+    def check_session(self, rank: int, session: str) -> Rank:
+        r = self.ranks.get(rank)
+        if r is None:
+            raise UnknownRank(self.name, rank)
+        if r.session != session:
+            raise WrongState(self.name, rank, "stale session: register again")
+        return r
+
+    def open_stream(self, rank: int, session: str) -> queue.Queue:
+        with self.lock:
+            r = self.check_session(rank, session)
+            if r.outbox is not None:
+                r.outbox.put(None)  # ends an older stream of this rank
+            r.outbox = queue.Queue()
+            r.outbox.put(("ack", self.protected_step, dict(self.watermarks)))
+            return r.outbox
+
+    def stream_closed(self, rank: int, session: str, by_client: bool) -> None:
+        """The rank's stream ended. A client-side end means the worker is gone."""
+        with self.lock:
+            r = self.ranks.get(rank)
+            if r is None or r.session != session or r.state not in (ALIVE, REPLACING):
+                return
+            if by_client:
+                self.mark_lost(rank, "stream_closed")
+            else:
+                r.state = DETACHED
+                self._update_gauges()
+
+    def mark_lost(self, rank: int, kind: str) -> bool:
+        """Rank ``rank`` failed: unmap its memory, drop its unencoded commits. Idempotent."""
+        with self.lock:
+            r = self.ranks.get(rank)
+            if r is None or r.state == LOST:
+                return False
+            log.warning("group %s: rank %d lost (%s)", self.name, rank, kind)
+            r.state = LOST
+            r.unmap()
+            r.committed = self.protected_step
+            for commits in self.pending.values():
+                commits.pop(rank, None)
+            self.metrics.failures.labels(self.name, kind).inc()
+            self.manifest_ranks()
+            self._update_gauges()
+            self._broadcast(("event", "RANK_LOST", rank, kind))
+            self.cond.notify_all()
+            return True
+
+    def watched_pids(self) -> list[tuple[int, int]]:
+        with self.lock:
+            return [(r.rank, r.pid) for r in self.ranks.values() if r.state != LOST and r.pid > 0]
+
+    # ------------------------------------------------------------------ commits
+
+    def validate_commit(self, rec: CommitRecord, rank: int) -> None:
+        lay = self.layout
+        for block, start, end in rec.ranges:
+            if block >= lay.num_blocks:
+                raise BlockOutOfRange(self.name, rank, block, f"outside 0..{lay.num_blocks - 1}")
+            if not 0 <= start < end <= lay.block_bytes:
+                raise BlockOutOfRange(self.name, rank, block,
+                                      f"byte range [{start}, {end}) outside 0..{lay.block_bytes}")
+            if start % lay.chunk_bytes or end % lay.chunk_bytes:
+                raise InvalidRequest(f"byte range [{start}, {end}) of block {block} is not aligned "
+                                     f"to chunk_bytes {lay.chunk_bytes}")
+        for block in rec.freed:
+            if block >= lay.num_blocks:
+                raise BlockOutOfRange(self.name, rank, block, "freed block outside the layout")
+        for req, _ in rec.requests:
+            if not req or len(req) > 256:
+                raise InvalidRequest("request ids must be 1-256 characters")
+
+    def commit(self, rank: int, session: str, rec: CommitRecord) -> None:
+        """Queue a validated step commit; returns at once (encoding is async)."""
+        self.validate_commit(rec, rank)
+        with self.lock:
+            r = self.check_session(rank, session)
+            if r.state != ALIVE:
+                raise WrongState(self.name, rank, f"rank is {r.state}: cannot commit")
+            if rec.step <= r.committed:
+                return  # a resend after reconnecting: already have it
+            if rec.step != r.committed + 1:
+                raise WrongState(self.name, rank,
+                                 f"step {rec.step} after {r.committed}: steps must be consecutive")
+            self.pending.setdefault(rec.step, {})[rank] = rec
+            r.committed = rec.step
+            self.metrics.commits.labels(self.name).inc()
+            self._update_lag()
+            self.cond.notify_all()
+
+    def _ready_step(self) -> int | None:
+        t = self.protected_step + 1
+        commits = self.pending.get(t)
+        if commits is None or len(commits) < self.n:
+            return None
+        if any(self.ranks.get(q) is None or self.ranks[q].state != ALIVE for q in range(self.n)):
+            return None
+        return t
+
+    def _encode_loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self._stopped and self._ready_step() is None:
+                    self.cond.wait(timeout=0.5)
+                if self._stopped:
+                    return
+                t = self._ready_step()
+                commits = self.pending.pop(t)
+                views = {q: (self.ranks[q].view, self.ranks[q].addr) for q in range(self.n)}
+            try:
+                self._encode_step(t, commits, views)
+            except Exception:  # keep the daemon serving; the step stays unprotected
+                log.exception("group %s: encoding step %d failed", self.name, t)
+                with self.cond:
+                    self.pending[t] = commits
+                    self.cond.wait(timeout=1.0)
+
+    @staticmethod
+    def _merge(ranges: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+        out: list[tuple[int, int, int]] = []
+        for block, s, e in sorted(ranges):
+            if out and out[-1][0] == block and s <= out[-1][2]:
+                out[-1] = (block, out[-1][1], max(out[-1][2], e))
+            else:
+                out.append((block, s, e))
+        return out
+
+    def _encode_step(self, t: int, commits: dict[int, CommitRecord], views: dict[int, tuple]) -> None:
+        started = time.perf_counter()
+        ranges = self._merge(rg for c in commits.values() for rg in c.ranges)
+        with self.io_lock:
+            futures = [self.pool.submit(self._encode_range, t, b, s, e, views) for b, s, e in ranges]
+            nbytes = sum(f.result() for f in futures)
+            for block in {b for c in commits.values() for b in c.freed}:
+                self.store.chunk_step[block, :] = -1
+            with self.lock:
+                changed = self._apply_watermarks(commits)
+                self.store.protected_step = t
+                if changed:
+                    self.store.write_watermarks(self.watermarks)
+                self.metrics.encoded_bytes.labels(self.name).inc(nbytes)
+                self.metrics.encode_seconds.labels(self.name).inc(time.perf_counter() - started)
+                self.metrics.steps_encoded.labels(self.name).inc()
+                self._update_gauges()
+                self._broadcast(("ack", t, changed))
+
+    def _apply_watermarks(self, commits: dict[int, CommitRecord]) -> dict[str, int]:
+        """Tokens written on every rank (the minimum across ranks) become protected."""
+        seen: dict[str, int] = {}
+        for c in commits.values():
+            for req, tokens in c.requests:
+                seen[req] = min(tokens, seen.get(req, tokens))
+        changed = {req: tok for req, tok in seen.items() if self.watermarks.get(req) != tok}
+        self.watermarks.update(changed)
+        for c in commits.values():
+            for req in c.finished:
+                if self.watermarks.pop(req, None) is not None:
+                    changed[req] = 0
+        return changed
+
+    def _shard(self, view: np.ndarray, layer: int, block: int, start: int, end: int) -> np.ndarray:
+        base = self.layout.offset + layer * self.layout.layer_stride + block * self.layout.block_stride
+        return view[base + start : base + end]
+
+    def _crc(self, addr: int, block: int, chunk: int) -> int:
+        lay = self.layout
+        crc = 0
+        at = int(addr + lay.offset + block * lay.block_stride + chunk * lay.chunk_bytes)
+        for layer in range(lay.num_layers):
+            crc = crc32c(at + layer * lay.layer_stride, lay.chunk_bytes, crc)
+        return crc
+
+    def _encode_range(self, t: int, block: int, start: int, end: int, views: dict[int, tuple]) -> int:
+        lay, store = self.layout, self.store
+        c0, c1 = start // lay.chunk_bytes, end // lay.chunk_bytes
+        store.chunk_step[block, c0:c1] = -1  # unprotected while its parity changes
+        for layer in range(lay.num_layers):
+            data = [self._shard(views[q][0], layer, block, start, end) for q in range(self.n)]
+            self.code.encode_into(data, store.parity[layer, block, :, start:end])
+        for c in range(c0, c1):
+            for q in range(self.n):
+                store.crc[block, c, q] = self._crc(views[q][1], block, c)
+        store.chunk_step[block, c0:c1] = t
+        return (end - start) * lay.num_layers * self.n
+
+    # ------------------------------------------------------------------ restore
+
+    def restore(self, rank: int, session: str | None) -> RestoreResult:
+        """Rebuild every protected chunk of ``rank`` into its current memory from
+        the survivors and parity. Survivors failing their checksum count as
+        erasures (and are repaired when the code allows). Chunks with more bad
+        shards than m are reported unrecoverable and left untouched."""
+        started = time.perf_counter()
+        with self.lock:
+            r = self.ranks.get(rank)
+            if r is None:
+                raise UnknownRank(self.name, rank)
+            if session is not None and r.session != session:
+                raise WrongState(self.name, rank, "stale session: register again")
+            if r.view is None:
+                raise WrongState(self.name, rank, f"rank is {r.state} with no memory registered")
+            survivors = {q: (x.view, x.addr) for q, x in self.ranks.items()
+                         if q != rank and x.state in (ALIVE, DETACHED) and x.view is not None}
+            base_erased = {q for q in range(self.n) if q not in survivors}
+            # chunks written or freed by steps not yet encoded are in flux: the
+            # engine recomputes them, so they are neither restored nor "corrupt"
+            flux: set[tuple[int, int]] = set()
+            freed_in_flux: set[int] = set()
+            cb = self.layout.chunk_bytes
+            for commits in self.pending.values():
+                for c in commits.values():
+                    for b, s, e in c.ranges:
+                        flux.update((b, ch) for ch in range(s // cb, e // cb))
+                    freed_in_flux.update(c.freed)
+            target = (r.view, r.addr)
+            result = RestoreResult(self.protected_step, watermarks=dict(self.watermarks))
+        with self.io_lock:
+            self._restore_into(rank, target, survivors, base_erased, flux, freed_in_flux, result)
+        result.seconds = time.perf_counter() - started
+        with self.lock:
+            if r.state == REPLACING:
+                r.state = ALIVE
+                r.committed = self.protected_step
+            self.metrics.restores.labels(
+                self.name, "ok" if not result.unrecoverable_blocks else "partial").inc()
+            self.metrics.restore_seconds.labels(self.name).observe(result.seconds)
+            self.metrics.restored_bytes.labels(self.name).inc(result.restored_bytes)
+            self.metrics.unrecoverable_bytes.labels(self.name).inc(result.unrecoverable_bytes)
+            self.metrics.corruption.labels(self.name).inc(result.corrupt_chunks)
+            self.last_restore = {"rank": rank, "seconds": result.seconds,
+                                 "restored_bytes": result.restored_bytes,
+                                 "unrecoverable_bytes": result.unrecoverable_bytes,
+                                 "unix_time": time.time()}
+            self.manifest_ranks()
+            self._update_gauges()
+            self._broadcast(("event", "RANK_RESTORED", rank, ""))
+            self.cond.notify_all()
+        return result
+
+    def _restore_into(self, rank, target, survivors, base_erased, flux, freed_in_flux, result) -> None:
+        lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
+        unrecoverable: set[int] = set()
+        for block in range(lay.num_blocks):
+            if block in freed_in_flux:
+                continue
+            chunks = [c for c in np.flatnonzero(store.chunk_step[block] >= 0) if (block, c) not in flux]
+            runs: list[list[Any]] = []  # [c0, c1, bad survivors]
+            for c in chunks:
+                bad = frozenset(q for q, (_, addr) in survivors.items()
+                                if self._crc(addr, block, c) != store.crc[block, c, q])
+                result.corrupt_chunks += len(bad)
+                if runs and runs[-1][1] == c and runs[-1][2] == bad:
+                    runs[-1][1] = c + 1
+                else:
+                    runs.append([c, c + 1, bad])
+            for c0, c1, bad in runs:
+                erased = sorted(base_erased | {rank} | bad)
+                s, e = c0 * cb, c1 * cb
+                if len(erased) > self.m:
+                    unrecoverable.add(block)
+                    result.unrecoverable_bytes += (e - s) * lay.num_layers
+                    continue
+                want = [rank, *sorted(bad)]
+                for layer in range(lay.num_layers):
+                    shards: list[Any] = [None] * (self.n + self.m)
+                    for q, (view, _) in survivors.items():
+                        shards[q] = self._shard(view, layer, block, s, e)
+                    shards[rank] = self._shard(target[0], layer, block, s, e)
+                    for j in range(self.m):
+                        shards[self.n + j] = store.parity[layer, block, j, s:e]
+                    self.code.rebuild(shards, erased, want)
+                # end-to-end check against the encode-time checksums
+                ok = all(self._crc(target[1] if q == rank else survivors[q][1], block, c)
+                         == store.crc[block, c, q] for q in want for c in range(c0, c1))
+                if not ok:
+                    for layer in range(lay.num_layers):
+                        self._shard(target[0], layer, block, s, e)[:] = 0
+                    unrecoverable.add(block)
+                    result.unrecoverable_bytes += (e - s) * lay.num_layers
+                    continue
+                result.restored_bytes += (e - s) * lay.num_layers
+        result.unrecoverable_blocks = sorted(unrecoverable)
+
+    # ------------------------------------------------------------------ scrub
+
+    def scrub(self) -> ScrubResult:
+        """Compare every protected chunk's live bytes with its checksums and its
+        stored parity with a fresh encode. Needs every rank alive."""
+        with self.lock:
+            if any(self.ranks.get(q) is None or self.ranks[q].state != ALIVE for q in range(self.n)):
+                raise WrongState(self.name, None, "scrub needs every rank alive")
+            views = {q: (self.ranks[q].view, self.ranks[q].addr) for q in range(self.n)}
+        lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
+        out = ScrubResult()
+        bad_blocks: set[int] = set()
+        with self.io_lock:
+            for block in range(lay.num_blocks):
+                for c in np.flatnonzero(store.chunk_step[block] >= 0):
+                    out.chunks_checked += 1
+                    if any(self._crc(views[q][1], block, c) != store.crc[block, c, q] for q in range(self.n)):
+                        out.checksum_mismatches += 1
+                        bad_blocks.add(block)
+                    s, e = c * cb, (c + 1) * cb
+                    for layer in range(lay.num_layers):
+                        fresh = self.code.encode([self._shard(views[q][0], layer, block, s, e) for q in range(self.n)])
+                        if not np.array_equal(fresh, store.parity[layer, block, :, s:e]):
+                            out.parity_mismatches += 1
+                            bad_blocks.add(block)
+                            break
+        out.bad_blocks = sorted(bad_blocks)
+        if out.checksum_mismatches:
+            self.metrics.corruption.labels(self.name).inc(out.checksum_mismatches)
+        return out
+
+    # ------------------------------------------------------------------ status
+
+    def newest_step(self) -> int:
+        return max([r.committed for r in self.ranks.values()] + [self.protected_step])
+
+    def _update_lag(self) -> None:
+        self.metrics.lag_steps.labels(self.name).set(self.newest_step() - self.protected_step)
+
+    def _update_gauges(self) -> None:
+        lay = self.layout
+        chunks = self.store.protected_chunks()
+        per_chunk = lay.chunk_bytes * lay.num_layers
+        self.metrics.protected_bytes.labels(self.name).set(chunks * per_chunk * self.n)
+        self.metrics.parity_bytes.labels(self.name).set(chunks * per_chunk * self.m)
+        states = [r.state for r in self.ranks.values()]
+        for state in (ALIVE, LOST, DETACHED, REPLACING):
+            self.metrics.ranks.labels(self.name, state).set(states.count(state))
+        self.metrics.degraded.labels(self.name).set(1 if any(s in (LOST, REPLACING) for s in states) else 0)
+        self._update_lag()
+
+    def degraded(self) -> bool:
+        return any(r.state in (LOST, REPLACING) for r in self.ranks.values())
+
+    def _broadcast(self, item: tuple) -> None:
+        for r in self.ranks.values():
+            if r.outbox is not None and r.state != LOST:
+                r.outbox.put(item)

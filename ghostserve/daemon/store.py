@@ -1,0 +1,215 @@
+"""The parity store: parity and its metadata in named shared memory.
+
+Everything a restore needs lives here, outside the daemon's heap, so a daemon
+that is SIGKILLed and restarted re-attaches and loses nothing protected:
+
+* ``{prefix}{group}.parity``: parity bytes, shape (layers, blocks, m, block_bytes);
+* ``{prefix}{group}.meta``: a manifest (JSON: code, layout, ranks and their
+  regions), the protected step, per-request watermarks (JSON), and two arrays:
+  ``chunk_step[block, chunk]`` (step at which a chunk was last protected, -1 if
+  not) and ``crc[block, chunk, rank]`` (CRC32C of that rank's bytes of the chunk,
+  chained over layers, taken at encode time).
+
+Crash consistency: JSON records are double-buffered with a sequence number
+(a torn write leaves the older copy valid); a chunk is marked unprotected
+before its parity is rewritten and protected again only after parity and
+checksums are in place. Only the group's encoder thread writes here; readers
+(restore, scrub, status) run under the group's lock.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ghostserve import shm
+
+MAGIC = b"GSMETA01"
+_HDR = 64
+_MANIFEST_SLOT = 64 << 10
+_WATERMARK_SLOT = 1 << 20
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A rank's KV layout (see ``KVLayout`` in the proto)."""
+
+    num_layers: int
+    num_blocks: int
+    block_bytes: int
+    chunk_bytes: int
+    layer_stride: int
+    block_stride: int
+    offset: int = 0
+
+    @property
+    def chunks(self) -> int:
+        return self.block_bytes // self.chunk_bytes
+
+    def region_bytes(self) -> int:
+        """Smallest region that holds every shard."""
+        return (
+            self.offset + (self.num_layers - 1) * self.layer_stride
+            + (self.num_blocks - 1) * self.block_stride + self.block_bytes
+        )
+
+    def kv_bytes(self) -> int:
+        return self.num_layers * self.num_blocks * self.block_bytes
+
+    def _disjoint(self) -> bool:
+        """Shards may not overlap: blocks nested in layers, or layers nested in blocks."""
+        ls = self.layer_stride if self.num_layers > 1 else 1 << 62
+        bs = self.block_stride if self.num_blocks > 1 else 1 << 62
+        if self.num_layers == 1 and self.num_blocks == 1:
+            return True
+        return (bs >= self.block_bytes and ls >= bs * self.num_blocks) or (
+            ls >= self.block_bytes and bs >= ls * self.num_layers
+        ) or (self.num_layers == 1 and bs >= self.block_bytes) or (
+            self.num_blocks == 1 and ls >= self.block_bytes
+        )
+
+    def problems(self) -> list[str]:
+        p = []
+        if min(self.num_layers, self.num_blocks, self.block_bytes, self.chunk_bytes) < 1:
+            p.append("num_layers, num_blocks, block_bytes and chunk_bytes must be >= 1")
+        elif self.block_bytes % self.chunk_bytes:
+            p.append(f"chunk_bytes {self.chunk_bytes} does not divide block_bytes {self.block_bytes}")
+        elif not self._disjoint():
+            p.append("layer_stride/block_stride make shards overlap")
+        if self.chunks > 4096:
+            p.append("more than 4096 chunks per block; use a larger chunk_bytes")
+        return p
+
+
+def names(prefix: str, group: str) -> tuple[str, str]:
+    return f"{prefix}{group}.meta", f"{prefix}{group}.parity"
+
+
+class ParityStore:
+    """The shared-memory state of one group. Create with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, meta: shm.Segment, parity: shm.Segment, manifest: dict[str, Any]):
+        self.meta, self.parity_seg = meta, parity
+        self.manifest = manifest
+        self.layout = Layout(**manifest["layout"])
+        n, m = manifest["world_size"], manifest["parity"]
+        lay = self.layout
+        self.k, self.m = n, m
+        off = _HDR + 2 * _MANIFEST_SLOT + 2 * _WATERMARK_SLOT
+        self._protected = meta.array(np.int64, off, 1)
+        off += 8
+        cs = lay.num_blocks * lay.chunks
+        self.chunk_step = meta.array(np.int64, off, cs).reshape(lay.num_blocks, lay.chunks)
+        off += 8 * cs
+        self.crc = meta.array(np.uint32, off, cs * n).reshape(lay.num_blocks, lay.chunks, n)
+        self.parity = parity.array().reshape(lay.num_layers, lay.num_blocks, m, lay.block_bytes)
+
+    @staticmethod
+    def sizes(layout: Layout, n: int, m: int) -> tuple[int, int]:
+        cs = layout.num_blocks * layout.chunks
+        meta = _HDR + 2 * _MANIFEST_SLOT + 2 * _WATERMARK_SLOT + 8 + 8 * cs + 4 * cs * n
+        return meta, layout.kv_bytes() * m
+
+    @classmethod
+    def create(cls, prefix: str, group: str, manifest: dict[str, Any]) -> ParityStore:
+        layout = Layout(**manifest["layout"])
+        meta_size, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
+        meta_name, parity_name = names(prefix, group)
+        for name in (meta_name, parity_name):  # leftovers of a group never completed
+            shm.unlink(name)
+        parity = shm.Segment.create(parity_name, parity_size)
+        meta = shm.Segment.create(meta_name, meta_size)
+        store = cls(meta, parity, manifest)
+        store.chunk_step[:] = -1
+        store._protected[0] = -1
+        store.write_manifest(manifest)
+        store.write_watermarks({})
+        meta.buf[0:8] = MAGIC  # last: a meta segment without magic is incomplete
+        return store
+
+    @classmethod
+    def open(cls, prefix: str, group: str) -> ParityStore:
+        """Re-attach after a daemon restart. Raises ValueError if incomplete."""
+        meta_name, parity_name = names(prefix, group)
+        meta = shm.Segment.attach(meta_name)
+        if bytes(meta.buf[0:8]) != MAGIC:
+            raise ValueError(f"{meta_name}: not a complete ghostserve meta segment")
+        manifest = _read_record(meta, _HDR, _MANIFEST_SLOT)
+        if manifest is None:
+            raise ValueError(f"{meta_name}: no valid manifest")
+        layout = Layout(**manifest["layout"])
+        _, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
+        parity = shm.Segment.attach(parity_name, parity_size)
+        return cls(meta, parity, manifest)
+
+    @classmethod
+    def groups(cls, prefix: str) -> list[str]:
+        return [n[len(prefix) : -len(".meta")] for n in shm.list_names(prefix) if n.endswith(".meta")]
+
+    @classmethod
+    def destroy(cls, prefix: str, group: str) -> None:
+        for name in names(prefix, group):
+            shm.unlink(name)
+
+    # ---------------------------------------------------------------- records
+
+    @property
+    def protected_step(self) -> int:
+        return int(self._protected[0])
+
+    @protected_step.setter
+    def protected_step(self, step: int) -> None:
+        self._protected[0] = step
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        self.manifest = manifest
+        _write_record(self.meta, _HDR, _MANIFEST_SLOT, manifest)
+
+    def write_watermarks(self, watermarks: dict[str, int]) -> None:
+        _write_record(self.meta, _HDR + 2 * _MANIFEST_SLOT, _WATERMARK_SLOT, watermarks)
+
+    def read_watermarks(self) -> dict[str, int]:
+        return _read_record(self.meta, _HDR + 2 * _MANIFEST_SLOT, _WATERMARK_SLOT) or {}
+
+    def protected_chunks(self) -> int:
+        return int((self.chunk_step >= 0).sum())
+
+    def close(self) -> None:
+        self.meta.close()
+        self.parity_seg.close()
+
+
+# A record slot: [seq u64][len u64][json]; two slots, the valid one with the higher seq wins.
+_REC = struct.Struct("<QQ")
+
+
+def _write_record(seg: shm.Segment, base: int, slot: int, obj: Any) -> None:
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    if len(data) + _REC.size > slot:
+        raise ValueError(f"record of {len(data)} bytes exceeds its {slot}-byte slot")
+    seqs = [_REC.unpack_from(seg.buf, base + i * slot)[0] for i in (0, 1)]
+    target = 0 if seqs[0] <= seqs[1] else 1
+    at = base + target * slot
+    _REC.pack_into(seg.buf, at, 0, 0)  # invalidate, then fill, then publish the seq
+    seg.buf[at + _REC.size : at + _REC.size + len(data)] = data
+    _REC.pack_into(seg.buf, at, max(seqs) + 1, len(data))
+
+
+def _read_record(seg: shm.Segment, base: int, slot: int) -> Any:
+    best = None
+    for i in (0, 1):
+        at = base + i * slot
+        seq, length = _REC.unpack_from(seg.buf, at)
+        if seq == 0 or length == 0 or length > slot - _REC.size:
+            continue
+        try:
+            obj = json.loads(bytes(seg.buf[at + _REC.size : at + _REC.size + length]))
+        except ValueError:
+            continue
+        if best is None or seq > best[0]:
+            best = (seq, obj)
+    return best[1] if best else None

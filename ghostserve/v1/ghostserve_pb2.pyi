@@ -1,0 +1,280 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class KVLayout(_message.Message):
+    __slots__ = ("num_layers", "num_blocks", "block_bytes", "chunk_bytes", "layer_stride", "block_stride", "offset")
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    num_layers: int
+    num_blocks: int
+    block_bytes: int
+    chunk_bytes: int
+    layer_stride: int
+    block_stride: int
+    offset: int
+    def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., layer_stride: _Optional[int] = ..., block_stride: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("shm_name", "cuda_ipc_handle", "size", "device")
+    SHM_NAME_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    shm_name: str
+    cuda_ipc_handle: bytes
+    size: int
+    device: int
+    def __init__(self, shm_name: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device: _Optional[int] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PARITY_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    rank: int
+    world_size: int
+    parity: int
+    layout: KVLayout
+    region: Region
+    pid: int
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("role", "session", "protected_step", "next_step")
+    class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        NEW: _ClassVar[RegisterResponse.Role]
+        REJOINED: _ClassVar[RegisterResponse.Role]
+        REPLACEMENT: _ClassVar[RegisterResponse.Role]
+    NEW: RegisterResponse.Role
+    REJOINED: RegisterResponse.Role
+    REPLACEMENT: RegisterResponse.Role
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    NEXT_STEP_FIELD_NUMBER: _ClassVar[int]
+    role: RegisterResponse.Role
+    session: str
+    protected_step: int
+    next_step: int
+    def __init__(self, role: _Optional[_Union[RegisterResponse.Role, str]] = ..., session: _Optional[str] = ..., protected_step: _Optional[int] = ..., next_step: _Optional[int] = ...) -> None: ...
+
+class ByteRange(_message.Message):
+    __slots__ = ("block", "start", "end")
+    BLOCK_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    block: int
+    start: int
+    end: int
+    def __init__(self, block: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
+
+class RequestTokens(_message.Message):
+    __slots__ = ("request_id", "tokens")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    tokens: int
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+
+class Commit(_message.Message):
+    __slots__ = ("step", "dirty", "requests", "freed_blocks", "finished_requests")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    DIRTY_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FREED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    dirty: _containers.RepeatedCompositeFieldContainer[ByteRange]
+    requests: _containers.RepeatedCompositeFieldContainer[RequestTokens]
+    freed_blocks: _containers.RepeatedScalarFieldContainer[int]
+    finished_requests: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., dirty: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., freed_blocks: _Optional[_Iterable[int]] = ..., finished_requests: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("group", "rank", "session")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    rank: int
+    session: str
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "commit")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    commit: Commit
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ...) -> None: ...
+
+class Ack(_message.Message):
+    __slots__ = ("protected_step", "watermarks")
+    PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    WATERMARKS_FIELD_NUMBER: _ClassVar[int]
+    protected_step: int
+    watermarks: _containers.RepeatedCompositeFieldContainer[RequestTokens]
+    def __init__(self, protected_step: _Optional[int] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ...) -> None: ...
+
+class GroupEvent(_message.Message):
+    __slots__ = ("kind", "rank", "detail")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        RANK_LOST: _ClassVar[GroupEvent.Kind]
+        RANK_RESTORED: _ClassVar[GroupEvent.Kind]
+    RANK_LOST: GroupEvent.Kind
+    RANK_RESTORED: GroupEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    kind: GroupEvent.Kind
+    rank: int
+    detail: str
+    def __init__(self, kind: _Optional[_Union[GroupEvent.Kind, str]] = ..., rank: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class DaemonMessage(_message.Message):
+    __slots__ = ("ack", "event")
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    ack: Ack
+    event: GroupEvent
+    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., event: _Optional[_Union[GroupEvent, _Mapping]] = ...) -> None: ...
+
+class RestoreRequest(_message.Message):
+    __slots__ = ("group", "rank", "session")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    rank: int
+    session: str
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
+
+class RestoreResponse(_message.Message):
+    __slots__ = ("protected_step", "restored_bytes", "unrecoverable_blocks", "unrecoverable_bytes", "corrupt_chunks", "watermarks", "seconds")
+    PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UNRECOVERABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    UNRECOVERABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    WATERMARKS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    protected_step: int
+    restored_bytes: int
+    unrecoverable_blocks: _containers.RepeatedScalarFieldContainer[int]
+    unrecoverable_bytes: int
+    corrupt_chunks: int
+    watermarks: _containers.RepeatedCompositeFieldContainer[RequestTokens]
+    seconds: float
+    def __init__(self, protected_step: _Optional[int] = ..., restored_bytes: _Optional[int] = ..., unrecoverable_blocks: _Optional[_Iterable[int]] = ..., unrecoverable_bytes: _Optional[int] = ..., corrupt_chunks: _Optional[int] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class RankStatus(_message.Message):
+    __slots__ = ("rank", "state", "pid", "committed_step", "region")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    state: str
+    pid: int
+    committed_step: int
+    region: str
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., committed_step: _Optional[int] = ..., region: _Optional[str] = ...) -> None: ...
+
+class LastRestore(_message.Message):
+    __slots__ = ("rank", "seconds", "restored_bytes", "unrecoverable_bytes", "unix_time")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UNRECOVERABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UNIX_TIME_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    seconds: float
+    restored_bytes: int
+    unrecoverable_bytes: int
+    unix_time: float
+    def __init__(self, rank: _Optional[int] = ..., seconds: _Optional[float] = ..., restored_bytes: _Optional[int] = ..., unrecoverable_bytes: _Optional[int] = ..., unix_time: _Optional[float] = ...) -> None: ...
+
+class GroupStatus(_message.Message):
+    __slots__ = ("group", "world_size", "parity", "state", "protected_step", "newest_step", "lag_steps", "kv_bytes", "protected_bytes", "parity_bytes", "parity_arena_bytes", "ranks", "watermarks", "last_restore", "layout")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PARITY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    NEWEST_STEP_FIELD_NUMBER: _ClassVar[int]
+    LAG_STEPS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PARITY_ARENA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    WATERMARKS_FIELD_NUMBER: _ClassVar[int]
+    LAST_RESTORE_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    world_size: int
+    parity: int
+    state: str
+    protected_step: int
+    newest_step: int
+    lag_steps: int
+    kv_bytes: int
+    protected_bytes: int
+    parity_bytes: int
+    parity_arena_bytes: int
+    ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
+    watermarks: _containers.RepeatedCompositeFieldContainer[RequestTokens]
+    last_restore: LastRestore
+    layout: KVLayout
+    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., state: _Optional[str] = ..., protected_step: _Optional[int] = ..., newest_step: _Optional[int] = ..., lag_steps: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., parity_bytes: _Optional[int] = ..., parity_arena_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., last_restore: _Optional[_Union[LastRestore, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+
+class StatusResponse(_message.Message):
+    __slots__ = ("groups", "version")
+    GROUPS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
+    version: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+
+class ScrubRequest(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class ScrubResponse(_message.Message):
+    __slots__ = ("chunks_checked", "parity_mismatches", "checksum_mismatches", "bad_blocks")
+    CHUNKS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    PARITY_MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_MISMATCHES_FIELD_NUMBER: _ClassVar[int]
+    BAD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    chunks_checked: int
+    parity_mismatches: int
+    checksum_mismatches: int
+    bad_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, chunks_checked: _Optional[int] = ..., parity_mismatches: _Optional[int] = ..., checksum_mismatches: _Optional[int] = ..., bad_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
