@@ -95,6 +95,7 @@ class ScrubResult:
     parity_mismatches: int = 0
     checksum_mismatches: int = 0
     bad_blocks: list[int] = field(default_factory=list)
+    bad_ranks: list[int] = field(default_factory=list)
 
 
 class Group:
@@ -112,6 +113,9 @@ class Group:
         self.watermarks: dict[str, int] = store.read_watermarks()
         self.last_restore: dict[str, Any] | None = None
         self._stopped = False
+        # (block, chunk) found unrecoverable by a restore; guarded by io_lock
+        self.broken: set[tuple[int, int]] = set()
+        self.rejoin_wait = 10.0  # seconds a restore waits for detached survivors
         self._encoder = threading.Thread(target=self._encode_loop, name=f"gs-encode-{name}", daemon=True)
         lay = self.layout
         self.metrics.kv_bytes.labels(name).set(lay.kv_bytes() * self.n)
@@ -330,11 +334,24 @@ class Group:
         with self.io_lock:
             futures = [self.pool.submit(self._encode_range, t, b, s, e, views) for b, s, e in ranges]
             nbytes = sum(f.result() for f in futures)
+            with self.lock:
+                if any(self.ranks[q].view is not views[q][0] for q in range(self.n)):
+                    # a rank was lost while we read it: this parity may cover bytes
+                    # of a dead rank's destroyed memory. Drop it; the replacement
+                    # recommits step t and it is encoded again.
+                    cb = self.layout.chunk_bytes
+                    for b, s, e in ranges:
+                        self.store.chunk_step[b, s // cb : e // cb] = -1
+                    alive = {q: c for q, c in commits.items() if self.ranks[q].state == ALIVE}
+                    self.pending.setdefault(t, {}).update(alive)
+                    self._update_gauges()
+                    return
             for block in {b for c in commits.values() for b in c.freed}:
                 self.store.chunk_step[block, :] = -1
+                self.broken.difference_update((block, c) for c in range(self.layout.chunks))
             with self.lock:
                 changed = self._apply_watermarks(commits)
-                self.store.protected_step = t
+                self.store.protected_step = t  # first: a crash in between under-claims
                 if changed:
                     self.store.write_watermarks(self.watermarks)
                 self.metrics.encoded_bytes.labels(self.name).inc(nbytes)
@@ -380,6 +397,7 @@ class Group:
             for q in range(self.n):
                 store.crc[block, c, q] = self._crc(views[q][1], block, c)
         store.chunk_step[block, c0:c1] = t
+        self.broken.difference_update((block, c) for c in range(c0, c1))
         return (end - start) * lay.num_layers * self.n
 
     # ------------------------------------------------------------------ restore
@@ -391,6 +409,15 @@ class Group:
         shards than m are reported unrecoverable and left untouched."""
         started = time.perf_counter()
         with self.lock:
+            # After a daemon restart, survivors are detached until their workers
+            # reconnect and resend what they wrote since the protected step. Until
+            # then their in-flight chunks are unknown, so wait for them.
+            deadline = time.monotonic() + self.rejoin_wait
+            while any(x.state == DETACHED for q, x in self.ranks.items() if q != rank):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
             r = self.ranks.get(rank)
             if r is None:
                 raise UnknownRank(self.name, rank)
@@ -399,7 +426,7 @@ class Group:
             if r.view is None:
                 raise WrongState(self.name, rank, f"rank is {r.state} with no memory registered")
             survivors = {q: (x.view, x.addr) for q, x in self.ranks.items()
-                         if q != rank and x.state in (ALIVE, DETACHED) and x.view is not None}
+                         if q != rank and x.state == ALIVE and x.view is not None}
             base_erased = {q for q in range(self.n) if q not in survivors}
             # chunks written or freed by steps not yet encoded are in flux: the
             # engine recomputes them, so they are neither restored nor "corrupt"
@@ -445,9 +472,19 @@ class Group:
             chunks = [c for c in np.flatnonzero(store.chunk_step[block] >= 0) if (block, c) not in flux]
             runs: list[list[Any]] = []  # [c0, c1, bad survivors]
             for c in chunks:
+                if (block, c) in self.broken:  # lost in an earlier restore: still lost
+                    bad = frozenset(range(self.n + self.m))
+                    if runs and runs[-1][1] == c and runs[-1][2] == bad:
+                        runs[-1][1] = c + 1
+                    else:
+                        runs.append([c, c + 1, bad])
+                    continue
                 bad = frozenset(q for q, (_, addr) in survivors.items()
                                 if self._crc(addr, block, c) != store.crc[block, c, q])
                 result.corrupt_chunks += len(bad)
+                if bad:
+                    log.warning("group %s: block %d chunk %d (protected at step %d) fails its checksum "
+                                "on ranks %s", self.name, block, c, store.chunk_step[block, c], sorted(bad))
                 if runs and runs[-1][1] == c and runs[-1][2] == bad:
                     runs[-1][1] = c + 1
                 else:
@@ -458,6 +495,7 @@ class Group:
                 if len(erased) > self.m:
                     unrecoverable.add(block)
                     result.unrecoverable_bytes += (e - s) * lay.num_layers
+                    self.broken.update((block, c) for c in range(c0, c1))
                     continue
                 want = [rank, *sorted(bad)]
                 for layer in range(lay.num_layers):
@@ -476,6 +514,7 @@ class Group:
                         self._shard(target[0], layer, block, s, e)[:] = 0
                     unrecoverable.add(block)
                     result.unrecoverable_bytes += (e - s) * lay.num_layers
+                    self.broken.update((block, c) for c in range(c0, c1))
                     continue
                 result.restored_bytes += (e - s) * lay.num_layers
         result.unrecoverable_blocks = sorted(unrecoverable)
@@ -492,13 +531,16 @@ class Group:
         lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
         out = ScrubResult()
         bad_blocks: set[int] = set()
+        bad_ranks: set[int] = set()
         with self.io_lock:
             for block in range(lay.num_blocks):
                 for c in np.flatnonzero(store.chunk_step[block] >= 0):
                     out.chunks_checked += 1
-                    if any(self._crc(views[q][1], block, c) != store.crc[block, c, q] for q in range(self.n)):
+                    bad = [q for q in range(self.n) if self._crc(views[q][1], block, c) != store.crc[block, c, q]]
+                    if bad:
                         out.checksum_mismatches += 1
                         bad_blocks.add(block)
+                        bad_ranks.update(bad)
                     s, e = c * cb, (c + 1) * cb
                     for layer in range(lay.num_layers):
                         fresh = self.code.encode([self._shard(views[q][0], layer, block, s, e) for q in range(self.n)])
@@ -506,7 +548,7 @@ class Group:
                             out.parity_mismatches += 1
                             bad_blocks.add(block)
                             break
-        out.bad_blocks = sorted(bad_blocks)
+        out.bad_blocks, out.bad_ranks = sorted(bad_blocks), sorted(bad_ranks)
         if out.checksum_mismatches:
             self.metrics.corruption.labels(self.name).inc(out.checksum_mismatches)
         return out

@@ -1,0 +1,5 @@
+import sys
+
+from ghostserve.cli import main
+
+sys.exit(main())
