@@ -118,7 +118,7 @@ class WorkerClient:
         with self._cond:
             self._protected = max(self._protected, resp.protected_step) if self.role != "REPLACEMENT" \
                 else resp.protected_step
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name=f"gs-client-{self.rank}", daemon=True)
             self._open_stream()
             self._thread.start()

@@ -212,6 +212,9 @@ class Group:
     def open_stream(self, rank: int, session: str) -> queue.Queue:
         with self.lock:
             r = self.check_session(rank, session)
+            if r.state == DETACHED and r.view is not None:
+                r.state = ALIVE  # its last stream was refused; this one carries on
+                self._update_gauges()
             if r.outbox is not None:
                 r.outbox.put(None)  # ends an older stream of this rank
             r.outbox = queue.Queue()

@@ -154,7 +154,8 @@ class Daemon:
         manifest = {"world_size": n, "parity": m, "layout": layout.__dict__}
         with self.lock:
             group = self.groups.get(req.group)
-            if group is None:
+            created = group is None
+            if created:
                 try:
                     store = ParityStore.create(self.config.shm_prefix, req.group, {**manifest, "ranks": {}})
                 except OSError as exc:
@@ -164,7 +165,14 @@ class Daemon:
                 have = {k: group.store.manifest[k] for k in ("world_size", "parity", "layout")}
                 if have != manifest:
                     raise InvalidRequest(f"group {req.group!r} is registered with {have}, not {manifest}")
-        role, session = group.register(req.rank, req.pid, req.region.shm_name, layout.region_bytes())
+            try:
+                role, session = group.register(req.rank, req.pid, req.region.shm_name, layout.region_bytes())
+            except GhostServeError:
+                if created:  # leave nothing behind for a refused first registration
+                    self.groups.pop(req.group).stop()
+                    store.close()
+                    ParityStore.destroy(self.config.shm_prefix, req.group)
+                raise
         return pb.RegisterResponse(role=pb.RegisterResponse.Role.Value(role), session=session,
                                    protected_step=group.protected_step,
                                    next_step=group.protected_step + 1)

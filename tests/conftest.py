@@ -1,0 +1,68 @@
+"""Shared fixtures: a real daemon on a real unix socket, with its own shared-memory
+prefix and a fresh Prometheus registry; cleaned up afterwards."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from ghostserve import shm
+from ghostserve.config import Config
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run scenarios marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow scenario: pass --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def shm_prefix():
+    prefix = f"gst{uuid.uuid4().hex[:8]}-"
+    yield prefix
+    for name in shm.list_names(prefix):
+        shm.unlink(name)
+
+
+@pytest.fixture
+def daemon(tmp_path, shm_prefix):
+    """A started ``Server``; ``.sock`` is its socket path, ``.registry`` its metrics."""
+    from ghostserve.daemon.server import Server
+
+    registry = CollectorRegistry()
+    config = Config(socket=str(tmp_path / "gs.sock"), shm_prefix=shm_prefix, encode_threads=2)
+    server = Server(config, registry)
+    server.start()
+    server.sock = config.socket
+    server.registry = registry
+    yield server
+    server.stop(grace=1)
+
+
+@pytest.fixture
+def region(shm_prefix):
+    """Factory: a zeroed shared-memory region of ``size`` bytes, named under the prefix."""
+    made = []
+
+    def make(size: int, tag: str = "") -> shm.Segment:
+        seg = shm.Segment.create(f"{shm_prefix}{tag or uuid.uuid4().hex[:6]}", size)
+        made.append(seg)
+        return seg
+
+    yield make
+    for seg in made:
+        seg.close()
+
+
+def pid() -> int:
+    return os.getpid()
