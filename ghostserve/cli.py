@@ -27,13 +27,12 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-host")
     p.add_argument("--shm-prefix", help="prefix of shared-memory names (env GHOSTSERVE_SHM_PREFIX)")
     p.add_argument("--encode-threads", type=int, help="encoder threads; 0 = one per CPU")
-    p.add_argument("--backend", help="codec backend for CPU regions (auto, isal, reference)")
     p.add_argument("--log-level")
 
 
 def config_from(args: argparse.Namespace) -> Config:
     keys = ("socket", "listen", "tls_cert", "tls_key", "insecure", "metrics_port", "metrics_host",
-            "shm_prefix", "encode_threads", "backend", "log_level")
+            "shm_prefix", "encode_threads", "log_level")
     return Config.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

@@ -46,7 +46,6 @@ class Config:
     metrics_host: str = "0.0.0.0"
     shm_prefix: str = "ghostserve-"
     encode_threads: int = 0       # 0: one per CPU
-    backend: str = "auto"         # codec backend for CPU regions
     pid_poll_seconds: float = 0.05
     log_level: str = "info"
 

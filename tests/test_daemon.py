@@ -44,7 +44,7 @@ def group(daemon, region):
 def write_steps(segs, clients, steps, rng, start=0):
     """Each step writes one block (all layers) on every rank and commits it."""
     for step in range(start, start + steps):
-        for r, (seg, c) in enumerate(zip(segs, clients, strict=True)):
+        for _r, (seg, c) in enumerate(zip(segs, clients, strict=True)):
             kv = seg.array()
             for layer in range(LAYOUT["num_layers"]):
                 shard(kv, layer, step % 8)[:] = rng.integers(0, 256, 1024, dtype=np.uint8)
@@ -247,7 +247,7 @@ def test_more_failures_than_parity_are_reported_never_garbage(daemon, region):
     for c in clients:
         c.register()
     rng = np.random.default_rng(4)
-    for r, (seg, c) in enumerate(zip(segs, clients, strict=True)):
+    for _r, (seg, c) in enumerate(zip(segs, clients, strict=True)):
         seg.array()[:] = rng.integers(0, 256, SIZE, dtype=np.uint8)
         c.commit(0, [(b, 0, 1024) for b in range(8)], {"a": 10})
     assert clients[0].wait_protected(0)

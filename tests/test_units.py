@@ -3,6 +3,7 @@ the generated gRPC code against its .proto."""
 
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import subprocess
 import sys
@@ -31,8 +32,8 @@ def test_config_defaults_env_and_flags():
             Config(**bad)
     assert Config(listen="127.0.0.1:50051", insecure=True).listen
     assert Config(listen="[::1]:50051", insecure=True).listen
-    with pytest.raises(Exception):
-        Config().socket = "x"  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Config().socket = "x"
 
 
 def test_records_survive_a_torn_write(shm_prefix):
@@ -77,7 +78,7 @@ def test_layout_validation():
 
 def test_shm_segments_are_not_reaped_by_a_tracker(shm_prefix):
     name = shm_prefix + "keep"
-    code = ("from ghostserve import shm; s = shm.Segment.create(%r, 4096); s.array()[:3] = 9" % name)
+    code = (f"from ghostserve import shm; s = shm.Segment.create({name!r}, 4096); s.array()[:3] = 9")
     subprocess.run([sys.executable, "-c", code], check=True)
     seg = shm.Segment.attach(name)  # outlived its creator
     assert list(seg.array()[:4]) == [9, 9, 9, 0]

@@ -31,9 +31,15 @@ import numpy as np
 
 from ghostserve import shm
 from ghostserve.codec import RSCode
-from ghostserve.codec.isal import crc32c
+from ghostserve.codec.isal import crc32c, encode_raw
 from ghostserve.daemon.store import Layout, ParityStore
-from ghostserve.errors import BlockOutOfRange, DuplicateRank, InvalidRequest, UnknownRank, WrongState
+from ghostserve.errors import (
+    BlockOutOfRange,
+    DuplicateRank,
+    InvalidRequest,
+    UnknownRank,
+    WrongState,
+)
 from ghostserve.metrics import Metrics
 
 log = logging.getLogger("ghostserve.group")
@@ -99,12 +105,14 @@ class ScrubResult:
 
 
 class Group:
-    def __init__(self, name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor,
-                 backend: str = "isal"):
+    def __init__(self, name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor):
         self.name, self.store, self.metrics, self.pool = name, store, metrics, pool
         self.layout: Layout = store.layout
         self.n, self.m = store.k, store.m
-        self.code = RSCode(self.n, self.m, backend, **({"threads": 1} if backend == "isal" else {}))
+        # CPU regions are encoded with ISA-L on raw addresses (see _encode_range)
+        self.code = RSCode(self.n, self.m, "isal", threads=1)
+        self._tables = self.code.backend.tables
+        self._parity_addr = store.parity.ctypes.data
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.io_lock = threading.Lock()
@@ -389,13 +397,26 @@ class Group:
             crc = crc32c(at + layer * lay.layer_stride, lay.chunk_bytes, crc)
         return crc
 
+    def _addr(self, base: int, layer: int, block: int, start: int) -> int:
+        """Address of byte ``start`` of the (layer, block) shard in a region at ``base``."""
+        lay = self.layout
+        return int(base + lay.offset + layer * lay.layer_stride + block * lay.block_stride + start)
+
+    def _paddr(self, layer: int, block: int, j: int, start: int) -> int:
+        """Address of byte ``start`` of parity row j of the (layer, block) stripe."""
+        return int(self._parity_addr + ((layer * self.layout.num_blocks + block) * self.m + j)
+                   * self.layout.block_bytes + start)
+
     def _encode_range(self, t: int, block: int, start: int, end: int, views: dict[int, tuple]) -> int:
+        # Raw ISA-L on addresses: the layout was validated at registration, and
+        # per-call validation would cost more than encoding a decode step's bytes.
         lay, store = self.layout, self.store
         c0, c1 = start // lay.chunk_bytes, end // lay.chunk_bytes
         store.chunk_step[block, c0:c1] = -1  # unprotected while its parity changes
+        tables = self._tables(self.code.parity_matrix)
         for layer in range(lay.num_layers):
-            data = [self._shard(views[q][0], layer, block, start, end) for q in range(self.n)]
-            self.code.encode_into(data, store.parity[layer, block, :, start:end])
+            encode_raw(tables, end - start, [self._addr(views[q][1], layer, block, start) for q in range(self.n)],
+                       [self._paddr(layer, block, j, start) for j in range(self.m)])
         for c in range(c0, c1):
             for q in range(self.n):
                 store.crc[block, c, q] = self._crc(views[q][1], block, c)
@@ -466,61 +487,75 @@ class Group:
             self.cond.notify_all()
         return result
 
+    def _rebuild_plan(self, erased: tuple[int, ...], want: tuple[int, ...]) -> tuple[tuple[int, ...], Any]:
+        """(survivor shard indices, ISA-L tables) giving the ``want`` rows for ``erased``."""
+        survivors, coeffs = self.code.decode_matrix(list(erased))
+        rows = np.ascontiguousarray(coeffs[[list(erased).index(w) for w in want]])
+        rows.flags.writeable = False
+        return survivors, self._tables(rows)
+
     def _restore_into(self, rank, target, survivors, base_erased, flux, freed_in_flux, result) -> None:
-        lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
+        blocks = [b for b in range(self.layout.num_blocks) if b not in freed_in_flux]
+        futures = [self.pool.submit(self._restore_block, b, rank, target, survivors, base_erased, flux)
+                   for b in blocks]
         unrecoverable: set[int] = set()
-        for block in range(lay.num_blocks):
-            if block in freed_in_flux:
-                continue
-            chunks = [c for c in np.flatnonzero(store.chunk_step[block] >= 0) if (block, c) not in flux]
-            runs: list[list[Any]] = []  # [c0, c1, bad survivors]
-            for c in chunks:
-                if (block, c) in self.broken:  # lost in an earlier restore: still lost
-                    bad = frozenset(range(self.n + self.m))
-                    if runs and runs[-1][1] == c and runs[-1][2] == bad:
-                        runs[-1][1] = c + 1
-                    else:
-                        runs.append([c, c + 1, bad])
-                    continue
+        for block, f in zip(blocks, futures, strict=True):
+            restored, lost, corrupt, broken = f.result()
+            result.restored_bytes += restored
+            result.unrecoverable_bytes += lost
+            result.corrupt_chunks += corrupt
+            self.broken.update(broken)
+            if lost:
+                unrecoverable.add(block)
+        result.unrecoverable_blocks = sorted(unrecoverable)
+
+    def _restore_block(self, block, rank, target, survivors, base_erased, flux):
+        """Restore one block of ``rank``; runs on the encode pool, one task per block.
+        Returns (restored bytes, unrecoverable bytes, corrupt survivor chunks, broken chunks)."""
+        lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
+        restored = lost = corrupt = 0
+        broken: list[tuple[int, int]] = []
+        chunks = [int(c) for c in np.flatnonzero(store.chunk_step[block] >= 0) if (block, c) not in flux]
+        runs: list[list[Any]] = []  # [c0, c1, bad survivors]
+        everyone = frozenset(range(self.n + self.m))
+        for c in chunks:
+            if (block, c) in self.broken:  # lost in an earlier restore: still lost
+                bad = everyone
+            else:
                 bad = frozenset(q for q, (_, addr) in survivors.items()
                                 if self._crc(addr, block, c) != store.crc[block, c, q])
-                result.corrupt_chunks += len(bad)
+                corrupt += len(bad)
                 if bad:
                     log.warning("group %s: block %d chunk %d (protected at step %d) fails its checksum "
                                 "on ranks %s", self.name, block, c, store.chunk_step[block, c], sorted(bad))
-                if runs and runs[-1][1] == c and runs[-1][2] == bad:
-                    runs[-1][1] = c + 1
-                else:
-                    runs.append([c, c + 1, bad])
-            for c0, c1, bad in runs:
-                erased = sorted(base_erased | {rank} | bad)
-                s, e = c0 * cb, c1 * cb
-                if len(erased) > self.m:
-                    unrecoverable.add(block)
-                    result.unrecoverable_bytes += (e - s) * lay.num_layers
-                    self.broken.update((block, c) for c in range(c0, c1))
-                    continue
-                want = [rank, *sorted(bad)]
+            if runs and runs[-1][1] == c and runs[-1][2] == bad:
+                runs[-1][1] = c + 1
+            else:
+                runs.append([c, c + 1, bad])
+        addr = {q: a for q, (_, a) in survivors.items()}
+        addr[rank] = target[1]
+        for c0, c1, bad in runs:
+            erased = tuple(sorted(base_erased | {rank} | bad))
+            s, e = c0 * cb, c1 * cb
+            if len(erased) > self.m:
+                lost += (e - s) * lay.num_layers
+                broken += [(block, c) for c in range(c0, c1)]
+                continue
+            want = (rank, *sorted(bad))
+            sources, tables = self._rebuild_plan(erased, want)
+            for layer in range(lay.num_layers):
+                src = [self._addr(addr[i], layer, block, s) if i < self.n else self._paddr(layer, block, i - self.n, s)
+                       for i in sources]
+                encode_raw(tables, e - s, src, [self._addr(addr[w], layer, block, s) for w in want])
+            # end-to-end check against the encode-time checksums
+            if not all(self._crc(addr[q], block, c) == store.crc[block, c, q] for q in want for c in range(c0, c1)):
                 for layer in range(lay.num_layers):
-                    shards: list[Any] = [None] * (self.n + self.m)
-                    for q, (view, _) in survivors.items():
-                        shards[q] = self._shard(view, layer, block, s, e)
-                    shards[rank] = self._shard(target[0], layer, block, s, e)
-                    for j in range(self.m):
-                        shards[self.n + j] = store.parity[layer, block, j, s:e]
-                    self.code.rebuild(shards, erased, want)
-                # end-to-end check against the encode-time checksums
-                ok = all(self._crc(target[1] if q == rank else survivors[q][1], block, c)
-                         == store.crc[block, c, q] for q in want for c in range(c0, c1))
-                if not ok:
-                    for layer in range(lay.num_layers):
-                        self._shard(target[0], layer, block, s, e)[:] = 0
-                    unrecoverable.add(block)
-                    result.unrecoverable_bytes += (e - s) * lay.num_layers
-                    self.broken.update((block, c) for c in range(c0, c1))
-                    continue
-                result.restored_bytes += (e - s) * lay.num_layers
-        result.unrecoverable_blocks = sorted(unrecoverable)
+                    self._shard(target[0], layer, block, s, e)[:] = 0
+                lost += (e - s) * lay.num_layers
+                broken += [(block, c) for c in range(c0, c1)]
+                continue
+            restored += (e - s) * lay.num_layers
+        return restored, lost, corrupt, broken
 
     # ------------------------------------------------------------------ scrub
 

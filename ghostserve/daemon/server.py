@@ -16,7 +16,6 @@ import re
 import signal
 import stat
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -30,7 +29,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 import ghostserve
 from ghostserve import shm
 from ghostserve.config import Config
-from ghostserve.daemon.group import ALIVE, CommitRecord, Group
+from ghostserve.daemon.group import CommitRecord, Group
 from ghostserve.daemon.status_codes import status_for
 from ghostserve.daemon.store import Layout, ParityStore
 from ghostserve.errors import (
@@ -83,8 +82,7 @@ class Daemon:
             log.info("re-attached group %s at protected step %d", name, store.protected_step)
 
     def _new_group(self, name: str, store: ParityStore) -> Group:
-        backend = "isal" if self.config.backend in ("auto", "isal") else self.config.backend
-        group = Group(name, store, self.metrics, self.pool, backend)
+        group = Group(name, store, self.metrics, self.pool)
         self.groups[name] = group
         group.start()
         return group
@@ -443,4 +441,4 @@ def serve(config: Config) -> int:
     return 0
 
 
-__all__ = ["ALIVE", "Daemon", "Server", "Services", "serve", "time"]
+__all__ = ["Daemon", "Server", "Services", "serve"]

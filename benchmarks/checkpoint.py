@@ -1,0 +1,216 @@
+"""Checkpoint benchmark: what protection costs a worker, how far encoding lags, how
+fast a restore is, and how much host memory parity takes. Each figure is a ratio
+against a baseline measured in the same run.
+
+    python benchmarks/checkpoint.py [--json] [--quick]
+
+1. commit cost: ``WorkerClient.commit`` per decode step (median, p99 microseconds)
+   against a no-op baseline (appending the same arguments to a list);
+2. encode lag: N ranks decode at a fixed step rate; after every step, how many steps
+   the protected step trails (max, p99);
+3. restore: a lost rank's protected KV rebuilt into fresh memory (daemon-reported
+   seconds) against ``numpy.copyto`` of the same bytes (a plain memory copy);
+4. memory: parity bytes against the bytes full replication would hold.
+
+The daemon runs as its own process (``ghostserve serve``), as in deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+
+from ghostserve import shm
+from ghostserve.client import OperatorClient, WorkerClient
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+class Daemon:
+    def __init__(self, threads: int):
+        self.tmp = tempfile.mkdtemp(prefix="gs-bench-")
+        self.sock = os.path.join(self.tmp, "gs.sock")
+        self.prefix = f"gsb{uuid.uuid4().hex[:6]}-"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ghostserve", "serve", "--socket", self.sock, "--shm-prefix", self.prefix,
+             "--encode-threads", str(threads), "--log-level", "error"],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        if not self.proc.stdout.readline().startswith(b"ready"):
+            raise RuntimeError("daemon did not start")
+        self.segs: list[shm.Segment] = []
+
+    def region(self, name: str, size: int) -> shm.Segment:
+        seg = shm.Segment.create(self.prefix + name, size)
+        self.segs.append(seg)
+        return seg
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=15)
+        for name in shm.list_names(self.prefix):
+            shm.unlink(name)
+
+
+def make_group(d: Daemon, name: str, n: int, m: int, layout: dict, size: int):
+    segs = [d.region(f"{name}-r{r}", size) for r in range(n)]
+    clients = [WorkerClient(d.sock, name, r, n, m, layout, segs[r].name, size) for r in range(n)]
+    for c in clients:
+        c.register()
+    return segs, clients
+
+
+def bench_decode(d: Daemon, args) -> dict:
+    """N ranks, R requests decoding one token per step at ``--step-ms``."""
+    n, m, layers, blocks, bs = 4, 1, args.layers, 256, 16
+    token = 8 * 128 * 2 // n  # 8 KV heads of 128 over 4 ranks, 2-byte elements
+    block_bytes = 2 * bs * token
+    layout = dict(num_layers=layers, num_blocks=blocks, block_bytes=block_bytes, chunk_bytes=token,
+                  layer_stride=blocks * block_bytes, block_stride=block_bytes, offset=0)
+    size = layers * blocks * block_bytes
+    segs, clients = make_group(d, "decode", n, m, layout, size)
+    rng = np.random.default_rng(0)
+    kv = [s.array().reshape(layers, blocks, 2, bs, token) for s in segs]
+    requests = args.requests
+    lengths = [0] * requests
+    commit_us, noop_us, lag = [], [], []
+    sink: list = []
+    period = args.step_ms / 1000
+    next_t = time.perf_counter()
+    for step in range(args.steps):
+        dirty = []
+        for q in range(requests):
+            t = lengths[q]
+            block, slot = (q * 16 + t // bs) % blocks, t % bs
+            dirty += [(block, slot * token, (slot + 1) * token), (block, (bs + slot) * token, (bs + slot + 1) * token)]
+            for r in range(n):
+                kv[r][:, block, :, slot, :] = rng.integers(0, 256, (layers, 2, token), dtype=np.uint8)
+            lengths[q] += 1
+        marks = {f"r{q}": lengths[q] for q in range(requests)}
+        for c in clients:
+            t0 = time.perf_counter_ns()
+            c.commit(step, dirty, marks)
+            commit_us.append((time.perf_counter_ns() - t0) / 1e3)
+            t0 = time.perf_counter_ns()
+            sink.append((step, tuple(dirty), dict(marks), (), ()))  # the no-op baseline
+            noop_us.append((time.perf_counter_ns() - t0) / 1e3)
+        next_t += period
+        time.sleep(max(0.0, next_t - time.perf_counter()))
+        lag.append(step - clients[0].protected_step)
+    clients[0].wait_protected(args.steps - 1, timeout=30)
+    for c in clients:
+        c.close()
+    return {
+        "commit_us_median": statistics.median(commit_us), "commit_us_p99": pct(commit_us, 0.99),
+        "noop_us_median": statistics.median(noop_us), "noop_us_p99": pct(noop_us, 0.99),
+        "commit_over_noop_median": statistics.median(commit_us) / max(statistics.median(noop_us), 1e-3),
+        "lag_steps_max": max(lag), "lag_steps_p99": pct(lag, 0.99), "lag_steps_median": statistics.median(lag),
+        "step_ms": args.step_ms, "steps": args.steps, "requests": requests, "layers": layers,
+        "bytes_per_step_per_rank": requests * 2 * token * layers,
+    }
+
+
+def bench_restore(d: Daemon, args) -> dict:
+    n, m, layers, blocks = 4, 2, 4, args.restore_blocks
+    block_bytes = 64 << 10
+    layout = dict(num_layers=layers, num_blocks=blocks, block_bytes=block_bytes, chunk_bytes=16 << 10,
+                  layer_stride=blocks * block_bytes, block_stride=block_bytes, offset=0)
+    size = layers * blocks * block_bytes
+    segs, clients = make_group(d, "restore", n, m, layout, size)
+    rng = np.random.default_rng(1)
+    for seg, c in zip(segs, clients, strict=True):
+        seg.array()[:] = rng.integers(0, 256, size, dtype=np.uint8)
+        c.commit(0, [(b, 0, block_bytes) for b in range(blocks)], {"r": 1})
+    clients[0].wait_protected(0, timeout=120)
+    op = OperatorClient(d.sock)
+    g = op.status("restore").groups[0]
+    before = segs[1].array().copy()
+    clients[1].close()
+    while op.status("restore").groups[0].state != "degraded":
+        time.sleep(0.002)
+    fresh = d.region("restore-r1b", size)
+    fresh.array()[:] = 0  # an engine's new KV cache is allocated and touched before use
+    c = WorkerClient(d.sock, "restore", 1, n, m, layout, fresh.name, size)
+    c.register()
+    resp = c.restore()
+    assert np.array_equal(fresh.array(), before), "restore is not byte-exact"
+    dst = np.empty_like(before)
+    copies = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        np.copyto(dst, before)
+        copies.append(time.perf_counter() - t0)
+    copy_s = statistics.median(copies)
+    for x in [*clients, c]:
+        x.close()
+    return {
+        "restored_bytes": resp.restored_bytes, "restore_seconds": resp.seconds,
+        "restore_gbps": resp.restored_bytes / resp.seconds / 1e9,
+        "memcpy_gbps": size / copy_s / 1e9, "restore_over_memcpy": (resp.restored_bytes / resp.seconds) / (size / copy_s),
+        "parity_bytes": g.parity_bytes, "replication_bytes": g.protected_bytes,
+        "parity_over_replication": g.parity_bytes / g.protected_bytes, "code": f"{n}+{m}",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="a few seconds, for tests")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--step-ms", type=float, default=20.0, help="decode step period (50 tok/s)")
+    p.add_argument("--requests", type=int, default=16)
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--restore-blocks", type=int, default=64, help="64 KiB blocks per layer (4 layers)")
+    p.add_argument("--threads", type=int, default=2, help="daemon encode threads")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.restore_blocks, args.layers = 40, 8, 4
+    d = Daemon(args.threads)
+    try:
+        result = {"decode": bench_decode(d, args), "restore": bench_restore(d, args)}
+    finally:
+        d.close()
+    result["targets"] = {
+        "commit_median_le_100us": result["decode"]["commit_us_median"] <= 100,
+        "lag_le_1_step_p99": result["decode"]["lag_steps_p99"] <= 1,
+        "restore_ge_half_memcpy": result["restore"]["restore_over_memcpy"] >= 0.5,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    from rich.console import Console  # noqa: PLC0415
+    from rich.table import Table  # noqa: PLC0415
+
+    dec, res = result["decode"], result["restore"]
+    t = Table(title=f"checkpoint: 4 ranks, {dec['requests']} requests decoding every {dec['step_ms']:g} ms, "
+                    f"{dec['layers']} layers")
+    for col in ("measure", "ghostserve", "baseline", "ratio"):
+        t.add_column(col, justify="right" if col != "measure" else "left")
+    t.add_row("commit per step, median us", f"{dec['commit_us_median']:.1f}", f"{dec['noop_us_median']:.1f} (no-op)",
+              f"{dec['commit_over_noop_median']:.1f}x")
+    t.add_row("commit per step, p99 us", f"{dec['commit_us_p99']:.1f}", f"{dec['noop_us_p99']:.1f} (no-op)", "")
+    t.add_row("encode lag, steps (median / p99 / max)",
+              f"{dec['lag_steps_median']:g} / {dec['lag_steps_p99']:g} / {dec['lag_steps_max']:g}", "", "")
+    t.add_row(f"restore {res['code']}, GB/s of rebuilt KV", f"{res['restore_gbps']:.2f}",
+              f"{res['memcpy_gbps']:.2f} (memcpy)", f"{res['restore_over_memcpy']:.2f}x")
+    t.add_row("host memory, bytes", f"{res['parity_bytes']:,} (parity)", f"{res['replication_bytes']:,} (replica)",
+              f"{res['parity_over_replication']:.2f}x")
+    Console().print(t)
+    Console().print(f"targets: {result['targets']}")
+    return 0
+
+
+if __name__ in ("__main__", "ghostserve_bench"):
+    if __name__ == "__main__":
+        sys.exit(main())
