@@ -82,7 +82,7 @@ def metric_names() -> set[str]:
         for family in collector.describe():
             names.add(family.name)
             if family.type == "counter":
-                names.add(family.name + "_total")
+                names.update(family.name + s for s in ("_total", "_created"))
             elif family.type == "histogram":
-                names.update(family.name + s for s in ("_bucket", "_sum", "_count"))
+                names.update(family.name + s for s in ("_bucket", "_sum", "_count", "_created"))
     return names

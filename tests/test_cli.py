@@ -1,0 +1,118 @@
+"""The command line against real daemons: status (table, JSON, no daemon), demo,
+bench dispatch, and Prometheus exposition over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.parser import text_string_to_metric_families
+
+from ghostserve.client import WorkerClient
+from ghostserve.config import Config
+from ghostserve.metrics import metric_names
+
+LAYOUT = dict(num_layers=1, num_blocks=4, block_bytes=512, chunk_bytes=512,
+              layer_stride=2048, block_stride=512, offset=0)
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ghostserve", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_status_json_and_table_against_a_live_daemon(daemon, region):
+    segs = [region(2048, f"s{r}") for r in range(2)]
+    clients = [WorkerClient(daemon.sock, "grp", r, 2, 1, LAYOUT, segs[r].name, 2048) for r in range(2)]
+    for c in clients:
+        c.register()
+    for c in clients:
+        c.commit(0, [(1, 0, 512)], {"req-a": 7})
+    assert clients[0].wait_protected(0)
+    out = cli("status", "--socket", daemon.sock, "--json")
+    assert out.returncode == 0, out.stderr
+    g = json.loads(out.stdout)["groups"][0]
+    assert (g["group"], g["world_size"], g["parity"], g["state"]) == ("grp", 2, 1, "healthy")
+    assert int(g["protected_step"]) == 0 and int(g["protected_bytes"]) == 2 * 512
+    assert int(g["parity_bytes"]) == 512 and g["watermarks"] == [{"request_id": "req-a", "tokens": "7"}]
+    assert [r["state"] for r in g["ranks"]] == ["alive", "alive"]
+    table = cli("status", "--socket", daemon.sock)
+    assert table.returncode == 0 and "grp" in table.stdout and "2+1" in table.stdout
+    for c in clients:
+        c.close()
+
+
+def test_status_without_a_daemon_says_so(tmp_path):
+    out = cli("status", "--socket", str(tmp_path / "none.sock"), "--json", timeout=30)
+    assert out.returncode == 1
+    assert "no ghostserve daemon answers" in json.loads(out.stdout)["error"]
+
+
+def test_demo_json():
+    out = cli("demo", "--json", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    d = json.loads(out.stdout)
+    assert d["ok"] and d["codec"]["rebuilt_identical"]
+    assert d["chaos"]["mismatched_bytes"] == 0 and len(d["chaos"]["recovery_seconds"]) == 2
+
+
+def test_bench_dispatch_errors():
+    out = cli("bench", "nope")
+    assert out.returncode == 2 and "checkpoint" in out.stderr
+
+
+def test_serve_refuses_bad_configuration(tmp_path):
+    out = cli("serve", "--socket", str(tmp_path / "s.sock"), "--listen", "10.0.0.1:5000", "--insecure", timeout=30)
+    assert out.returncode == 2 and "non-loopback" in out.stderr
+
+
+def test_metrics_are_exposed_over_http(tmp_path, shm_prefix, region):
+    from ghostserve.daemon.server import Server
+
+    port = free_port()
+    server = Server(Config(socket=str(tmp_path / "m.sock"), shm_prefix=shm_prefix, metrics_port=port,
+                           metrics_host="127.0.0.1"), CollectorRegistry())
+    server.start()
+    try:
+        segs = [region(2048, f"m{r}") for r in range(2)]
+        clients = [WorkerClient(server.config.socket, "mg", r, 2, 1, LAYOUT, segs[r].name, 2048) for r in range(2)]
+        for c in clients:
+            c.register()
+        segs[0].array()[:] = np.arange(2048) % 251
+        for c in clients:
+            c.commit(0, [(0, 0, 512), (2, 0, 512)], {})
+        assert clients[0].wait_protected(0)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        samples = {s.name: s for f in text_string_to_metric_families(body) for s in f.samples
+                   if s.labels.get("group") == "mg"}
+        assert samples["ghostserve_encoded_bytes_total"].value == 2 * 512 * 2
+        assert samples["ghostserve_protected_bytes"].value == 2 * 512 * 2
+        assert samples["ghostserve_parity_bytes"].value == 2 * 512
+        assert samples["ghostserve_checkpoint_lag_steps"].value == 0
+        exported = {s.name for f in text_string_to_metric_families(body) for s in f.samples}
+        assert {n for n in exported if n.startswith("ghostserve_")} <= metric_names()
+        for c in clients:
+            c.close()
+    finally:
+        server.stop(grace=1)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/shm"), reason="needs /dev/shm")
+def test_shm_prefix_from_environment(tmp_path):
+    env = dict(os.environ, GHOSTSERVE_SHM_PREFIX="bad/prefix")
+    out = subprocess.run([sys.executable, "-m", "ghostserve", "serve", "--socket", str(tmp_path / "e.sock")],
+                         capture_output=True, text=True, env=env, timeout=30)
+    assert out.returncode == 2 and "shm_prefix" in out.stderr
