@@ -193,9 +193,10 @@ def test_bad_stream_messages(daemon, group):
     sess = clients[0].session
     hello = pb.WorkerMessage(hello=pb.Hello(group="g", rank=0, session=sess))
 
-    def commit(step, block=0, start=0, end=256, freed=()):
-        return pb.WorkerMessage(commit=pb.Commit(step=step, dirty=[pb.ByteRange(block=block, start=start, end=end)],
-                                                 freed_blocks=freed))
+    def commit(step, block=0, start=0, end=256, freed=(), dirty=None, ids=(), tokens=()):
+        packed = np.array([(block, start, end)], dtype="<u8").tobytes() if dirty is None else dirty
+        return pb.WorkerMessage(commit=pb.Commit(step=step, dirty=packed, freed_blocks=freed,
+                                                 request_ids=ids, request_tokens=tokens))
 
     cases = [
         ([commit(0)], grpc.StatusCode.INVALID_ARGUMENT),  # no hello
@@ -209,6 +210,10 @@ def test_bad_stream_messages(daemon, group):
         ([hello, commit(5)], grpc.StatusCode.FAILED_PRECONDITION),  # steps must be consecutive
         ([hello, commit(-1)], grpc.StatusCode.INVALID_ARGUMENT),
         ([hello, hello], grpc.StatusCode.INVALID_ARGUMENT),
+        ([hello, commit(0, dirty=b"\x01" * 23)], grpc.StatusCode.INVALID_ARGUMENT),  # not triples
+        ([hello, commit(0, ids=["a", "b"], tokens=[1])], grpc.StatusCode.INVALID_ARGUMENT),
+        ([hello, commit(0, block=1 << 40)], grpc.StatusCode.INVALID_ARGUMENT),
+        ([hello, commit(0, ids=[""], tokens=[3])], grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for messages, expected in cases:
         assert stream_codes(daemon.sock, messages) == expected, messages

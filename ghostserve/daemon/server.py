@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
+import numpy as np
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -235,9 +236,16 @@ def _restore_response(res) -> pb.RestoreResponse:
 def _commit_record(c: pb.Commit) -> CommitRecord:
     if c.step < 0:
         raise InvalidRequest(f"step {c.step} is negative")
+    if len(c.dirty) % 24:
+        raise InvalidRequest(f"dirty is {len(c.dirty)} bytes, not (block, start, end) uint64 triples")
+    if len(c.request_ids) != len(c.request_tokens):
+        raise InvalidRequest("request_ids and request_tokens differ in length")
+    ranges = np.frombuffer(c.dirty, dtype="<u8").reshape(-1, 3)
+    if ranges.size and int(ranges[:, 0].max()) >= 1 << 32:
+        raise InvalidRequest("block id out of range")
     return CommitRecord(
-        step=c.step, ranges=[(r.block, r.start, r.end) for r in c.dirty],
-        requests=[(r.request_id, r.tokens) for r in c.requests],
+        step=c.step, ranges=[(int(b), int(s), int(e)) for b, s, e in ranges],
+        requests=list(zip(c.request_ids, c.request_tokens, strict=True)),
         freed=list(c.freed_blocks), finished=list(c.finished_requests),
     )
 

@@ -75,16 +75,6 @@ class RegisterResponse(_message.Message):
     next_step: int
     def __init__(self, role: _Optional[_Union[RegisterResponse.Role, str]] = ..., session: _Optional[str] = ..., protected_step: _Optional[int] = ..., next_step: _Optional[int] = ...) -> None: ...
 
-class ByteRange(_message.Message):
-    __slots__ = ("block", "start", "end")
-    BLOCK_FIELD_NUMBER: _ClassVar[int]
-    START_FIELD_NUMBER: _ClassVar[int]
-    END_FIELD_NUMBER: _ClassVar[int]
-    block: int
-    start: int
-    end: int
-    def __init__(self, block: _Optional[int] = ..., start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...
-
 class RequestTokens(_message.Message):
     __slots__ = ("request_id", "tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -94,18 +84,20 @@ class RequestTokens(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Commit(_message.Message):
-    __slots__ = ("step", "dirty", "requests", "freed_blocks", "finished_requests")
+    __slots__ = ("step", "dirty", "request_ids", "request_tokens", "freed_blocks", "finished_requests")
     STEP_FIELD_NUMBER: _ClassVar[int]
     DIRTY_FIELD_NUMBER: _ClassVar[int]
-    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FREED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     step: int
-    dirty: _containers.RepeatedCompositeFieldContainer[ByteRange]
-    requests: _containers.RepeatedCompositeFieldContainer[RequestTokens]
+    dirty: bytes
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    request_tokens: _containers.RepeatedScalarFieldContainer[int]
     freed_blocks: _containers.RepeatedScalarFieldContainer[int]
     finished_requests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., dirty: _Optional[_Iterable[_Union[ByteRange, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., freed_blocks: _Optional[_Iterable[int]] = ..., finished_requests: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., dirty: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., request_tokens: _Optional[_Iterable[int]] = ..., freed_blocks: _Optional[_Iterable[int]] = ..., finished_requests: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("group", "rank", "session")
