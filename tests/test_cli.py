@@ -116,3 +116,38 @@ def test_shm_prefix_from_environment(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ghostserve", "serve", "--socket", str(tmp_path / "e.sock")],
                          capture_output=True, text=True, env=env, timeout=30)
     assert out.returncode == 2 and "shm_prefix" in out.stderr
+
+
+def test_sigterm_drains_keeps_parity_and_tcp_loopback_works(tmp_path, shm_prefix, region):
+    import signal
+    import time
+
+    from ghostserve import shm
+    from ghostserve.client import OperatorClient
+
+    sock, port = str(tmp_path / "t.sock"), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ghostserve", "serve", "--socket", sock, "--shm-prefix",
+                             shm_prefix, "--listen", f"127.0.0.1:{port}", "--insecure"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        segs = [region(2048, f"t{r}") for r in range(2)]
+        clients = [WorkerClient(sock, "tg", r, 2, 1, LAYOUT, segs[r].name, 2048) for r in range(2)]
+        for c in clients:
+            c.register()
+            c.commit(0, [(0, 0, 512)], {})
+        assert clients[0].wait_protected(0)
+        tcp = OperatorClient(f"127.0.0.1:{port}")
+        assert tcp.healthy() and tcp.status().groups[0].group == "tg"
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert time.monotonic() - start < 3  # streams are ended, not waited out
+        assert not os.path.exists(sock)
+        assert shm.exists(f"{shm_prefix}tg.parity") and shm.exists(f"{shm_prefix}tg.meta")
+        for c in clients:
+            c.reconnect = False
+            c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

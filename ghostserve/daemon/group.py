@@ -260,6 +260,14 @@ class Group:
             self.cond.notify_all()
             return True
 
+    def end_streams(self) -> None:
+        """End every worker stream (daemon shutdown); workers rejoin a new daemon."""
+        with self.lock:
+            for r in self.ranks.values():
+                if r.outbox is not None:
+                    r.outbox.put(None)
+                    r.outbox = None
+
     def watched_pids(self) -> list[tuple[int, int]]:
         with self.lock:
             return [(r.rank, r.pid) for r in self.ranks.values() if r.state != LOST and r.pid > 0]

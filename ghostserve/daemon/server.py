@@ -421,6 +421,8 @@ class Server:
         self.daemon.draining = True
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        for group in list(self.daemon.groups.values()):
+            group.end_streams()  # ranks stay registered (detached); parity stays
         self.grpc.stop(grace).wait()
         self.daemon.stop()
         if self.metrics_server is not None:
