@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +62,7 @@ class Daemon:
         self.proc.wait(timeout=15)
         for name in shm.list_names(self.prefix):
             shm.unlink(name)
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 def make_group(d: Daemon, name: str, n: int, m: int, layout: dict, size: int):

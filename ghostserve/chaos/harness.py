@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -303,6 +304,10 @@ class Chaos:
             r.commit_us_p99 = us[min(len(us) - 1, int(0.99 * len(us)))]
         r.ok = (not r.errors and r.mismatched_bytes == 0 and r.garbage_bytes == 0
                 and r.final_mismatched_bytes == 0 and r.final_verified_bytes > 0)
+        if r.ok:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        else:
+            r.errors.append(f"daemon log kept in {self.tmp}")
         return r
 
     def _run(self) -> None:
