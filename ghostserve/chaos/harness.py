@@ -77,7 +77,8 @@ class ChaosError(GhostServeError):
 class Chaos:
     def __init__(self, shape: Shape, kills: list[tuple[int, int]] = (), daemon_kills: list[int] = (),
                  corrupts: list[tuple[int, int]] = (), socket: str = "", shm_prefix: str = "",
-                 metrics_port: int = 0, progress: Any = None):
+                 metrics_port: int = 0, progress: Any = None, recover_after: float = 0.0,
+                 step_seconds: float = 0.0):
         if shape.ranks < 1 or shape.parity < 1 or shape.steps < 1:
             raise ChaosError("need ranks >= 1, parity >= 1, steps >= 1")
         for rank, step in [*kills, *corrupts]:
@@ -100,6 +101,8 @@ class Chaos:
         self.prefix = shm_prefix or f"gsc{uuid.uuid4().hex[:8]}-"
         self.metrics_port = metrics_port
         self.progress = progress
+        self.recover_after = recover_after  # seconds between a fault and its recovery
+        self.step_seconds = step_seconds    # pace: at least this long per step
         self.ctx = mp.get_context("spawn")
         self.procs: dict[int, Any] = {}
         self.conns: dict[int, Any] = {}
@@ -182,9 +185,9 @@ class Chaos:
         status = self.op.status("chaos").groups[0]
         marks = {w.request_id: w.tokens for w in status.watermarks}
         tables = self.work.steps[step - 1].tables
-        final = self.work.steps[-1].tables
-        # prefer a request that outlives the run, so the damage is still there to find
-        candidates = sorted(tables, key=lambda rid: (rid not in final, rid))
+        # the request that lives longest, so the damage is still there to be found
+        last_seen = {rid: st.step for st in self.work.steps for rid in st.tables}
+        candidates = sorted(tables, key=lambda rid: (-last_seen[rid], rid))
         for rid in candidates:
             if marks.get(f"req{rid}", 0) >= 1:
                 block = tables[rid][1][0]
@@ -206,6 +209,7 @@ class Chaos:
             self.result.faults.append({"kind": "kill", "rank": rank, "step": step})
         unrecoverable: set[int] = set()
         protected = {}
+        time.sleep(self.recover_after)  # the replacement device takes a while to come up
         for rank in ranks:
             self.result.rejoin_seconds.append(self.start_worker(rank))
             self.conns[rank].send(("restore",))
@@ -319,16 +323,19 @@ class Chaos:
                 self.corrupt(rank, step)
             if step in self.daemon_kills:
                 self.kill_daemon()
+                time.sleep(self.recover_after)
                 self.start_daemon()
                 self.result.daemon_restarts += 1
                 self.result.faults.append({"kind": "kill-daemon", "step": step})
             if self.kills.get(step):
                 self.fail_ranks(self.kills[step], step)
+            t_step = time.perf_counter()
             for rank in range(self.shape.ranks):
                 self.conns[rank].send(("step", step, self.recompute.pop(rank, [])))
             for rank in range(self.shape.ranks):
                 self._expect_done(rank)
             self._lag(step)
+            time.sleep(max(0.0, self.step_seconds - (time.perf_counter() - t_step)))
             if self.progress:
                 self.progress(step + 1, self.shape.steps)
         deadline = time.monotonic() + 60
@@ -382,13 +389,14 @@ def run_cli(args: Any) -> int:
     console = Console(stderr=True)
     if args.json:
         result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt, args.socket, args.shm_prefix,
-                       args.metrics_port).run()
+                       args.metrics_port, recover_after=args.recover_after, step_seconds=args.step_ms / 1000).run()
         print(json.dumps(asdict(result)))
         return 0 if result.ok else 1
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("chaos", total=shape.steps)
         result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt, args.socket, args.shm_prefix,
-                       args.metrics_port, progress=lambda done, total: progress.update(task, completed=done)).run()
+                       args.metrics_port, progress=lambda done, total: progress.update(task, completed=done),
+                       recover_after=args.recover_after, step_seconds=args.step_ms / 1000).run()
     table = Table(title=f"ghostserve chaos: {shape.ranks}+{shape.parity}, {shape.steps} steps")
     table.add_column("what")
     table.add_column("value", justify="right")

@@ -32,6 +32,9 @@ def add_chaos_args(p: argparse.ArgumentParser) -> None:
                    help="SIGKILL the daemon before STEP and restart it")
     p.add_argument("--corrupt", type=rank_at, action="append", default=[], metavar="RANK@STEP",
                    help="flip bytes of already-protected KV of RANK before STEP, silently")
+    p.add_argument("--recover-after", type=float, default=0.0, metavar="SECONDS",
+                   help="wait this long after a fault before the replacement or restarted daemon starts")
+    p.add_argument("--step-ms", type=float, default=0.0, help="pace steps (0: as fast as possible)")
     p.add_argument("--metrics-port", type=int, default=0, help="daemon metrics port (0: off)")
     p.add_argument("--socket", default="", help="daemon socket (default: a fresh temp path)")
     p.add_argument("--shm-prefix", default="", help="shared-memory prefix (default: unique per run)")

@@ -81,6 +81,16 @@ class RSCode:
     def encode_into(self, data: Any, parity: Any) -> None:
         """Write the parity of ``data`` into ``parity`` (m shards), allocating nothing
         for contiguous buffers."""
+        if (
+            type(data) is np.ndarray and type(parity) is np.ndarray
+            and data.ndim == 2 and parity.ndim == 2
+            and data.dtype == np.uint8 and parity.dtype == np.uint8
+            and data.shape[0] == self.k and parity.shape[0] == self.m
+            and data.shape[1] == parity.shape[1] > 0
+            and data.flags.c_contiguous and parity.flags.c_contiguous and parity.flags.writeable
+        ):  # the common case, checked in a few attribute reads (see benchmarks/RESULTS.md)
+            self.backend.matmul_arrays(self.parity_matrix, data, parity)
+            return
         src = as_shards(data, self.k, writable=False, what="data")
         dst = as_shards(parity, self.m, writable=True, what="parity")
         check_lengths(dst, len(src[0]))

@@ -40,6 +40,10 @@ class Backend(ABC):
     def matmul(self, coeffs: np.ndarray, src: Sequence[Any], dst: Sequence[Any]) -> None:
         """dst[j][:] = XOR_i coeffs[j, i] * src[i][:] (in place)."""
 
+    def matmul_arrays(self, coeffs: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+        """``matmul`` on C-contiguous 2-D host arrays (already validated by the caller)."""
+        self.matmul(coeffs, list(src), list(dst))
+
     def accepts_device_arrays(self) -> bool:
         """True when ``src``/``dst`` may be device (CuPy) arrays."""
         return False

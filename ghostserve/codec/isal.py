@@ -148,6 +148,18 @@ class IsalBackend(Backend):
                 hit = self._tables.setdefault(key, (t, _ptr(t)))
         return hit[1]
 
+    def matmul_arrays(self, coeffs: np.ndarray, src: np.ndarray, dst: np.ndarray) -> None:
+        length = src.shape[1]
+        if self.threads > 1 and length >= self.parallel_min_bytes:
+            return self.matmul(coeffs, list(src), list(dst))
+        sb, ss, db, ds = src.ctypes.data, src.strides[0], dst.ctypes.data, dst.strides[0]
+        k, rows = src.shape[0], dst.shape[0]
+        library().ec_encode_data(
+            length, k, rows, self.tables(coeffs),
+            (ctypes.c_void_p * k)(*range(sb, sb + k * ss, ss)),
+            (ctypes.c_void_p * rows)(*range(db, db + rows * ds, ds)),
+        )
+
     def matmul(self, coeffs: np.ndarray, src: Sequence[np.ndarray], dst: Sequence[np.ndarray]) -> None:
         tables = self.tables(coeffs)
         length = len(src[0])
