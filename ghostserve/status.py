@@ -54,6 +54,11 @@ def run_status(args: Any) -> int:
     if args.watch is None:
         console.print(render(op.status(args.group)))
         return 0
+    if not console.is_terminal:  # piped or logged: one table per refresh
+        while True:
+            console.print(render(op.status(args.group)))
+            console.file.flush()
+            time.sleep(args.watch)
     with Live(render(op.status(args.group)), console=console, auto_refresh=False) as live:
         while True:
             time.sleep(args.watch)

@@ -151,3 +151,18 @@ def test_sigterm_drains_keeps_parity_and_tcp_loopback_works(tmp_path, shm_prefix
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_status_watch_refreshes(daemon):
+    proc = subprocess.Popen([sys.executable, "-m", "ghostserve", "status", "--socket", daemon.sock,
+                             "--watch", "0.2"], stdout=subprocess.PIPE, text=True)
+    try:
+        seen = 0
+        for line in proc.stdout:
+            seen += "group(s)" in line
+            if seen >= 3:
+                break
+        assert seen >= 3
+    finally:
+        proc.kill()
+        proc.wait()
