@@ -107,13 +107,15 @@ class WorkerClient:
 
     # ---------------------------------------------------------------- calls
 
-    def register(self) -> pb.RegisterResponse:
-        """Register (or re-register) this rank and open the commit stream."""
-        resp = self._stub.Register(pb.RegisterRequest(
+    def _register_request(self) -> pb.RegisterRequest:
+        return pb.RegisterRequest(
             group=self.group, rank=self.rank, world_size=self.world_size, parity=self.parity,
             layout=pb.KVLayout(**self.layout),
-            region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
-        ), timeout=self.timeout)
+            region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid)
+
+    def register(self) -> pb.RegisterResponse:
+        """Register (or re-register) this rank and open the commit stream."""
+        resp = self._stub.Register(self._register_request(), timeout=self.timeout)
         self.role = pb.RegisterResponse.Role.Name(resp.role)
         self.session = resp.session
         with self._cond:
@@ -224,11 +226,7 @@ class WorkerClient:
         while not self._closed:
             try:
                 self._stub = worker_stub(self._channel)
-                resp = self._stub.Register(pb.RegisterRequest(
-                    group=self.group, rank=self.rank, world_size=self.world_size, parity=self.parity,
-                    layout=pb.KVLayout(**self.layout),
-                    region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
-                ), timeout=self.timeout)
+                resp = self._stub.Register(self._register_request(), timeout=self.timeout)
             except grpc.RpcError:
                 time.sleep(0.05)
                 continue
