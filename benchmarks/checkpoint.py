@@ -213,6 +213,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ in ("__main__", "ghostserve_bench"):
-    if __name__ == "__main__":
-        sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
