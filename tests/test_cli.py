@@ -166,3 +166,30 @@ def test_status_watch_refreshes(daemon):
     finally:
         proc.kill()
         proc.wait()
+
+
+@pytest.mark.skipif(not __import__("shutil").which("openssl"), reason="needs the openssl command")
+def test_tls_on_tcp(tmp_path, shm_prefix):
+    import grpc
+
+    from ghostserve.client import operator_stub
+    from ghostserve.daemon.server import Server
+    from ghostserve.v1 import ghostserve_pb2 as pb
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    port = free_port()
+    server = Server(Config(socket=str(tmp_path / "tls.sock"), shm_prefix=shm_prefix, listen=f"127.0.0.1:{port}",
+                           tls_cert=str(cert), tls_key=str(key)), CollectorRegistry())
+    server.start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        secure = grpc.secure_channel(f"127.0.0.1:{port}", creds)
+        assert operator_stub(secure).Status(pb.StatusRequest(), timeout=10).version
+        plain = grpc.insecure_channel(f"127.0.0.1:{port}")
+        with pytest.raises(grpc.RpcError):
+            operator_stub(plain).Status(pb.StatusRequest(), timeout=3)
+    finally:
+        server.stop(grace=1)
