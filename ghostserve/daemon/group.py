@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from ghostserve import shm
-from ghostserve.codec import RSCode
+from ghostserve.codec import RSCode, crcfold
 from ghostserve.codec.isal import crc32c, encode_raw
 from ghostserve.daemon.store import Layout, ParityStore
 from ghostserve.errors import (
@@ -503,67 +503,97 @@ class Group:
         return survivors, self._tables(rows)
 
     def _restore_into(self, rank, target, survivors, base_erased, flux, freed_in_flux, result) -> None:
-        blocks = [b for b in range(self.layout.num_blocks) if b not in freed_in_flux]
-        futures = [self.pool.submit(self._restore_block, b, rank, target, survivors, base_erased, flux)
-                   for b in blocks]
-        unrecoverable: set[int] = set()
-        for block, f in zip(blocks, futures, strict=True):
-            restored, lost, corrupt, broken = f.result()
-            result.restored_bytes += restored
-            result.unrecoverable_bytes += lost
-            result.corrupt_chunks += corrupt
-            self.broken.update(broken)
-            if lost:
-                unrecoverable.add(block)
-        result.unrecoverable_blocks = sorted(unrecoverable)
-
-    def _restore_block(self, block, rank, target, survivors, base_erased, flux):
-        """Restore one block of ``rank``; runs on the encode pool, one task per block.
-        Returns (restored bytes, unrecoverable bytes, corrupt survivor chunks, broken chunks)."""
+        """Rebuild every protected, settled chunk of ``rank``. Survivors are checked
+        run by run (:mod:`ghostserve.codec.crcfold`: one CRC pass per layer of a run
+        instead of one per chunk and layer); a run that fails is checked chunk by
+        chunk, and its bad chunks count as erasures."""
         lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
-        restored = lost = corrupt = 0
-        broken: list[tuple[int, int]] = []
-        chunks = [int(c) for c in np.flatnonzero(store.chunk_step[block] >= 0) if (block, c) not in flux]
-        runs: list[list[Any]] = []  # [c0, c1, bad survivors]
-        everyone = frozenset(range(self.n + self.m))
-        for c in chunks:
-            if (block, c) in self.broken:  # lost in an earlier restore: still lost
-                bad = everyone
-            else:
-                bad = frozenset(q for q, (_, addr) in survivors.items()
-                                if self._crc(addr, block, c) != store.crc[block, c, q])
-                corrupt += len(bad)
+        settled = store.chunk_step >= 0
+        for b, c in flux:
+            settled[b, c] = False
+        settled[sorted(freed_in_flux)] = False
+        runs: list[tuple[int, int, int]] = []   # (block, c0, c1): consecutive settled chunks
+        lost_chunks: list[tuple[int, int]] = []
+        for b in np.flatnonzero(settled.any(axis=1)):
+            row = settled[b].copy()
+            for c in np.flatnonzero(row):
+                if (int(b), int(c)) in self.broken:  # lost in an earlier restore: still lost
+                    row[c] = False
+                    lost_chunks.append((int(b), int(c)))
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], row.astype(np.int8), [0]))))
+            runs += [(int(b), int(c0), int(c1)) for c0, c1 in zip(edges[::2], edges[1::2], strict=True)]
+        result.unrecoverable_bytes += len(lost_chunks) * cb * lay.num_layers
+        unrecoverable = {b for b, _ in lost_chunks}
+        # survivors: fast check of every run, then chunk by chunk where it fails
+        suspect: set[int] = set()
+        for q, (_, addr) in survivors.items():
+            suspect.update(int(j) for j in np.flatnonzero(~self._runs_intact(addr, q, runs)))
+        segments: list[tuple[int, int, int, frozenset[int]]] = []
+        for j, (b, c0, c1) in enumerate(runs):
+            if j not in suspect:
+                segments.append((b, c0, c1, frozenset()))
+                continue
+            for c in range(c0, c1):
+                bad = frozenset(q for q, (_, addr) in survivors.items() if self._crc(addr, b, c) != store.crc[b, c, q])
                 if bad:
+                    result.corrupt_chunks += len(bad)
                     log.warning("group %s: block %d chunk %d (protected at step %d) fails its checksum "
-                                "on ranks %s", self.name, block, c, store.chunk_step[block, c], sorted(bad))
-            if runs and runs[-1][1] == c and runs[-1][2] == bad:
-                runs[-1][1] = c + 1
-            else:
-                runs.append([c, c + 1, bad])
+                                "on ranks %s", self.name, b, c, store.chunk_step[b, c], sorted(bad))
+                if segments and segments[-1][0] == b and segments[-1][2] == c and segments[-1][3] == bad:
+                    segments[-1] = (b, segments[-1][1], c + 1, bad)
+                else:
+                    segments.append((b, c, c + 1, bad))
         addr = {q: a for q, (_, a) in survivors.items()}
         addr[rank] = target[1]
-        for c0, c1, bad in runs:
+        rebuilt: list[tuple[int, int, int, tuple[int, ...]]] = []
+        for b, c0, c1, bad in segments:
             erased = tuple(sorted(base_erased | {rank} | bad))
             s, e = c0 * cb, c1 * cb
             if len(erased) > self.m:
-                lost += (e - s) * lay.num_layers
-                broken += [(block, c) for c in range(c0, c1)]
+                result.unrecoverable_bytes += (e - s) * lay.num_layers
+                self.broken.update((b, c) for c in range(c0, c1))
+                unrecoverable.add(b)
                 continue
             want = (rank, *sorted(bad))
             sources, tables = self._rebuild_plan(erased, want)
             for layer in range(lay.num_layers):
-                src = [self._addr(addr[i], layer, block, s) if i < self.n else self._paddr(layer, block, i - self.n, s)
+                src = [self._addr(addr[i], layer, b, s) if i < self.n else self._paddr(layer, b, i - self.n, s)
                        for i in sources]
-                encode_raw(tables, e - s, src, [self._addr(addr[w], layer, block, s) for w in want])
-            # end-to-end check against the encode-time checksums
-            if not all(self._crc(addr[q], block, c) == store.crc[block, c, q] for q in want for c in range(c0, c1)):
+                encode_raw(tables, e - s, src, [self._addr(addr[w], layer, b, s) for w in want])
+            rebuilt.append((b, c0, c1, want))
+        # end-to-end check of what was written against the encode-time checksums
+        failed: set[int] = set()
+        for w in {w for *_, want in rebuilt for w in want}:
+            mine = [j for j, (*_, want) in enumerate(rebuilt) if w in want]
+            ok = self._runs_intact(addr[w], w, [rebuilt[j][:3] for j in mine])
+            failed.update(j for j, good in zip(mine, ok, strict=True) if not good)
+        for j, (b, c0, c1, _) in enumerate(rebuilt):
+            s, e = c0 * cb, c1 * cb
+            if j in failed:
                 for layer in range(lay.num_layers):
-                    self._shard(target[0], layer, block, s, e)[:] = 0
-                lost += (e - s) * lay.num_layers
-                broken += [(block, c) for c in range(c0, c1)]
-                continue
-            restored += (e - s) * lay.num_layers
-        return restored, lost, corrupt, broken
+                    self._shard(target[0], layer, b, s, e)[:] = 0
+                result.unrecoverable_bytes += (e - s) * lay.num_layers
+                self.broken.update((b, c) for c in range(c0, c1))
+                unrecoverable.add(b)
+            else:
+                result.restored_bytes += (e - s) * lay.num_layers
+        result.unrecoverable_blocks = sorted(unrecoverable)
+
+    def _runs_intact(self, addr: int, q: int, runs: list[tuple[int, int, int]]) -> np.ndarray:
+        """For each (block, c0, c1) run: do rank ``q``'s bytes at ``addr`` match the
+        stored chunk checksums? One CRC pass per layer and run."""
+        if not runs:
+            return np.ones(0, dtype=bool)
+        lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
+        passes = np.empty((len(runs), lay.num_layers), dtype=np.uint32)
+        for j, (b, c0, c1) in enumerate(runs):
+            at = self._addr(addr, 0, b, c0 * cb)
+            for layer in range(lay.num_layers):
+                passes[j, layer] = crc32c(at + layer * lay.layer_stride, (c1 - c0) * cb, 0)
+        width = max(c1 - c0 for _, c0, c1 in runs)
+        stored = crcfold.pad_left([store.crc[b, c0:c1, q] for b, c0, c1 in runs], width)
+        s = crcfold.shift(cb)
+        return crcfold.horner(passes, s) == crcfold.horner(stored, s)
 
     # ------------------------------------------------------------------ scrub
 
