@@ -1,0 +1,73 @@
+"""A private ``ghostserve serve`` subprocess: for the demo, the engine's benchmarks
+and tests, which need a real daemon on a socket and shared-memory prefix of
+their own. The daemon is a separate process, as in production, so killing a
+rank never touches it and its encoding competes for the CPU honestly.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import uuid
+
+from ghostserve import shm
+from ghostserve.errors import GhostServeError
+
+
+class SidecarError(GhostServeError):
+    """The daemon subprocess did not start. Raised by :meth:`Sidecar.start`."""
+
+
+class Sidecar:
+    """Start with :meth:`start` (or ``with``); :meth:`stop` ends the daemon and
+    removes its socket directory and every shared-memory segment under its prefix."""
+
+    def __init__(self, prefix: str = "", encode_threads: int = 0, log_level: str = "warning"):
+        self.dir = tempfile.mkdtemp(prefix="ghostserve-")
+        self.socket = os.path.join(self.dir, "gs.sock")
+        self.prefix = prefix or f"gs{uuid.uuid4().hex[:8]}-"
+        self.encode_threads, self.log_level = encode_threads, log_level
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Sidecar:
+        cmd = [sys.executable, "-m", "ghostserve", "serve", "--socket", self.socket,
+               "--shm-prefix", self.prefix, "--metrics-port", "0", "--log-level", self.log_level,
+               "--encode-threads", str(self.encode_threads)]
+        log = open(os.path.join(self.dir, "daemon.log"), "ab")  # noqa: SIM115 - the child owns it
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        log.close()
+        line = self.proc.stdout.readline().decode()
+        if not line.startswith("ready"):
+            self.stop()
+            raise SidecarError(f"ghostserve serve did not start: {line!r}; see {self.dir}/daemon.log")
+        return self
+
+    @property
+    def log(self) -> str:
+        try:
+            with open(os.path.join(self.dir, "daemon.log")) as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for name in shm.list_names(self.prefix):
+            shm.unlink(name)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> Sidecar:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
