@@ -101,9 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_chaos_args(p)
     p.set_defaults(func=cmd_chaos)
 
-    p = sub.add_parser("demo", help="the end-to-end demonstration")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    from ghostserve.demo import add_demo_args  # noqa: PLC0415
+
+    p = sub.add_parser("demo", help="a TP engine survives SIGKILLed ranks: recompute vs replicate vs ec")
+    add_demo_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (codec, checkpoint, ...)")

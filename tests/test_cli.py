@@ -61,12 +61,31 @@ def test_status_without_a_daemon_says_so(tmp_path):
     assert "no ghostserve daemon answers" in json.loads(out.stdout)["error"]
 
 
-def test_demo_json():
-    out = cli("demo", "--json", timeout=300)
+SMALL_DEMO = ("--tp", "2", "--requests", "2", "--prompt-tokens", "40", "--new-tokens", "6", "--rounds", "1")
+
+
+def test_demo_json_is_one_object_with_the_promised_keys():
+    out = cli("demo", "--json", *SMALL_DEMO, "--kill", "1@4", "--kill", "0@8", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     d = json.loads(out.stdout)
-    assert d["ok"] and d["codec"]["rebuilt_identical"]
-    assert d["chaos"]["mismatched_bytes"] == 0 and len(d["chaos"]["recovery_seconds"]) == 2
+    assert d["tokens_identical"] is True
+    assert set(d["recovery_seconds"]) == {"ec", "replicate", "recompute"}
+    assert set(d["step_overhead"]) == set(d["host_bytes"]) == {"ec", "replicate"}
+    assert d["rejoin_seconds"] > 0 and d["kv_bytes"] > 0
+    assert d["host_bytes"]["ec"] * 2 == d["kv_bytes"] and d["host_bytes"]["replicate"] >= d["kv_bytes"]
+    assert d["recomputed_tokens"]["recompute"] == d["held_tokens"]["recompute"] > 0
+    assert d["recomputed_tokens"]["ec"] < d["held_tokens"]["ec"]
+    assert [len(v) for v in d["failures"].values()] == [2, 2, 2]
+
+
+def test_demo_table_and_bad_arguments():
+    out = cli("demo", *SMALL_DEMO, "--modes", "ec", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokens identical" in out.stdout and "ec 2+1" in out.stdout and "recompute" in out.stdout
+    bad = cli("demo", "--json", "--kill", "one@two")
+    assert bad.returncode == 1 and json.loads(bad.stdout)["type"] == "EngineConfigError"
+    bad = cli("demo", "--tp", "3")
+    assert bad.returncode == 1 and "TP 3 must divide" in bad.stderr
 
 
 def test_bench_dispatch_errors():
