@@ -266,10 +266,11 @@ class TPModel:
         cols = torch.arange(keys.shape[0])
         for a in range(0, q.shape[0], QUERY_BLOCK):
             qb, pb = q[a : a + QUERY_BLOCK], positions[a : a + QUERY_BLOCK]
+            t = int(pb[-1]) + 1  # positions rise within a segment: later keys are all masked
             qg = qb.reshape(qb.shape[0], self.kv_heads, group, hd)
-            scores = torch.einsum("nkgd,tkd->kgnt", qg, keys) / math.sqrt(hd)
-            scores = scores.masked_fill(~(cols[None, :] <= pb[:, None]), float("-inf"))
-            out.append(torch.einsum("kgnt,tkd->nkgd", scores.softmax(-1), values).reshape(qb.shape[0], -1))
+            scores = torch.einsum("nkgd,tkd->kgnt", qg, keys[:t]) / math.sqrt(hd)
+            scores = scores.masked_fill(~(cols[None, :t] <= pb[:, None]), float("-inf"))
+            out.append(torch.einsum("kgnt,tkd->nkgd", scores.softmax(-1), values[:t]).reshape(qb.shape[0], -1))
         return torch.cat(out)
 
     def _run(self, segments: Sequence[Segment], kv: KVCache, last_only: bool,
