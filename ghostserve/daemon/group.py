@@ -45,6 +45,7 @@ from ghostserve.metrics import Metrics
 log = logging.getLogger("ghostserve.group")
 
 ALIVE, LOST, DETACHED, REPLACING = "alive", "lost", "detached", "replacing"
+PARALLEL_RESTORE_BYTES = 4 << 20  # a restore below this runs on one thread: Python-bound
 
 
 @dataclass
@@ -105,8 +106,10 @@ class ScrubResult:
 
 
 class Group:
-    def __init__(self, name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor):
+    def __init__(self, name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor,
+                 threads: int = 1):
         self.name, self.store, self.metrics, self.pool = name, store, metrics, pool
+        self.threads = threads  # the pool's size
         self.layout: Layout = store.layout
         self.n, self.m = store.k, store.m
         # CPU regions are encoded with ISA-L on raw addresses (see _encode_range)
@@ -546,21 +549,27 @@ class Group:
         addr = {q: a for q, (_, a) in survivors.items()}
         addr[rank] = target[1]
         rebuilt: list[tuple[int, int, int, tuple[int, ...]]] = []
+        plans = []
         for b, c0, c1, bad in segments:
             erased = tuple(sorted(base_erased | {rank} | bad))
-            s, e = c0 * cb, c1 * cb
             if len(erased) > self.m:
-                result.unrecoverable_bytes += (e - s) * lay.num_layers
+                result.unrecoverable_bytes += (c1 - c0) * cb * lay.num_layers
                 self.broken.update((b, c) for c in range(c0, c1))
                 unrecoverable.add(b)
                 continue
             want = (rank, *sorted(bad))
-            sources, tables = self._rebuild_plan(erased, want)
-            for layer in range(lay.num_layers):
-                src = [self._addr(addr[i], layer, b, s) if i < self.n else self._paddr(layer, b, i - self.n, s)
-                       for i in sources]
-                encode_raw(tables, e - s, src, [self._addr(addr[w], layer, b, s) for w in want])
             rebuilt.append((b, c0, c1, want))
+            plans.append((b, c0, c1, want, *self._rebuild_plan(erased, want)))
+
+        def rebuild(part: list) -> None:
+            for b, c0, c1, want, sources, tables in part:
+                s, e = c0 * cb, c1 * cb
+                for layer in range(lay.num_layers):
+                    src = [self._addr(addr[i], layer, b, s) if i < self.n else
+                           self._paddr(layer, b, i - self.n, s) for i in sources]
+                    encode_raw(tables, e - s, src, [self._addr(addr[w], layer, b, s) for w in want])
+
+        self._in_slices(rebuild, plans, sum((c1 - c0) for b, c0, c1, *_ in plans) * cb * lay.num_layers)
         # end-to-end check of what was written against the encode-time checksums
         failed: set[int] = set()
         for w in {w for *_, want in rebuilt for w in want}:
@@ -579,6 +588,17 @@ class Group:
                 result.restored_bytes += (e - s) * lay.num_layers
         result.unrecoverable_blocks = sorted(unrecoverable)
 
+    def _in_slices(self, fn, items: list, nbytes: int) -> None:
+        """``fn`` over ``items``: one contiguous slice per encode thread when the
+        native work (``nbytes``) outweighs the GIL hand-offs, else on this thread."""
+        parts = self.threads if nbytes >= PARALLEL_RESTORE_BYTES else 1
+        if parts <= 1 or len(items) < 2:
+            fn(items)
+            return
+        step = -(-len(items) // parts)
+        for f in [self.pool.submit(fn, items[i : i + step]) for i in range(0, len(items), step)]:
+            f.result()
+
     def _runs_intact(self, addr: int, q: int, runs: list[tuple[int, int, int]]) -> np.ndarray:
         """For each (block, c0, c1) run: do rank ``q``'s bytes at ``addr`` match the
         stored chunk checksums? One CRC pass per layer and run."""
@@ -586,10 +606,16 @@ class Group:
             return np.ones(0, dtype=bool)
         lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
         passes = np.empty((len(runs), lay.num_layers), dtype=np.uint32)
-        for j, (b, c0, c1) in enumerate(runs):
-            at = self._addr(addr, 0, b, c0 * cb)
-            for layer in range(lay.num_layers):
-                passes[j, layer] = crc32c(at + layer * lay.layer_stride, (c1 - c0) * cb, 0)
+
+        def crc_passes(part: list[int]) -> None:
+            for j in part:
+                b, c0, c1 = runs[j]
+                at = self._addr(addr, 0, b, c0 * cb)
+                for layer in range(lay.num_layers):
+                    passes[j, layer] = crc32c(at + layer * lay.layer_stride, (c1 - c0) * cb, 0)
+
+        self._in_slices(crc_passes, list(range(len(runs))),
+                        sum(c1 - c0 for _, c0, c1 in runs) * cb * lay.num_layers)
         width = max(c1 - c0 for _, c0, c1 in runs)
         stored = crcfold.pad_left([store.crc[b, c0:c1, q] for b, c0, c1 in runs], width)
         s = crcfold.shift(cb)

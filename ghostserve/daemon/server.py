@@ -83,7 +83,7 @@ class Daemon:
             log.info("re-attached group %s at protected step %d", name, store.protected_step)
 
     def _new_group(self, name: str, store: ParityStore) -> Group:
-        group = Group(name, store, self.metrics, self.pool)
+        group = Group(name, store, self.metrics, self.pool, self.config.threads)
         self.groups[name] = group
         group.start()
         return group
