@@ -9,6 +9,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from hfdir import save_hf  # noqa: E402
+
 from ghostserve.engine.engine import Engine, EngineConfig, EngineConfigError, Kill  # noqa: E402
 from ghostserve.engine.model import DictKV, ModelConfig, TPModel, init_weights  # noqa: E402
 from ghostserve.engine.scheduler import Request  # noqa: E402
@@ -176,3 +178,10 @@ def test_a_kill_for_a_rank_that_does_not_exist_is_refused(engines):
         eng.run(copy(REQS), [Kill(5, tokens=1)])
     with pytest.raises(EngineConfigError):  # the run ends before it fires
         eng.run(copy(REQS[:1]), [Kill(1, tokens=10_000)])
+
+
+def test_engine_runs_weights_from_a_local_hugging_face_directory(tmp_path, reference):
+    save_hf(tmp_path / "model", MODEL, init_weights(MODEL, BASE.seed))
+    cfg = EngineConfig(**{**BASE.__dict__, "mode": "none", "weights_dir": str(tmp_path / "model"), "seed": 999})
+    with Engine(cfg) as eng:  # the seed would give other weights: these come from the directory
+        assert eng.run(copy(REQS)).outputs == reference[2][0]

@@ -9,12 +9,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from hfdir import save_hf  # noqa: E402
+
 from ghostserve.engine.model import (  # noqa: E402
     DictKV,
     ModelConfig,
     ModelConfigError,
     TPModel,
     init_weights,
+    load_weights,
     shard,
 )
 from ghostserve.engine.tp import greedy_rank  # noqa: E402
@@ -89,3 +92,62 @@ def test_configs_that_cannot_run_are_refused(tmp_path):
         ' "num_key_value_heads": 2, "intermediate_size": 512, "rope_theta": 500000.0}')
     cfg = ModelConfig.from_hf(tmp_path)
     assert (cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.rope_theta) == (4, 2, 64, 500000.0)
+
+
+def tp_forward(shards: list[dict], cfg: ModelConfig, t: torch.Tensor) -> torch.Tensor:
+    """TP over threads with an in-process all-reduce; rank 0's logits."""
+    import threading
+
+    n, slots, out = len(shards), [None] * len(shards), [None] * len(shards)
+    barrier = threading.Barrier(n)
+
+    def reducer(r):
+        def all_reduce(x):
+            slots[r] = x.clone()
+            barrier.wait()
+            total = sum(slots[1:], slots[0].clone())
+            barrier.wait()
+            x.copy_(total)
+            return x
+        return all_reduce
+
+    def run(r):
+        out[r] = TPModel(cfg, shards[r], r, n, reducer(r)).forward("a", t, 0, DictKV())
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return out[0]
+
+
+def test_a_hugging_face_directory_loads_to_the_same_model(tmp_path):
+    w = init_weights(CFG, 11)
+    save_hf(tmp_path / "llama", CFG, w)
+    cfg = ModelConfig.from_hf(tmp_path / "llama")
+    assert cfg == CFG
+    loaded = load_weights(tmp_path / "llama", cfg)
+    assert loaded.keys() == w.keys() and all(torch.equal(loaded[k], w[k]) for k in w)
+    # Qwen2: q/k/v biases, tied embeddings (no lm_head tensor in the file)
+    qw = dict(w)
+    del qw["lm_head.weight"]
+    for i in range(CFG.layers):
+        for proj, n in (("q", CFG.heads), ("k", CFG.kv_heads), ("v", CFG.kv_heads)):
+            qw[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = torch.randn(n * CFG.head_dim)
+    save_hf(tmp_path / "qwen", CFG, qw, "Qwen2ForCausalLM", tie=True)
+    qcfg = ModelConfig.from_hf(tmp_path / "qwen")
+    qloaded = load_weights(tmp_path / "qwen", qcfg)
+    assert qcfg.tie_embeddings and torch.equal(qloaded["lm_head.weight"], w["model.embed_tokens.weight"])
+    t = tokens(20)
+    want = TPModel(qcfg, qloaded).forward("a", t, 0, DictKV())
+    got = tp_forward([shard(qloaded, qcfg, r, 2) for r in range(2)], qcfg, t)
+    assert torch.allclose(got, want, atol=1e-9)  # the biases were split with their weights
+    (tmp_path / "qwen" / "model.safetensors").unlink()
+    bad = dict(w)
+    bad["model.layers.1.mlp.up_proj.weight"] = torch.zeros(3, 3)
+    save_hf(tmp_path / "qwen", CFG, bad)
+    with pytest.raises(ModelConfigError, match="up_proj"):
+        load_weights(tmp_path / "qwen", CFG)
+    with pytest.raises(ModelConfigError, match="safetensors"):
+        load_weights(tmp_path, CFG)
