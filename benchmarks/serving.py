@@ -136,21 +136,27 @@ def bench_latency(engines: dict[str, Engine], reqs: list, args: argparse.Namespa
         at = sorted(rng.sample(range(1, total - 1), n))
         kills = [Kill(rng.randrange(tp), tokens=t) for t in at]
         row: dict[str, Any] = {"failure_rate": rate, "failures": n}
+        runs: dict[str, list] = {m: [] for m in MODES}
+        for r in range(args.latency_rounds):  # interleaved: ABC, CBA, ...
+            for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                res = engines[mode].run(copy(reqs), kills, clock="seconds")
+                check(res.outputs, ref, f"latency/{mode}/{rate}")
+                runs[mode].append(res)
         for mode in MODES:
-            res = engines[mode].run(copy(reqs), kills, clock="seconds")
-            check(res.outputs, ref, f"latency/{mode}/{rate}")
-            lat = list(res.latency_seconds.values())
+            lat = [list(res.latency_seconds.values()) for res in runs[mode]]
             row[REPORT_NAME[mode]] = {
-                "p50_seconds": pct(lat, 0.5), "p99_seconds": pct(lat, 0.99),
-                "recovery_seconds": sum(f.recovery_seconds for f in res.failures),
-                "recomputed_tokens": sum(f.recomputed_tokens for f in res.failures),
-                "wall_seconds": res.wall_seconds}
+                "p50_seconds": statistics.median(pct(x, 0.5) for x in lat),
+                "p99_seconds": statistics.median(pct(x, 0.99) for x in lat),
+                "recovery_seconds": statistics.median(sum(f.recovery_seconds for f in res.failures)
+                                                      for res in runs[mode]),
+                "recomputed_tokens": sum(f.recomputed_tokens for f in runs[mode][0].failures),
+                "wall_seconds": statistics.median(res.wall_seconds for res in runs[mode])}
         for q in ("p50", "p99"):
             row[f"{q}_recompute_over_ec"] = row["recompute"][f"{q}_seconds"] / row["ec"][f"{q}_seconds"]
             row[f"{q}_replicate_over_ec"] = row["replicate"][f"{q}_seconds"] / row["ec"][f"{q}_seconds"]
         rows.append(row)
         print(f"  latency at failure rate {rate:.0%} done", file=sys.stderr)
-    return {"requests": len(reqs), "rate_per_second": args.rate, "rows": rows}
+    return {"requests": len(reqs), "rate_per_second": args.rate, "rounds": args.latency_rounds, "rows": rows}
 
 
 def plots(result: dict[str, Any], folder: str) -> list[str]:
@@ -158,6 +164,7 @@ def plots(result: dict[str, Any], folder: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.ticker import NullFormatter  # noqa: PLC0415
 
     made = []
     names = ("recompute", "replicate", "ec")
@@ -168,6 +175,8 @@ def plots(result: dict[str, Any], folder: str) -> list[str]:
             ax.plot([r["context_tokens"] for r in rows], [r[name]["recovery_seconds"] for r in rows], "o-", label=name)
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="recovery (s)",
                title=f"Recovery after one rank is SIGKILLed (TP {result['config']['tp']})")
+        ax.set_xticks([r["context_tokens"] for r in rows], [f"{r['context_tokens']:,}" for r in rows])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         made.append(f"{folder}/serving_recovery.png")
@@ -223,7 +232,8 @@ def table(result: dict[str, Any]) -> None:
         con.print(t)
     if "latency" in result:
         lat = result["latency"]
-        t = Table(title=f"request latency (s): {lat['requests']} Poisson requests at {lat['rate_per_second']:g}/s")
+        t = Table(title=f"request latency (s): {lat['requests']} Poisson requests at {lat['rate_per_second']:g}/s, "
+                        f"median of {lat['rounds']} runs")
         for c in ("failures", "recompute p50/p99", "replicate p50/p99", "ec p50/p99", "p50 recompute/ec",
                   "p99 recompute/ec"):
             t.add_column(c, justify="right")
@@ -256,12 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poisson-requests", type=int, default=40)
     p.add_argument("--rate", type=float, default=1.5, help="arrivals per second")
     p.add_argument("--failure-rates", default="0,0.05,0.15")
+    p.add_argument("--latency-rounds", type=int, default=2, help="runs per mode and failure rate (median)")
     args = p.parse_args(argv)
     model = ModelConfig()
     if args.quick:
         model = ModelConfig(vocab=256, hidden=64, layers=3, heads=4, kv_heads=4, head_dim=16, ffn=128)
         args.tp, args.rounds, args.requests, args.prompt_tokens, args.new_tokens = 2, 2, 2, 48, 8
         args.contexts, args.poisson_requests, args.rate, args.failure_rates = "64,256", 8, 20.0, "0,0.25"
+        args.latency_rounds = 1
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.failure_rates = [float(x) for x in args.failure_rates.split(",")]
     work = workloads(model, args)

@@ -157,8 +157,9 @@ def render(result: dict[str, Any]) -> Any:
     c = result["config"]
     kills = ", ".join(f"rank {k['rank']}@{k['tokens'] if k['tokens'] is not None else 's' + str(k['step'])}"
                       for k in c["kills"])
-    t = Table(title=f"TP {c['tp']}: {c['requests']} requests, {min(c['prompt_tokens'])}-"
-                    f"{max(c['prompt_tokens'])} prompt + {c['new_tokens']} new tokens; SIGKILL {kills}")
+    title = (f"TP {c['tp']}: {c['requests']} requests, {min(c['prompt_tokens'])}-{max(c['prompt_tokens'])} "
+             f"prompt + {c['new_tokens']} new tokens; SIGKILL {kills}")
+    t = Table(title=title, min_width=min(len(title), 100))
     t.add_column("")
     for m in modes:
         t.add_column(m if m != "ec" else f"ec {c['tp']}+{c['parity']}", justify="right")
