@@ -65,6 +65,11 @@ def plan_from(args: argparse.Namespace) -> DemoPlan:
     total = args.requests * args.new_tokens
     kills = [Kill.parse(k, args.kill_phase) for k in args.kill] if args.kill else \
         [Kill(1 if args.tp > 1 else 0, tokens=total // 2, phase=args.kill_phase)]
+    for k in kills:  # refuse now, not after the failure-free rounds
+        if k.rank >= args.tp:
+            raise EngineConfigError(f"--kill {k.rank}@...: the engine has ranks 0..{args.tp - 1}")
+        if k.tokens is not None and k.tokens >= total:
+            raise EngineConfigError(f"--kill ...@{k.tokens}: the run generates only {total} tokens")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:

@@ -84,6 +84,8 @@ def test_demo_table_and_bad_arguments():
     assert "tokens identical" in out.stdout and "ec 2+1" in out.stdout and "recompute" in out.stdout
     bad = cli("demo", "--json", "--kill", "one@two")
     assert bad.returncode == 1 and json.loads(bad.stdout)["type"] == "EngineConfigError"
+    bad = cli("demo", "--json", *SMALL_DEMO, "--kill", "1@12")  # 2 x 6 tokens: never reached
+    assert bad.returncode == 1 and "generates only 12" in json.loads(bad.stdout)["error"]
     bad = cli("demo", "--tp", "3")
     assert bad.returncode == 1 and "TP 3 must divide" in bad.stderr
 

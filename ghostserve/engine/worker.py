@@ -99,7 +99,10 @@ class _Rank:
                 raise
             # Close our sockets now: a survivor waiting on *us* (not on the dead
             # rank) would otherwise sit out the whole collective timeout.
-            dist.destroy_process_group()
+            try:
+                dist.destroy_process_group()
+            except RuntimeError:
+                pass  # already torn down by gloo: the reform starts a new one either way
             return ("failed", step, str(exc).splitlines()[0][:200])
         forward_s = time.perf_counter() - t
         tokens = None
