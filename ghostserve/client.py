@@ -67,6 +67,8 @@ def worker_stub(ch: grpc.Channel) -> Any:
     return _Stub(ch, "Worker", {
         "Register": (pb.RegisterRequest, pb.RegisterResponse, "uu"),
         "Restore": (pb.RestoreRequest, pb.RestoreResponse, "uu"),
+        "Lookup": (pb.LookupRequest, pb.LookupResponse, "uu"),
+        "Fetch": (pb.FetchRequest, pb.FetchResponse, "uu"),
         "Stream": (pb.WorkerMessage, pb.DaemonMessage, "ss"),
     })
 
@@ -76,20 +78,23 @@ def operator_stub(ch: grpc.Channel) -> Any:
         "Status": (pb.StatusRequest, pb.StatusResponse, "uu"),
         "Scrub": (pb.ScrubRequest, pb.ScrubResponse, "uu"),
         "Restore": (pb.RestoreRequest, pb.RestoreResponse, "uu"),
+        "Drop": (pb.DropRequest, pb.DropResponse, "uu"),
     })
 
 
 class WorkerClient:
-    """One TP rank's connection. ``layout`` has the fields of ``KVLayout``."""
+    """One TP rank's connection. ``layout`` has the fields of ``KVLayout``;
+    ``keep_survivors`` is RegisterRequest's (engines that tear all ranks down)."""
 
     def __init__(self, socket: str, group: str, rank: int, world_size: int, parity: int,
-                 layout: Mapping[str, int], region: str, region_size: int, pid: int | None = None,
-                 reconnect: bool = True, timeout: float = 10.0):
+                 layout: Mapping[str, Any], region: str, region_size: int, pid: int | None = None,
+                 reconnect: bool = True, timeout: float = 10.0, keep_survivors: bool = False):
         self.socket, self.group, self.rank = socket, group, rank
         self.world_size, self.parity = world_size, parity
         self.layout, self.region, self.region_size = dict(layout), region, region_size
         self.pid = pid or os.getpid()
         self.reconnect, self.timeout = reconnect, timeout
+        self.keep_survivors = keep_survivors
         self.role: str | None = None
         self.session = ""
         self.events: queue.Queue[pb.GroupEvent] = queue.Queue()
@@ -111,7 +116,8 @@ class WorkerClient:
         return pb.RegisterRequest(
             group=self.group, rank=self.rank, world_size=self.world_size, parity=self.parity,
             layout=pb.KVLayout(**self.layout),
-            region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid)
+            region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
+            keep_survivors=self.keep_survivors)
 
     def register(self) -> pb.RegisterResponse:
         """Register (or re-register) this rank and open the commit stream."""
@@ -129,17 +135,22 @@ class WorkerClient:
 
     def commit(self, step: int, dirty: Iterable[tuple[int, int, int]] = (),
                requests: Mapping[str, int] | None = None, freed: Iterable[int] = (),
-               finished: Iterable[str] = ()) -> None:
+               finished: Iterable[str] = (), fills: Mapping[int, int] | None = None,
+               released: Iterable[int] = (), records: Iterable[pb.RequestRecord] = ()) -> None:
         """Queue step ``step``'s writes: ``dirty`` (block, start, end) byte ranges,
-        request lengths after the step, freed blocks, finished requests. Never waits
-        on the network; costs building one small message."""
+        request lengths after the step, freed blocks, finished requests; for
+        slot-addressed layouts also ``fills`` (block -> filled slots), blocks
+        ``released`` before this step wrote them, and Lookup ``records``. Never
+        waits on the network; costs building one small message."""
         # Built here, not on the sender thread: a Python-heavy sender would hold the
         # GIL for up to a switch interval (5 ms) while the engine waits to run.
         requests = requests or {}
         msg = pb.WorkerMessage(commit=pb.Commit(
             step=step, dirty=np.asarray(dirty, dtype="<u8").tobytes(),
             request_ids=requests.keys(), request_tokens=requests.values(),
-            freed_blocks=freed, finished_requests=finished))
+            freed_blocks=freed, finished_requests=finished,
+            fills=np.asarray(list((fills or {}).items()), dtype="<u4").tobytes(),
+            released_blocks=released, records=records))
         item = (step, msg)
         with self._send_lock:
             self._unacked.append(item)
@@ -153,6 +164,21 @@ class WorkerClient:
             self._protected = resp.protected_step
             self._watermarks = {w.request_id: w.tokens for w in resp.watermarks}
         return resp
+
+    def lookup(self, tokens: Iterable[int]) -> pb.LookupResponse:
+        """The ended group holding protected KV for the longest prefix of ``tokens``."""
+        return self._stub.Lookup(pb.LookupRequest(tokens=np.asarray(list(tokens), dtype="<u4").tobytes()),
+                                 timeout=self.timeout)
+
+    def fetch(self, source_group: str, source_rank: int, source_blocks: Iterable[int], tokens: int,
+              blocks: Iterable[int]) -> pb.FetchResponse:
+        """Have the daemon write ``source_group``'s rank ``source_rank`` blocks into
+        this rank's ``blocks`` (rebuilt from parity if that rank was lost). Blocks
+        until written; this rank must not touch those blocks meanwhile."""
+        return self._stub.Fetch(pb.FetchRequest(
+            source_group=source_group, source_rank=source_rank, source_blocks=list(source_blocks),
+            tokens=tokens, group=self.group, rank=self.rank, session=self.session,
+            blocks=list(blocks)), timeout=600)
 
     @property
     def protected_step(self) -> int:
@@ -276,6 +302,10 @@ class OperatorClient:
 
     def restore(self, group: str, rank: int) -> pb.RestoreResponse:
         return self._call("Restore", pb.RestoreRequest(group=group, rank=rank), timeout=600)
+
+    def drop(self, group: str, unlink_regions: bool = False) -> pb.DropResponse:
+        """Forget an ended group (no rank alive): parity, index, mappings."""
+        return self._call("Drop", pb.DropRequest(group=group, unlink_regions=unlink_regions))
 
     def healthy(self) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415

@@ -17,6 +17,7 @@ Threads and locks:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -57,6 +58,9 @@ class CommitRecord:
     requests: list[tuple[str, int]] = field(default_factory=list)
     freed: list[int] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
+    fills: dict[int, int] = field(default_factory=dict)   # block -> filled slots (slot layouts)
+    released: list[int] = field(default_factory=list)     # dropped before this step's writes
+    records: list[tuple[str, list[int], list[int], bool]] = field(default_factory=list)
 
 
 @dataclass
@@ -97,6 +101,15 @@ class RestoreResult:
 
 
 @dataclass
+class FetchResult:
+    fetched_bytes: int = 0
+    rebuilt: bool = False
+    unrecoverable_blocks: list[int] = field(default_factory=list)
+    corrupt_chunks: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
 class ScrubResult:
     chunks_checked: int = 0
     parity_mismatches: int = 0
@@ -122,6 +135,12 @@ class Group:
         self.ranks: dict[int, Rank] = {}
         self.pending: dict[int, dict[int, CommitRecord]] = {}
         self.watermarks: dict[str, int] = store.read_watermarks()
+        # request -> (tokens, blocks) from Commit.records, for Lookup; in the daemon's
+        # heap (a restarted daemon has no index until new records arrive)
+        self.index: dict[str, tuple[list[int], list[int]]] = {}
+        self.keep_survivors = bool(store.manifest.get("keep_survivors"))
+        self.slotted = self.layout.block_slots > 0
+        self._masks: dict[int, np.ndarray] = {}
         self.last_restore: dict[str, Any] | None = None
         self._stopped = False
         # (block, chunk) found unrecoverable by a restore; guarded by io_lock
@@ -250,6 +269,20 @@ class Group:
             r = self.ranks.get(rank)
             if r is None or r.state == LOST:
                 return False
+            if self.keep_survivors and r.view is not None and (
+                    r.state == DETACHED or any(x.state == LOST for x in self.ranks.values())):
+                # the engine tears down every rank after one fails; this one's
+                # memory outlives it (shared memory) and stays a recovery source
+                if r.state != DETACHED:
+                    log.warning("group %s: rank %d ended after a failure (%s); its memory is kept",
+                                self.name, rank, kind)
+                    r.state = DETACHED
+                    for commits in self.pending.values():
+                        commits.pop(rank, None)
+                    self.manifest_ranks()
+                    self._update_gauges()
+                    self.cond.notify_all()
+                return False
             log.warning("group %s: rank %d lost (%s)", self.name, rank, kind)
             r.state = LOST
             r.unmap()
@@ -288,9 +321,21 @@ class Group:
             if start % lay.chunk_bytes or end % lay.chunk_bytes:
                 raise InvalidRequest(f"byte range [{start}, {end}) of block {block} is not aligned "
                                      f"to chunk_bytes {lay.chunk_bytes}")
-        for block in rec.freed:
+        for block in (*rec.freed, *rec.released):
             if block >= lay.num_blocks:
                 raise BlockOutOfRange(self.name, rank, block, "freed block outside the layout")
+        if rec.fills and not self.slotted:
+            raise InvalidRequest("fills are for slot-addressed layouts (block_slots > 0)")
+        for block, filled in rec.fills.items():
+            if block >= lay.num_blocks:
+                raise BlockOutOfRange(self.name, rank, block, "filled block outside the layout")
+            if not 0 < filled <= lay.block_slots:
+                raise InvalidRequest(f"block {block}: {filled} filled slots of {lay.block_slots}")
+        for req, _tokens, blocks, _ in rec.records:
+            if not req or len(req) > 256:
+                raise InvalidRequest("request ids must be 1-256 characters")
+            if any(b >= lay.num_blocks for b in blocks):
+                raise BlockOutOfRange(self.name, rank, max(blocks), "request record block outside the layout")
         for req, _ in rec.requests:
             if not req or len(req) > 256:
                 raise InvalidRequest("request ids must be 1-256 characters")
@@ -353,7 +398,18 @@ class Group:
     def _encode_step(self, t: int, commits: dict[int, CommitRecord], views: dict[int, tuple]) -> None:
         started = time.perf_counter()
         ranges = self._merge(rg for c in commits.values() for rg in c.ranges)
+        fills: dict[int, int] = {}
+        for c in commits.values():
+            for b, f in c.fills.items():
+                fills[b] = max(f, fills.get(b, 0))
         with self.io_lock:
+            for block in {b for c in commits.values() for b in c.released}:
+                self.store.chunk_step[block, :] = -1  # reused by this step: old parity is void
+                self.broken.difference_update((block, c) for c in range(self.layout.chunks))
+            if self.slotted:
+                for b, _, _ in ranges:
+                    self.store.chunk_step[b, :] = -1  # before its fill changes
+                    self.store.fill[b] = fills.get(b, self.layout.block_slots)
             futures = [self.pool.submit(self._encode_range, t, b, s, e, views) for b, s, e in ranges]
             nbytes = sum(f.result() for f in futures)
             with self.lock:
@@ -373,6 +429,7 @@ class Group:
                 self.broken.difference_update((block, c) for c in range(self.layout.chunks))
             with self.lock:
                 changed = self._apply_watermarks(commits)
+                self._apply_records(commits)
                 self.store.protected_step = t  # first: a crash in between under-claims
                 if changed:
                     self.store.write_watermarks(self.watermarks)
@@ -396,16 +453,72 @@ class Group:
                     changed[req] = 0
         return changed
 
+    def _apply_records(self, commits: dict[int, CommitRecord]) -> None:
+        for c in commits.values():
+            for req, tokens, blocks, reset in c.records:
+                if reset or req not in self.index:
+                    self.index[req] = ([], [])
+                have_tokens, have_blocks = self.index[req]
+                have_tokens.extend(tokens)
+                have_blocks.extend(blocks)
+        for c in commits.values():
+            for req in c.finished:
+                self.index.pop(req, None)
+
+    def match(self, tokens: np.ndarray) -> tuple[str, int, list[int]] | None:
+        """The request whose protected KV covers the longest prefix of ``tokens``:
+        (request id, tokens covered, its blocks for them), or None."""
+        best: tuple[str, int, list[int]] | None = None
+        slots = self.layout.block_slots
+        with self.lock:
+            for req, (have, blocks) in self.index.items():
+                n = min(len(have), len(tokens), self.watermarks.get(req, 0), len(blocks) * slots)
+                if n <= 0:
+                    continue
+                eq = np.asarray(have[:n], dtype=np.uint32) == tokens[:n]
+                n = n if eq.all() else int(np.argmin(eq))
+                if n > 0 and (best is None or n > best[1]):
+                    best = (req, n, blocks[: -(-n // slots)])
+        return best
+
+    def ended(self) -> bool:
+        """No rank alive: the engine is gone (what Lookup, Fetch and Drop need)."""
+        with self.lock:
+            return bool(self.ranks) and all(r.state in (LOST, DETACHED) for r in self.ranks.values())
+
     def _shard(self, view: np.ndarray, layer: int, block: int, start: int, end: int) -> np.ndarray:
         base = self.layout.offset + layer * self.layout.layer_stride + block * self.layout.block_stride
         return view[base + start : base + end]
 
     def _crc(self, addr: int, block: int, chunk: int) -> int:
         lay = self.layout
-        crc = 0
         at = int(addr + lay.offset + block * lay.block_stride + chunk * lay.chunk_bytes)
-        for layer in range(lay.num_layers):
-            crc = crc32c(at + layer * lay.layer_stride, lay.chunk_bytes, crc)
+        return self._crc_at([at + layer * lay.layer_stride for layer in range(lay.num_layers)],
+                            int(self.store.fill[block]) if self.slotted else 0)
+
+    def _mask(self, fill: int) -> np.ndarray:
+        """Bytes of a slot-addressed block that lie in slots >= ``fill`` (not covered)."""
+        mask = self._masks.get(fill)
+        if mask is None:
+            if len(self._masks) > 512:
+                self._masks.clear()
+            mask = self._masks[fill] = self.store.slot_map >= fill
+        return mask
+
+    def _crc_at(self, addrs: list[int], fill: int = 0) -> int:
+        """CRC32C chained over one chunk per layer at ``addrs``. In a slot-addressed
+        layout only the first ``fill`` slots count (the rest read as zero): those
+        bytes may keep changing after the chunk was encoded."""
+        cb, crc = self.layout.chunk_bytes, 0
+        if not self.slotted or fill >= self.layout.block_slots:
+            for at in addrs:
+                crc = crc32c(at, cb, crc)
+            return crc
+        mask = self._mask(fill)
+        for at in addrs:
+            covered = np.ctypeslib.as_array((ctypes.c_uint8 * cb).from_address(at)).copy()
+            covered[mask] = 0
+            crc = crc32c(covered.ctypes.data, cb, crc)
         return crc
 
     def _addr(self, base: int, layer: int, block: int, start: int) -> int:
@@ -575,7 +688,11 @@ class Group:
         for w in {w for *_, want in rebuilt for w in want}:
             mine = [j for j, (*_, want) in enumerate(rebuilt) if w in want]
             ok = self._runs_intact(addr[w], w, [rebuilt[j][:3] for j in mine])
-            failed.update(j for j, good in zip(mine, ok, strict=True) if not good)
+            for j, good in zip(mine, ok, strict=True):
+                b, c0, c1, _ = rebuilt[j]
+                # a run's plain CRC misses for partly filled slot blocks: check those chunk by chunk
+                if not good and any(self._crc(addr[w], b, c) != store.crc[b, c, w] for c in range(c0, c1)):
+                    failed.add(j)
         for j, (b, c0, c1, _) in enumerate(rebuilt):
             s, e = c0 * cb, c1 * cb
             if j in failed:
@@ -621,6 +738,104 @@ class Group:
         s = crcfold.shift(cb)
         return crcfold.horner(passes, s) == crcfold.horner(stored, s)
 
+    # ------------------------------------------------------------------ fetch
+
+    def compatible(self, other: Group) -> list[str]:
+        """Why ``other``'s blocks cannot receive this group's (empty: they can)."""
+        a, b = self.layout, other.layout
+        diff = [f for f in ("num_layers", "block_bytes", "chunk_bytes", "block_slots")
+                if getattr(a, f) != getattr(b, f)]
+        if not diff and self.slotted and not np.array_equal(self.store.slot_map, other.store.slot_map):
+            diff.append("slot_map")
+        return diff
+
+    def fetch(self, rank: int, blocks: list[int], tokens: int, dst: Group, dst_rank: int,
+              dst_session: str, dst_blocks: list[int]) -> FetchResult:
+        """Write rank ``rank``'s protected bytes of ``blocks`` (covering ``tokens``
+        slots, block i holding slots [i*S, (i+1)*S)) into ``dst_blocks`` of rank
+        ``dst_rank`` of ``dst``. Read from the rank's kept memory when its bytes
+        pass their checksums, else decoded from the other ranks and parity. Every
+        delivered block is checked against the encode-time checksums; blocks that
+        cannot be delivered are reported, and their destination is left as it was.
+        The caller checked ``ended()`` and ``compatible()``."""
+        started = time.perf_counter()
+        lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
+        if not 0 <= rank < self.n:
+            raise UnknownRank(self.name, rank, f"is outside 0..{self.n - 1}")
+        for b in blocks:
+            if b >= lay.num_blocks:
+                raise BlockOutOfRange(self.name, rank, b, f"outside 0..{lay.num_blocks - 1}")
+        for b in dst_blocks:
+            if b >= dst.layout.num_blocks:
+                raise BlockOutOfRange(dst.name, dst_rank, b, f"outside 0..{dst.layout.num_blocks - 1}")
+        slots = lay.block_slots
+        if slots and tokens > len(blocks) * slots:
+            raise InvalidRequest(f"{tokens} tokens do not fit in {len(blocks)} blocks of {slots} slots")
+        with self.lock:
+            held = {q: (x.view, x.addr) for q, x in self.ranks.items() if x.view is not None}
+        with dst.lock:
+            target = dst.check_session(dst_rank, dst_session)
+            if target.state != ALIVE or target.view is None:
+                raise WrongState(dst.name, dst_rank, f"rank is {target.state}: cannot receive a fetch")
+            tview, taddr = target.view, target.addr  # keep the mapping alive while we write
+        out = FetchResult(rebuilt=rank not in held)
+        addr = {q: a for q, (_, a) in held.items()}
+
+        def src_at(q: int, layer: int, b: int, c: int) -> int:
+            if q >= self.n:
+                return self._paddr(layer, b, q - self.n, c * cb)
+            return self._addr(addr[q], layer, b, c * cb)
+
+        with self.io_lock, dst.io_lock:
+            for i, (b, db) in enumerate(zip(blocks, dst_blocks, strict=True)):
+                need = min(slots, tokens - i * slots) if slots else 0
+                if slots and need <= 0:
+                    continue
+                ok = bool((store.chunk_step[b] >= 0).all()) and (not slots or store.fill[b] >= need)
+                if not ok or any((b, c) in self.broken for c in range(lay.chunks)):
+                    out.unrecoverable_blocks.append(b)
+                    continue
+                delivered = True
+                for c in range(lay.chunks):
+                    dst_addrs = [dst._addr(taddr, layer, db, c * cb) for layer in range(lay.num_layers)]
+                    bad = {q for q in held if self._crc(addr[q], b, c) != store.crc[b, c, q]}
+                    out.corrupt_chunks += len(bad)
+                    if rank in held and rank not in bad:
+                        for layer in range(lay.num_layers):
+                            ctypes.memmove(dst_addrs[layer], src_at(rank, layer, b, c), cb)
+                        continue
+                    erased = tuple(sorted({q for q in range(self.n) if q not in held} | bad | {rank}))
+                    if len(erased) > self.m:
+                        delivered = False
+                        break
+                    sources, tables = self._rebuild_plan(erased, (rank,))
+                    for layer in range(lay.num_layers):
+                        encode_raw(tables, cb, [src_at(q, layer, b, c) for q in sources], [dst_addrs[layer]])
+                    out.rebuilt = True
+                    if self._crc_at(dst_addrs, int(store.fill[b]) if slots else 0) != store.crc[b, c, rank]:
+                        delivered = False
+                        break
+                if delivered:
+                    out.fetched_bytes += lay.block_bytes * lay.num_layers
+                else:
+                    out.unrecoverable_blocks.append(b)
+        del tview
+        out.seconds = time.perf_counter() - started
+        with self.lock:
+            self.metrics.restores.labels(self.name, "ok" if not out.unrecoverable_blocks else "partial").inc()
+            self.metrics.restore_seconds.labels(self.name).observe(out.seconds)
+            self.metrics.restored_bytes.labels(self.name).inc(out.fetched_bytes)
+        return out
+
+    def close(self) -> None:
+        """Stop and forget every mapping (Drop)."""
+        self.stop()
+        with self.lock:
+            for r in self.ranks.values():
+                if r.outbox is not None:
+                    r.outbox.put(None)
+                r.unmap()
+
     # ------------------------------------------------------------------ scrub
 
     def scrub(self) -> ScrubResult:
@@ -644,9 +859,11 @@ class Group:
                         bad_blocks.add(block)
                         bad_ranks.update(bad)
                     s, e = c * cb, (c + 1) * cb
+                    keep = (slice(None) if not self.slotted or store.fill[block] >= lay.block_slots
+                            else ~self._mask(int(store.fill[block])))
                     for layer in range(lay.num_layers):
                         fresh = self.code.encode([self._shard(views[q][0], layer, block, s, e) for q in range(self.n)])
-                        if not np.array_equal(fresh, store.parity[layer, block, :, s:e]):
+                        if not np.array_equal(fresh[:, keep], store.parity[layer, block, :, s:e][:, keep]):
                             out.parity_mismatches += 1
                             bad_blocks.add(block)
                             break

@@ -39,6 +39,7 @@ from ghostserve.errors import (
     ResourceExhausted,
     UnknownGroup,
     Unsupported,
+    WrongState,
 )
 from ghostserve.metrics import Metrics
 from ghostserve.v1 import ghostserve_pb2 as pb
@@ -132,8 +133,8 @@ class Daemon:
             raise InvalidRequest(f"rank {req.rank} is outside 0..{n - 1}")
         lay = req.layout
         layout = Layout(lay.num_layers, lay.num_blocks, lay.block_bytes, lay.chunk_bytes,
-                        lay.layer_stride, lay.block_stride, lay.offset)
-        problems = layout.problems()
+                        lay.layer_stride, lay.block_stride, lay.offset, lay.block_slots)
+        problems = layout.problems() or layout.slot_map_problems(lay.slot_map)
         if problems:
             raise InvalidRequest("layout: " + "; ".join(problems))
         kind = req.region.WhichOneof("kind")
@@ -150,20 +151,24 @@ class Daemon:
                                  f"needs ({layout.region_bytes()})")
         if req.pid <= 0 or not self._alive(req.pid):
             raise InvalidRequest(f"pid {req.pid} is not a running process")
-        manifest = {"world_size": n, "parity": m, "layout": layout.__dict__}
+        manifest = {"world_size": n, "parity": m, "layout": layout.__dict__,
+                    "keep_survivors": req.keep_survivors}
         with self.lock:
             group = self.groups.get(req.group)
             created = group is None
             if created:
                 try:
-                    store = ParityStore.create(self.config.shm_prefix, req.group, {**manifest, "ranks": {}})
+                    store = ParityStore.create(self.config.shm_prefix, req.group, {**manifest, "ranks": {}},
+                                               lay.slot_map)
                 except OSError as exc:
                     raise ResourceExhausted(f"shared memory for parity ({exc})") from None
                 group = self._new_group(req.group, store)
             else:
-                have = {k: group.store.manifest[k] for k in ("world_size", "parity", "layout")}
+                have = {k: group.store.manifest.get(k, False) for k in manifest}
                 if have != manifest:
                     raise InvalidRequest(f"group {req.group!r} is registered with {have}, not {manifest}")
+                if layout.block_slots and bytes(group.store.slot_map.tobytes()) != lay.slot_map:
+                    raise InvalidRequest(f"group {req.group!r} is registered with another slot_map")
             try:
                 role, session = group.register(req.rank, req.pid, req.region.shm_name, layout.region_bytes())
             except GhostServeError:
@@ -175,6 +180,59 @@ class Daemon:
         return pb.RegisterResponse(role=pb.RegisterResponse.Role.Value(role), session=session,
                                    protected_step=group.protected_step,
                                    next_step=group.protected_step + 1)
+
+    # ---------------------------------------------------------------- resume
+
+    def lookup(self, req: pb.LookupRequest) -> pb.LookupResponse:
+        if len(req.tokens) % 4:
+            raise InvalidRequest(f"tokens is {len(req.tokens)} bytes, not uint32 ids")
+        tokens = np.frombuffer(req.tokens, dtype="<u4")
+        best: tuple[Group, tuple[str, int, list[int]]] | None = None
+        for g in list(self.groups.values()):
+            if not g.slotted or not g.ended():
+                continue  # only ended engines' KV is settled
+            hit = g.match(tokens)
+            if hit is not None and (best is None or hit[1] > best[1][1]):
+                best = (g, hit)
+        if best is None:
+            return pb.LookupResponse()
+        g, (request_id, n, blocks) = best
+        return pb.LookupResponse(group=g.name, request_id=request_id, tokens=n, blocks=blocks,
+                                 block_slots=g.layout.block_slots)
+
+    def fetch(self, req: pb.FetchRequest) -> pb.FetchResponse:
+        src, dst = self.group(req.source_group), self.group(req.group)
+        if src is dst:
+            raise InvalidRequest("source_group and group are the same group")
+        if not src.ended():
+            raise WrongState(src.name, None, "a group with live ranks cannot be fetched from")
+        if len(req.source_blocks) != len(req.blocks):
+            raise InvalidRequest(f"{len(req.source_blocks)} source blocks but {len(req.blocks)} destination blocks")
+        diff = src.compatible(dst)
+        if diff:
+            raise InvalidRequest(f"groups {src.name!r} and {dst.name!r} differ in {', '.join(diff)}")
+        res = src.fetch(req.source_rank, list(req.source_blocks), req.tokens, dst, req.rank,
+                        req.session, list(req.blocks))
+        return pb.FetchResponse(fetched_bytes=res.fetched_bytes, rebuilt=res.rebuilt,
+                                unrecoverable_blocks=res.unrecoverable_blocks,
+                                corrupt_chunks=res.corrupt_chunks, seconds=res.seconds)
+
+    def drop(self, req: pb.DropRequest) -> pb.DropResponse:
+        with self.lock:
+            g = self.group(req.group)
+            if not g.ended():
+                raise WrongState(g.name, None, "only a group with no rank alive can be dropped")
+            self.groups.pop(req.group)
+        regions = [r.region for r in g.ranks.values()]
+        g.close()
+        released = g.layout.kv_bytes() * g.m
+        g.store.close()
+        ParityStore.destroy(self.config.shm_prefix, g.name)
+        if req.unlink_regions:
+            for name in regions:
+                shm.unlink(name)
+        log.info("dropped group %s (%d parity bytes)", g.name, released)
+        return pb.DropResponse(released_bytes=released)
 
     # ---------------------------------------------------------------- status
 
@@ -243,10 +301,15 @@ def _commit_record(c: pb.Commit) -> CommitRecord:
     ranges = np.frombuffer(c.dirty, dtype="<u8").reshape(-1, 3)
     if ranges.size and int(ranges[:, 0].max()) >= 1 << 32:
         raise InvalidRequest("block id out of range")
+    if len(c.fills) % 8:
+        raise InvalidRequest(f"fills is {len(c.fills)} bytes, not (block, slots) uint32 pairs")
+    fills = np.frombuffer(c.fills, dtype="<u4").reshape(-1, 2)
     return CommitRecord(
         step=c.step, ranges=[(int(b), int(s), int(e)) for b, s, e in ranges],
         requests=list(zip(c.request_ids, c.request_tokens, strict=True)),
         freed=list(c.freed_blocks), finished=list(c.finished_requests),
+        fills={int(b): int(f) for b, f in fills}, released=list(c.released_blocks),
+        records=[(r.request_id, list(r.tokens), list(r.blocks), r.reset) for r in c.records],
     )
 
 
@@ -355,6 +418,8 @@ class Services:
         worker = grpc.method_handlers_generic_handler("ghostserve.v1.Worker", {
             "Register": unary("Register", self.register, pb.RegisterRequest, pb.RegisterResponse),
             "Restore": unary("Restore", self.restore, pb.RestoreRequest, pb.RestoreResponse),
+            "Lookup": unary("Lookup", self.d.lookup, pb.LookupRequest, pb.LookupResponse),
+            "Fetch": unary("Fetch", self.d.fetch, pb.FetchRequest, pb.FetchResponse),
             "Stream": grpc.stream_stream_rpc_method_handler(
                 self.stream, request_deserializer=_parser(pb.WorkerMessage),
                 response_serializer=pb.DaemonMessage.SerializeToString),
@@ -363,6 +428,7 @@ class Services:
             "Status": unary("Status", self.status, pb.StatusRequest, pb.StatusResponse),
             "Scrub": unary("Scrub", self.scrub, pb.ScrubRequest, pb.ScrubResponse),
             "Restore": unary("OperatorRestore", self.operator_restore, pb.RestoreRequest, pb.RestoreResponse),
+            "Drop": unary("Drop", self.d.drop, pb.DropRequest, pb.DropResponse),
         })
         return [worker, operator]
 

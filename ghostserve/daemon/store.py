@@ -8,7 +8,9 @@ that is SIGKILLed and restarted re-attaches and loses nothing protected:
   regions), the protected step, per-request watermarks (JSON), and two arrays:
   ``chunk_step[block, chunk]`` (step at which a chunk was last protected, -1 if
   not) and ``crc[block, chunk, rank]`` (CRC32C of that rank's bytes of the chunk,
-  chained over layers, taken at encode time).
+  chained over layers, taken at encode time); for slot-addressed layouts also
+  ``fill[block]`` (slots covered by that block's checksums and parity) and the
+  layout's ``slot_map``.
 
 Crash consistency: JSON records are double-buffered with a sequence number
 (a torn write leaves the older copy valid); a chunk is marked unprotected
@@ -45,6 +47,7 @@ class Layout:
     layer_stride: int
     block_stride: int
     offset: int = 0
+    block_slots: int = 0  # > 0: slot-addressed (see KVLayout.slot_map)
 
     @property
     def chunks(self) -> int:
@@ -82,7 +85,22 @@ class Layout:
             p.append("layer_stride/block_stride make shards overlap")
         if self.chunks > 4096:
             p.append("more than 4096 chunks per block; use a larger chunk_bytes")
+        if self.block_slots and self.chunk_bytes != self.block_bytes:
+            p.append("a slot-addressed layout needs chunk_bytes == block_bytes")
+        if not 0 <= self.block_slots < 1 << 16:
+            p.append("block_slots must be below 65536")
         return p
+
+    def slot_map_problems(self, slot_map: bytes) -> list[str]:
+        """Check a KVLayout.slot_map against this layout."""
+        if not self.block_slots:
+            return ["slot_map given without block_slots"] if slot_map else []
+        if len(slot_map) != 2 * self.block_bytes:
+            return [f"slot_map has {len(slot_map)} bytes, not 2 per block byte ({2 * self.block_bytes})"]
+        slots = np.frombuffer(slot_map, dtype="<u2")
+        if int(slots.max()) >= self.block_slots:
+            return [f"slot_map names slot {int(slots.max())} of a {self.block_slots}-slot block"]
+        return []
 
 
 def names(prefix: str, group: str) -> tuple[str, str]:
@@ -106,16 +124,23 @@ class ParityStore:
         self.chunk_step = meta.array(np.int64, off, cs).reshape(lay.num_blocks, lay.chunks)
         off += 8 * cs
         self.crc = meta.array(np.uint32, off, cs * n).reshape(lay.num_blocks, lay.chunks, n)
+        off += 4 * cs * n
+        # slot-addressed layouts only (zero-length otherwise)
+        self.fill = meta.array(np.int32, off, lay.num_blocks if lay.block_slots else 0)
+        off += self.fill.nbytes
+        self.slot_map = meta.array(np.uint16, off, lay.block_bytes if lay.block_slots else 0)
         self.parity = parity.array().reshape(lay.num_layers, lay.num_blocks, m, lay.block_bytes)
 
     @staticmethod
     def sizes(layout: Layout, n: int, m: int) -> tuple[int, int]:
         cs = layout.num_blocks * layout.chunks
         meta = _HDR + 2 * _MANIFEST_SLOT + 2 * _WATERMARK_SLOT + 8 + 8 * cs + 4 * cs * n
+        if layout.block_slots:
+            meta += 4 * layout.num_blocks + 2 * layout.block_bytes
         return meta, layout.kv_bytes() * m
 
     @classmethod
-    def create(cls, prefix: str, group: str, manifest: dict[str, Any]) -> ParityStore:
+    def create(cls, prefix: str, group: str, manifest: dict[str, Any], slot_map: bytes = b"") -> ParityStore:
         layout = Layout(**manifest["layout"])
         meta_size, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
         meta_name, parity_name = names(prefix, group)
@@ -126,6 +151,8 @@ class ParityStore:
         store = cls(meta, parity, manifest)
         store.chunk_step[:] = -1
         store._protected[0] = -1
+        if layout.block_slots:
+            store.slot_map[:] = np.frombuffer(slot_map, dtype="<u2")
         store.write_manifest(manifest)
         store.write_watermarks({})
         meta.buf[0:8] = MAGIC  # last: a meta segment without magic is incomplete

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class KVLayout(_message.Message):
-    __slots__ = ("num_layers", "num_blocks", "block_bytes", "chunk_bytes", "layer_stride", "block_stride", "offset")
+    __slots__ = ("num_layers", "num_blocks", "block_bytes", "chunk_bytes", "layer_stride", "block_stride", "offset", "block_slots", "slot_map")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,8 @@ class KVLayout(_message.Message):
     LAYER_STRIDE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_STRIDE_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_MAP_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_blocks: int
     block_bytes: int
@@ -23,7 +25,9 @@ class KVLayout(_message.Message):
     layer_stride: int
     block_stride: int
     offset: int
-    def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., layer_stride: _Optional[int] = ..., block_stride: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    block_slots: int
+    slot_map: bytes
+    def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., layer_stride: _Optional[int] = ..., block_stride: _Optional[int] = ..., offset: _Optional[int] = ..., block_slots: _Optional[int] = ..., slot_map: _Optional[bytes] = ...) -> None: ...
 
 class Region(_message.Message):
     __slots__ = ("shm_name", "cuda_ipc_handle", "size", "device")
@@ -38,7 +42,7 @@ class Region(_message.Message):
     def __init__(self, shm_name: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid")
+    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid", "keep_survivors")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +50,7 @@ class RegisterRequest(_message.Message):
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     group: str
     rank: int
     world_size: int
@@ -53,7 +58,8 @@ class RegisterRequest(_message.Message):
     layout: KVLayout
     region: Region
     pid: int
-    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ...) -> None: ...
+    keep_survivors: bool
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ..., keep_survivors: _Optional[bool] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("role", "session", "protected_step", "next_step")
@@ -84,20 +90,38 @@ class RequestTokens(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Commit(_message.Message):
-    __slots__ = ("step", "dirty", "request_ids", "request_tokens", "freed_blocks", "finished_requests")
+    __slots__ = ("step", "dirty", "request_ids", "request_tokens", "freed_blocks", "finished_requests", "fills", "released_blocks", "records")
     STEP_FIELD_NUMBER: _ClassVar[int]
     DIRTY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FREED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    FILLS_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     dirty: bytes
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     request_tokens: _containers.RepeatedScalarFieldContainer[int]
     freed_blocks: _containers.RepeatedScalarFieldContainer[int]
     finished_requests: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, step: _Optional[int] = ..., dirty: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., request_tokens: _Optional[_Iterable[int]] = ..., freed_blocks: _Optional[_Iterable[int]] = ..., finished_requests: _Optional[_Iterable[str]] = ...) -> None: ...
+    fills: bytes
+    released_blocks: _containers.RepeatedScalarFieldContainer[int]
+    records: _containers.RepeatedCompositeFieldContainer[RequestRecord]
+    def __init__(self, step: _Optional[int] = ..., dirty: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., request_tokens: _Optional[_Iterable[int]] = ..., freed_blocks: _Optional[_Iterable[int]] = ..., finished_requests: _Optional[_Iterable[str]] = ..., fills: _Optional[bytes] = ..., released_blocks: _Optional[_Iterable[int]] = ..., records: _Optional[_Iterable[_Union[RequestRecord, _Mapping]]] = ...) -> None: ...
+
+class RequestRecord(_message.Message):
+    __slots__ = ("request_id", "tokens", "blocks", "reset")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    reset: bool
+    def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., blocks: _Optional[_Iterable[int]] = ..., reset: _Optional[bool] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("group", "rank", "session")
@@ -176,6 +200,60 @@ class RestoreResponse(_message.Message):
     watermarks: _containers.RepeatedCompositeFieldContainer[RequestTokens]
     seconds: float
     def __init__(self, protected_step: _Optional[int] = ..., restored_bytes: _Optional[int] = ..., unrecoverable_blocks: _Optional[_Iterable[int]] = ..., unrecoverable_bytes: _Optional[int] = ..., corrupt_chunks: _Optional[int] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class LookupRequest(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: bytes
+    def __init__(self, tokens: _Optional[bytes] = ...) -> None: ...
+
+class LookupResponse(_message.Message):
+    __slots__ = ("group", "request_id", "tokens", "blocks", "block_slots")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    request_id: str
+    tokens: int
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    block_slots: int
+    def __init__(self, group: _Optional[str] = ..., request_id: _Optional[str] = ..., tokens: _Optional[int] = ..., blocks: _Optional[_Iterable[int]] = ..., block_slots: _Optional[int] = ...) -> None: ...
+
+class FetchRequest(_message.Message):
+    __slots__ = ("source_group", "source_rank", "source_blocks", "tokens", "group", "rank", "session", "blocks")
+    SOURCE_GROUP_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_RANK_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    source_group: str
+    source_rank: int
+    source_blocks: _containers.RepeatedScalarFieldContainer[int]
+    tokens: int
+    group: str
+    rank: int
+    session: str
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, source_group: _Optional[str] = ..., source_rank: _Optional[int] = ..., source_blocks: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ..., group: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class FetchResponse(_message.Message):
+    __slots__ = ("fetched_bytes", "rebuilt", "unrecoverable_blocks", "corrupt_chunks", "seconds")
+    FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REBUILT_FIELD_NUMBER: _ClassVar[int]
+    UNRECOVERABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CORRUPT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    fetched_bytes: int
+    rebuilt: bool
+    unrecoverable_blocks: _containers.RepeatedScalarFieldContainer[int]
+    corrupt_chunks: int
+    seconds: float
+    def __init__(self, fetched_bytes: _Optional[int] = ..., rebuilt: _Optional[bool] = ..., unrecoverable_blocks: _Optional[_Iterable[int]] = ..., corrupt_chunks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("group",)
@@ -272,3 +350,17 @@ class ScrubResponse(_message.Message):
     bad_blocks: _containers.RepeatedScalarFieldContainer[int]
     bad_ranks: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, chunks_checked: _Optional[int] = ..., parity_mismatches: _Optional[int] = ..., checksum_mismatches: _Optional[int] = ..., bad_blocks: _Optional[_Iterable[int]] = ..., bad_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DropRequest(_message.Message):
+    __slots__ = ("group", "unlink_regions")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    UNLINK_REGIONS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    unlink_regions: bool
+    def __init__(self, group: _Optional[str] = ..., unlink_regions: _Optional[bool] = ...) -> None: ...
+
+class DropResponse(_message.Message):
+    __slots__ = ("released_bytes",)
+    RELEASED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    released_bytes: int
+    def __init__(self, released_bytes: _Optional[int] = ...) -> None: ...

@@ -39,6 +39,16 @@ class WorkerStub:
                 request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.Lookup = channel.unary_unary(
+                '/ghostserve.v1.Worker/Lookup',
+                request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupResponse.FromString,
+                _registered_method=True)
+        self.Fetch = channel.unary_unary(
+                '/ghostserve.v1.Worker/Fetch',
+                request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.FetchRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.FetchResponse.FromString,
+                _registered_method=True)
         self.Stream = channel.stream_stream(
                 '/ghostserve.v1.Worker/Stream',
                 request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.WorkerMessage.SerializeToString,
@@ -55,6 +65,18 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Lookup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fetch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -81,6 +103,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.RegisterRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.RegisterResponse.SerializeToString,
+            ),
+            'Lookup': grpc.unary_unary_rpc_method_handler(
+                    servicer.Lookup,
+                    request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupResponse.SerializeToString,
+            ),
+            'Fetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.FetchRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.FetchResponse.SerializeToString,
             ),
             'Stream': grpc.stream_stream_rpc_method_handler(
                     servicer.Stream,
@@ -120,6 +152,60 @@ class Worker:
             '/ghostserve.v1.Worker/Register',
             ghostserve_dot_v1_dot_ghostserve__pb2.RegisterRequest.SerializeToString,
             ghostserve_dot_v1_dot_ghostserve__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Lookup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Worker/Lookup',
+            ghostserve_dot_v1_dot_ghostserve__pb2.LookupRequest.SerializeToString,
+            ghostserve_dot_v1_dot_ghostserve__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Worker/Fetch',
+            ghostserve_dot_v1_dot_ghostserve__pb2.FetchRequest.SerializeToString,
+            ghostserve_dot_v1_dot_ghostserve__pb2.FetchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -209,6 +295,11 @@ class OperatorStub:
                 request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.RestoreRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.RestoreResponse.FromString,
                 _registered_method=True)
+        self.Drop = channel.unary_unary(
+                '/ghostserve.v1.Operator/Drop',
+                request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.DropRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.DropResponse.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -235,6 +326,13 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Drop(self, request, context):
+        """Forget a group with no rank alive: its parity, index and mappings.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +350,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.Restore,
                     request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.RestoreRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.RestoreResponse.SerializeToString,
+            ),
+            'Drop': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drop,
+                    request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.DropRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.DropResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -335,6 +438,33 @@ class Operator:
             '/ghostserve.v1.Operator/Restore',
             ghostserve_dot_v1_dot_ghostserve__pb2.RestoreRequest.SerializeToString,
             ghostserve_dot_v1_dot_ghostserve__pb2.RestoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drop(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Operator/Drop',
+            ghostserve_dot_v1_dot_ghostserve__pb2.DropRequest.SerializeToString,
+            ghostserve_dot_v1_dot_ghostserve__pb2.DropResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,443 @@
+"""vLLM KV connector: vLLM's paged KV checkpointed by the ghostserve daemon.
+
+Enable it like any out-of-tree connector::
+
+    --kv-transfer-config '{"kv_connector": "GhostServeConnector",
+      "kv_connector_module_path": "ghostserve.integrations.vllm", "kv_role": "kv_both",
+      "kv_connector_extra_config": {"socket": "/run/ghostserve/gs.sock", "parity": 1}}'
+
+What it does (docs/vllm.md has the operator's view):
+
+* **Worker side** (one instance per TP rank, in vLLM's worker process). At
+  ``register_kv_caches`` it moves the rank's KV storage into a named POSIX
+  shared-memory segment (``Tensor.set_``: vLLM keeps its tensors, their bytes now
+  live where the daemon can map them) and registers it. The byte layout of a
+  block is learnt, not assumed: it writes one token at a time through the
+  attention backend's own ``do_kv_cache_update`` into a scratch block and records
+  which bytes each slot owns (``KVLayout.slot_map``). Each step it reads the
+  written slots from ``slot_mapping`` (first layer; every layer writes the same
+  slots) and, in ``wait_for_save``, queues one commit (microseconds; the daemon
+  encodes off the forward path). On a resumed request, ``start_load_kv`` asks the
+  daemon to ``Fetch`` the request's blocks from the ended engine's group into
+  this rank's new blocks, before the forward pass that needs them.
+* **Scheduler side** (in the engine core). It tracks each request's tokens and
+  block table, ships them to the workers in the step's metadata (rank 0 forwards
+  them to the daemon's index), frees parity when a request finishes or is
+  preempted (reference-counted: prefix-cached blocks may be shared), and answers
+  ``get_num_new_matched_tokens`` from the daemon's ``Lookup``: a resubmitted
+  request (prompt plus tokens generated so far) whose KV an ended engine left
+  protected is loaded, not recomputed.
+
+Threads: vLLM calls every hook on its own engine or worker thread; the worker
+client's background thread owns the gRPC stream. Nothing here is called
+concurrently by vLLM, so there are no locks.
+
+Limits: CPU KV only (GPU ranks need CUDA IPC in the daemon, not built);
+pipeline parallelism is refused; KV heads replicated across ranks
+(num_kv_heads < TP) are protected like distinct shards (correct, but they cost
+parity a replica would make unnecessary); sampling must be deterministic
+(greedy, or seeded) for a resumed request to continue as it would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from ghostserve import shm
+from ghostserve.client import WorkerClient, channel, worker_stub
+from ghostserve.config import ConfigError
+from ghostserve.errors import DaemonUnavailable, Unsupported
+from ghostserve.v1 import ghostserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("ghostserve.vllm")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectorOptions:
+    """``kv_connector_extra_config``, validated. Raises :class:`ConfigError`."""
+
+    socket: str                      # the daemon's unix socket (or host:port)
+    parity: int = 1                  # m: parity shards per stripe
+    group: str = ""                  # daemon group name; default vllm-<engine_id>
+    shm_prefix: str = "gs-vllm-"     # names of the ranks' KV segments
+    resume: bool = True              # look requests up in ended engines' KV
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.socket, str) or not self.socket:
+            raise ConfigError("socket", "give the ghostserve daemon's socket path")
+        if not isinstance(self.parity, int) or isinstance(self.parity, bool) or not 1 <= self.parity <= 16:
+            raise ConfigError("parity", f"{self.parity!r}: an integer from 1 to 16")
+        if self.group and not isinstance(self.group, str):
+            raise ConfigError("group", f"{self.group!r}: a string")
+        if not isinstance(self.resume, bool):
+            raise ConfigError("resume", f"{self.resume!r}: true or false")
+        try:
+            shm.check_name(self.shm_prefix + "x")
+        except ValueError:
+            raise ConfigError("shm_prefix", f"{self.shm_prefix!r}: use letters, digits and ._-") from None
+
+    @classmethod
+    def from_extra(cls, extra: dict[str, Any] | None) -> ConnectorOptions:
+        extra = dict(extra or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown option; known: {', '.join(sorted(known))}")
+        if "socket" not in extra:
+            raise ConfigError("socket", "missing: give the ghostserve daemon's socket path")
+        return cls(**extra)
+
+
+@dataclasses.dataclass
+class Load:
+    """One request's blocks to fetch from an ended engine's group."""
+
+    request_id: str
+    source_group: str
+    source_blocks: list[int]
+    blocks: list[int]            # this engine's blocks, same order
+    tokens: int                  # slots to deliver, counted from the first block
+
+
+@dataclasses.dataclass
+class GhostServeMetadata(KVConnectorMetadata):
+    """What the scheduler side tells every worker for one step (pickled by vLLM)."""
+
+    requests: dict[str, int] = dataclasses.field(default_factory=dict)   # tokens written after the step
+    records: list[tuple[str, list[int], list[int], bool]] = dataclasses.field(default_factory=list)
+    finished: list[str] = dataclasses.field(default_factory=list)
+    released: list[int] = dataclasses.field(default_factory=list)
+    reprotect: dict[int, int] = dataclasses.field(default_factory=dict)  # cached blocks to encode again
+    loads: list[Load] = dataclasses.field(default_factory=list)
+
+
+def probe_slot_map(layer: Any, kv: torch.Tensor, block_size: int) -> np.ndarray:
+    """Which slot each byte of one block of ``kv`` belongs to, learnt by writing
+    one token at a time through the layer's own attention backend into a scratch
+    cache. Raises :class:`Unsupported` when the backend cannot be probed or its
+    layout is not a partition of the block into slots."""
+    impl = getattr(layer, "impl", None)
+    if impl is None or not hasattr(impl, "do_kv_cache_update"):
+        raise Unsupported(f"attention backend {type(impl).__name__} has no do_kv_cache_update to probe")
+    scratch = torch.zeros((2, *kv.shape[1:]), dtype=kv.dtype)
+    heads, size = layer.num_kv_heads, layer.head_size
+    es = kv.element_size()
+    pattern = bytes([0x81] + [0x01] * (es - 2) + [0x3F]) if es >= 2 else b"\x3f"
+    value = torch.frombuffer(bytearray(pattern * heads * size), dtype=kv.dtype).view(1, heads, size)
+    raw = scratch.view(torch.uint8).view(2, -1)
+    slot_of = np.full(raw.shape[1], -1, dtype=np.int32)
+    before = raw[1].numpy().copy()
+    for s in range(block_size):
+        impl.do_kv_cache_update(layer, value.clone(), value.clone(), scratch,
+                                torch.tensor([block_size + s], dtype=torch.int64))
+        after = raw[1].numpy()
+        changed = after != before
+        if (slot_of[changed] != -1).any():
+            raise Unsupported("KV layout: one byte is written by two slots")
+        slot_of[changed] = s
+        before = after.copy()
+    if (slot_of < 0).any() or raw[0].any():
+        raise Unsupported("KV layout: the probe did not map every byte of a block to one slot")
+    return slot_of.astype("<u2")
+
+
+class GhostServeConnector(KVConnectorBase_V1):
+    """vLLM KV connector (V1 API) backed by the ghostserve daemon; see the module doc."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        self.options = ConnectorOptions.from_extra(self._kv_transfer_config.kv_connector_extra_config)
+        engine_id = self._kv_transfer_config.engine_id or "default"
+        self.group = self.options.group or f"vllm-{engine_id}"[:64]
+        self.block_size = vllm_config.cache_config.block_size
+        par = vllm_config.parallel_config
+        if getattr(par, "pipeline_parallel_size", 1) > 1:
+            raise Unsupported("ghostserve protects tensor-parallel groups; pipeline parallelism is not supported")
+        self.tp = par.tensor_parallel_size
+        # worker side
+        self._client: WorkerClient | None = None
+        self._segment: shm.Segment | None = None
+        self._first_layer = ""
+        self._block_bytes = 0
+        self._step = 0
+        self._slots: list[np.ndarray] = []
+        self._loaded: dict[int, int] = {}
+        self._load_errors: set[int] = set()
+        self.fetched_bytes = 0
+        # scheduler side
+        self._lookup_stub: Any = None
+        self._reqs: dict[str, Request] = {}
+        self._recorded: dict[str, int] = {}
+        self._blocks: dict[str, list[int]] = {}
+        self._refs: Counter[int] = Counter()
+        self._finished: list[str] = []
+        self._released: list[int] = []
+        self._matches: dict[str, tuple[pb.LookupResponse, int, int]] = {}
+        self._loads: dict[str, Load] = {}
+        self._loaded_local: dict[str, int] = {}
+        self.matched_tokens = 0
+
+    # ================================================================ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Move this rank's KV into shared memory and register it. Runs once, on
+        the worker's main thread, before any request."""
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # noqa: PLC0415
+
+        names, tensors = list(kv_caches), list(kv_caches.values())
+        first = tensors[0]
+        if first.device.type != "cpu":
+            raise Unsupported("GPU KV needs CUDA IPC registration, which this daemon build lacks")
+        storage = first.untyped_storage()
+        es = first.element_size()
+        for t in tensors:
+            if t.untyped_storage().data_ptr() != storage.data_ptr():
+                raise Unsupported("KV layers in separate allocations; ghostserve needs one KV buffer per rank")
+            if t.shape != first.shape or t.stride() != first.stride() or t.dtype != first.dtype:
+                raise Unsupported("KV layers differ in shape, stride or dtype")
+        if not first[0].is_contiguous():
+            raise Unsupported("a KV block is not contiguous in memory")
+        offsets = [t.storage_offset() * es for t in tensors]
+        block_stride = first.stride(0) * es
+        layer_stride = offsets[1] - offsets[0] if len(offsets) > 1 else first.shape[0] * block_stride
+        if any(b - a != layer_stride for a, b in zip(offsets, offsets[1:], strict=False)) or layer_stride <= 0:
+            raise Unsupported("KV layers are not evenly spaced in their buffer")
+        self._block_bytes = first[0].numel() * es
+        layer = self._vllm_config.compilation_config.static_forward_context[names[0]]
+        slot_map = probe_slot_map(layer, first, self.block_size)
+        rank = get_tensor_model_parallel_rank()
+        region = f"{self.options.shm_prefix}{self.group}-r{rank}"
+        size = storage.nbytes()
+        shm.unlink(region)  # a leftover of an engine with the same id
+        self._segment = shm.Segment.create(region, size)
+        moved = torch.frombuffer(self._segment.buf, dtype=torch.uint8).untyped_storage()
+        moved.copy_(storage)
+        for t in tensors:  # same tensor objects: vLLM's layers and runner keep using them
+            t.set_(moved, t.storage_offset(), t.shape, t.stride())
+        self._first_layer = names[0]
+        layout = dict(num_layers=len(tensors), num_blocks=first.shape[0], block_bytes=self._block_bytes,
+                      chunk_bytes=self._block_bytes, layer_stride=layer_stride, block_stride=block_stride,
+                      offset=offsets[0], block_slots=self.block_size, slot_map=slot_map.tobytes())
+        self._client = WorkerClient(self.options.socket, self.group, rank, self.tp, self.options.parity,
+                                    layout, region, size, keep_survivors=True)
+        try:
+            self._client.register()
+        except grpc.RpcError as exc:
+            raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
+        log.info("ghostserve: rank %d registered %d MiB of KV as group %s (%s)", rank, size >> 20,
+                 self.group, region)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        """Fetch resumed requests' blocks into this rank's memory; blocks until
+        written (these loads are synchronous: the same step's forward reads them)."""
+        meta = self._meta()
+        if meta is None or self._client is None:
+            return
+        for load in meta.loads:
+            resp = self._client.fetch(load.source_group, self._client.rank, load.source_blocks,
+                                      load.tokens, load.blocks)
+            bad = set(resp.unrecoverable_blocks)
+            self.fetched_bytes += resp.fetched_bytes
+            for i, (src, dst) in enumerate(zip(load.source_blocks, load.blocks, strict=True)):
+                if src in bad:
+                    self._load_errors.add(dst)
+                else:
+                    self._loaded[dst] = max(self._loaded.get(dst, 0),
+                                            min(self.block_size, load.tokens - i * self.block_size))
+            log.info("ghostserve: fetched %s: %d bytes in %.3f s%s%s", load.request_id, resp.fetched_bytes,
+                     resp.seconds, " (rebuilt from parity)" if resp.rebuilt else "",
+                     f", {len(bad)} blocks unrecoverable" if bad else "")
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv already waited
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        """Note the slots this step wrote (the first layer's ``slot_mapping``)."""
+        if layer_name != self._first_layer or self._client is None:
+            return
+        if isinstance(attn_metadata, dict):
+            attn_metadata = attn_metadata.get(layer_name)
+        slots = getattr(attn_metadata, "slot_mapping", None)
+        if slots is None:
+            return
+        n = getattr(attn_metadata, "num_actual_tokens", None) or slots.shape[0]
+        arr = slots[:n].numpy()
+        self._slots.append(arr[arr >= 0].copy())
+
+    def wait_for_save(self) -> None:
+        """Queue this step's commit (no network wait; the daemon encodes later)."""
+        meta = self._meta()
+        if self._client is None or meta is None:
+            self._slots.clear()
+            return
+        fills: dict[int, int] = dict(meta.reprotect)
+        for b, f in self._loaded.items():
+            fills[b] = max(f, fills.get(b, 0))
+        if self._slots:
+            slots = np.concatenate(self._slots)
+            if slots.size:
+                blocks, offs = np.divmod(slots, self.block_size)
+                order = np.lexsort((offs, blocks))
+                blocks, offs = blocks[order], offs[order]
+                last = np.r_[blocks[1:] != blocks[:-1], True]
+                for b, f in zip(blocks[last].tolist(), (offs[last] + 1).tolist(), strict=True):
+                    fills[b] = max(f, fills.get(b, 0))
+        self._slots.clear()
+        self._loaded.clear()
+        records = [pb.RequestRecord(request_id=r, tokens=t, blocks=b, reset=reset)
+                   for r, t, b, reset in meta.records] if self._client.rank == 0 else []
+        self._client.commit(self._step, [(b, 0, self._block_bytes) for b in sorted(fills)],
+                            requests=meta.requests, finished=meta.finished, fills=fills,
+                            released=meta.released, records=records)
+        self._step += 1
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def shutdown(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def _meta(self) -> GhostServeMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, GhostServeMetadata) else None
+
+    # ============================================================= scheduler side
+
+    def on_new_request(self, request: Request) -> None:
+        self._reqs[request.request_id] = request
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens of ``request`` beyond ``num_computed_tokens`` that an ended
+        engine left protected (0 if none). Loads are synchronous."""
+        self._reqs[request.request_id] = request
+        tokens = list(request.all_token_ids)
+        if not self.options.resume or len(tokens) < 2 or num_computed_tokens % self.block_size:
+            return 0, False
+        try:
+            if self._lookup_stub is None:
+                self._lookup_stub = worker_stub(channel(self.options.socket))
+            resp = self._lookup_stub.Lookup(pb.LookupRequest(tokens=np.asarray(tokens, dtype="<u4").tobytes()),
+                                            timeout=5)
+        except grpc.RpcError as exc:
+            log.warning("ghostserve: lookup failed (%s); computing %s from scratch", exc.code().name,
+                        request.request_id)
+            return 0, False
+        usable = min(resp.tokens, len(tokens) - 1)  # vLLM computes at least the last token
+        if not resp.group or usable <= num_computed_tokens or resp.block_slots != self.block_size:
+            return 0, False
+        self._matches[request.request_id] = (resp, num_computed_tokens, usable)
+        return usable - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        match = self._matches.pop(request.request_id, None)
+        if match is None or num_external_tokens <= 0:
+            return
+        resp, local, usable = match
+        ids = list(blocks.get_block_ids()[0])
+        first, last = local // self.block_size, -(-usable // self.block_size)
+        self._loads[request.request_id] = Load(
+            request.request_id, resp.group, list(resp.blocks[first:last]), ids[first:last],
+            usable - first * self.block_size)
+        self._loaded_local[request.request_id] = local
+        self.matched_tokens += usable - local
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        so = scheduler_output
+        for rid in so.preempted_req_ids or ():
+            self._forget(rid)  # its blocks are gone; a resumed request starts a new record
+        meta = GhostServeMetadata(finished=self._finished, released=self._released)
+        self._finished, self._released = [], []
+        for new in so.scheduled_new_reqs:
+            rid, req = new.req_id, self._reqs.get(new.req_id)
+            upto = new.num_computed_tokens + so.num_scheduled_tokens.get(rid, 0)
+            blocks = list(new.block_ids[0])
+            tokens = list(req.all_token_ids[:upto]) if req is not None else list((new.prompt_token_ids or [])[:upto])
+            self._track(rid, blocks, reset=True)
+            meta.records.append((rid, tokens, blocks, True))
+            self._recorded[rid] = upto
+            meta.requests[rid] = upto
+            load = self._loads.pop(rid, None)
+            local = self._loaded_local.pop(rid, new.num_computed_tokens if load is None else 0)
+            for b in blocks[: local // self.block_size]:  # vLLM's own prefix cache: encode again
+                meta.reprotect[b] = self.block_size
+            if load is not None:
+                meta.loads.append(load)
+        cached = so.scheduled_cached_reqs
+        for i, rid in enumerate(cached.req_ids):
+            req = self._reqs.get(rid)
+            if req is None:
+                continue
+            upto = cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(rid, 0)
+            added = list(cached.new_block_ids[i][0]) if cached.new_block_ids[i] else []
+            reset = rid in cached.resumed_req_ids
+            start = 0 if reset else self._recorded.get(rid, 0)
+            self._track(rid, added, reset=reset)
+            meta.records.append((rid, list(req.all_token_ids[start:upto]), added, reset))
+            self._recorded[rid] = upto
+            meta.requests[rid] = upto
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """Drop the request's watermark and the parity of blocks no live request uses."""
+        self._forget(request.request_id)
+        self._reqs.pop(request.request_id, None)
+        return False, None
+
+    def _track(self, rid: str, blocks: list[int], reset: bool) -> None:
+        if reset:
+            for b in self._blocks.pop(rid, []):
+                self._refs[b] -= 1
+        self._blocks.setdefault(rid, []).extend(blocks)
+        self._refs.update(blocks)
+
+    def _forget(self, rid: str) -> None:
+        """Queue the request's end for the next step's metadata."""
+        if rid not in self._blocks and rid not in self._recorded:
+            return
+        for b in self._blocks.pop(rid, []):
+            self._refs[b] -= 1
+            if self._refs[b] <= 0:
+                del self._refs[b]
+                self._released.append(b)
+        self._recorded.pop(rid, None)
+        self._finished.append(rid)
+
+
+def resume_request(prompt_token_ids: list[int], output_token_ids: list[int], sampling_params: Any) -> tuple[dict, Any]:
+    """What a front end resubmits after the engine died: the prompt plus the tokens
+    already streamed to the client, asking only for the rest. Returns (prompt, params)
+    for ``LLM.generate`` / ``add_request``; the new engine's connector then loads
+    the KV ghostserve kept instead of recomputing it."""
+    params = sampling_params.clone()
+    if params.max_tokens is not None:
+        params.max_tokens = max(1, params.max_tokens - len(output_token_ids))
+    params.min_tokens = max(0, (params.min_tokens or 0) - len(output_token_ids))
+    return {"prompt_token_ids": list(prompt_token_ids) + list(output_token_ids)}, params
+
+
+__all__ = ["ConnectorOptions", "GhostServeConnector", "GhostServeMetadata", "Load", "probe_slot_map",
+           "resume_request"]
