@@ -1,4 +1,4 @@
-"""The ``ghostserve`` command: serve, demo, chaos, status, bench.
+"""The ``ghostserve`` command: serve, demo, chaos, status, drop, bench.
 
 Commands that report results accept ``--json`` and then print exactly one JSON
 object on stdout (progress and tables go to stderr or are suppressed).
@@ -48,6 +48,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     return run_status(args)
 
 
+def cmd_drop(args: argparse.Namespace) -> int:
+    import grpc  # noqa: PLC0415
+
+    from ghostserve.client import OperatorClient  # noqa: PLC0415
+
+    op = OperatorClient(args.socket or Config.from_env().socket, timeout=10)
+    try:
+        resp = op.drop(args.group, unlink_regions=args.unlink_regions)
+    except grpc.RpcError as exc:
+        if args.json:
+            print(json.dumps({"ok": False, "error": exc.details(), "code": exc.code().name}))
+        print(f"ghostserve: drop {args.group}: {exc.details()} ({exc.code().name})", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"ok": True, "group": args.group, "released_bytes": resp.released_bytes}))
+    else:
+        print(f"dropped {args.group}: {resp.released_bytes / 2**20:.1f} MiB of parity released")
+    return 0
+
+
 def cmd_chaos(args: argparse.Namespace) -> int:
     from ghostserve.chaos.harness import run_cli  # noqa: PLC0415
 
@@ -94,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None,
                    help="refresh every N seconds (default 1)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("drop", help="forget an ended group (no rank alive): parity, index, mappings")
+    p.add_argument("group")
+    p.add_argument("--socket", help="daemon socket (env GHOSTSERVE_SOCKET)")
+    p.add_argument("--unlink-regions", action="store_true",
+                   help="also unlink the ranks' KV shared memory (after a resume, or to give up on it)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_drop)
 
     from ghostserve.chaos.options import add_chaos_args  # noqa: PLC0415
 

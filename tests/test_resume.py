@@ -294,3 +294,26 @@ def test_drop_forgets_the_group_and_its_memory(daemon, region, shm_prefix):
     assert not set(regions) & set(names)
     stub = worker_stub(channel(daemon.sock))
     assert stub.Lookup(pb.LookupRequest(tokens=np.arange(13, dtype="<u4").tobytes())).group == ""
+
+
+def test_drop_command(daemon, region):
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(4)
+    ranks = _one_request(daemon, region, "cli", 2, 1, rng)
+
+    def drop(*extra):
+        return subprocess.run([sys.executable, "-m", "ghostserve", "drop", "cli", "--socket", daemon.sock,
+                               "--json", *extra], capture_output=True, text=True, timeout=60)
+
+    live = drop()
+    assert live.returncode == 1 and json.loads(live.stdout)["code"] == "FAILED_PRECONDITION"
+    end_engine(ranks, 0)
+    wait_ended(daemon, "cli", 2)
+    done = drop()
+    assert done.returncode == 0
+    assert json.loads(done.stdout) == {"ok": True, "group": "cli", "released_bytes": LAYERS * BLOCKS * BLOCK}
+    again = drop()
+    assert again.returncode == 1 and json.loads(again.stdout)["code"] == "NOT_FOUND"

@@ -37,9 +37,11 @@ NEW_TOKENS = 160
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
-    model = root / "tiny"
-    model.mkdir()
-    (model / "config.json").write_text(json.dumps(TINY))
+    models = {}
+    for kv_heads in (4, 1):  # 1: the single KV head is replicated on both ranks
+        model = models[kv_heads] = root / f"tiny-kv{kv_heads}"
+        model.mkdir()
+        (model / "config.json").write_text(json.dumps(dict(TINY, num_key_value_heads=kv_heads)))
     tmp = root / "tmp"
     tmp.mkdir()
     e = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1",
@@ -49,11 +51,12 @@ def env(tmp_path_factory):
     requests = [{"id": f"r{i}", "prompt": [rng.randrange(3, 1000) for _ in range(700 + 211 * i)],
                  "max_tokens": NEW_TOKENS} for i in range(3)]
     with Sidecar(log_level="info") as daemon:
-        yield {"root": root, "model": str(model), "env": e, "requests": requests, "daemon": daemon}
+        yield {"root": root, "models": models, "env": e, "requests": requests, "daemon": daemon,
+               "baselines": {}}
 
 
-def spec(env, name, requests, connector=True, **extra):
-    s = {"model": env["model"], "tp": 2, "requests": requests, **extra}
+def spec(env, name, requests, connector=True, kv_heads=4):
+    s = {"model": str(env["models"][kv_heads]), "tp": 2, "requests": requests}
     if connector:
         s.update(socket=env["daemon"].socket, shm_prefix=env["daemon"].prefix + "kv-")
     path = env["root"] / f"{name}.json"
@@ -61,8 +64,8 @@ def spec(env, name, requests, connector=True, **extra):
     return str(path), str(env["root"] / f"{name}.out.json")
 
 
-def run(env, name, requests, connector=True, timeout=240):
-    spec_path, out = spec(env, name, requests, connector)
+def run(env, name, requests, connector=True, kv_heads=4, timeout=240):
+    spec_path, out = spec(env, name, requests, connector, kv_heads)
     proc = subprocess.run([sys.executable, DRIVER, spec_path, out], env=env["env"], timeout=timeout,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -87,17 +90,19 @@ def groups(env):
         op.close()
 
 
-@pytest.fixture(scope="module")
-def baseline(env):
+def baseline(env, kv_heads=4):
     """A failure-free run without the connector: the tokens every other run must give."""
-    return run(env, "plain", env["requests"], connector=False)
+    if kv_heads not in env["baselines"]:
+        env["baselines"][kv_heads] = run(env, f"plain{kv_heads}", env["requests"], connector=False,
+                                         kv_heads=kv_heads)
+    return env["baselines"][kv_heads]
 
 
-def test_connector_output_identical_and_parity_freed(env, baseline):
+def test_connector_output_identical_and_parity_freed(env):
     before = set(groups(env))
     out = run(env, "ghost", env["requests"])
-    assert out["tokens"] == baseline["tokens"]
-    assert all(len(t) == NEW_TOKENS for t in baseline["tokens"].values())
+    assert out["tokens"] == baseline(env)["tokens"]
+    assert all(len(t) == NEW_TOKENS for t in baseline(env)["tokens"].values())
     (name,) = set(groups(env)) - before
     g = groups(env)[name]
     # every request finished: its watermark and its blocks' parity were dropped
@@ -117,10 +122,16 @@ def _worker(driver: psutil.Process, rank: int) -> psutil.Process:
     raise AssertionError(f"no Worker_TP{rank} under the driver")
 
 
-def test_kill_worker_then_resume_without_recompute(env, baseline):
+@pytest.mark.parametrize("kv_heads, victim", [
+    (4, 1),
+    # one KV head on two ranks: rank 1 is a replica, only rank 0 is a shard (1+1)
+    pytest.param(1, 0, marks=pytest.mark.slow),
+])
+def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
     reqs = env["requests"]
+    base = baseline(env, kv_heads)
     before = set(groups(env))
-    spec_path, out_path = spec(env, "killed", reqs)
+    spec_path, out_path = spec(env, f"killed{kv_heads}", reqs, kv_heads=kv_heads)
     proc = subprocess.Popen([sys.executable, DRIVER, spec_path, out_path], env=env["env"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -147,7 +158,7 @@ def test_kill_worker_then_resume_without_recompute(env, baseline):
         scrub = op.scrub(name)
         for v in victims:
             v.resume()
-        victims[1].send_signal(signal.SIGKILL)
+        victims[victim].send_signal(signal.SIGKILL)
         killed_at = time.monotonic()
         stdout, _ = proc.communicate(timeout=120)
     finally:
@@ -160,33 +171,37 @@ def test_kill_worker_then_resume_without_recompute(env, baseline):
 
     g = groups(env)[name]
     states = {r.rank: r.state for r in g.ranks}
-    assert g.state == "degraded" and states == {0: "detached", 1: "lost"}
+    if kv_heads == 4:
+        assert g.world_size == 2 and g.state == "degraded" and states == {0: "detached", 1: "lost"}
+        kept = next(r.region for r in g.ranks if r.rank == 0)
+        assert kept in shm.list_names(env["daemon"].prefix)
+    else:  # the replica never registered: one shard, lost with its rank
+        assert g.world_size == 1 and g.state == "degraded" and states == {0: "lost"}
+        kept = None
     marks = by_request(g, reqs)
-    rank0_region = next(r.region for r in g.ranks if r.rank == 0)
-    rank1_region = next(r.region for r in g.ranks if r.rank == 1)
-    assert rank0_region in shm.list_names(env["daemon"].prefix)
+    lost_region = next(r.region for r in g.ranks if r.state == "lost")
     for r in reqs:
         got = dead["tokens"][r["id"]]
-        assert got == baseline["tokens"][r["id"]][: len(got)]  # what was streamed was right
+        assert got == base["tokens"][r["id"]][: len(got)]  # what was streamed was right
         # protected up to what the engine had written: prompt + generated, at most a few steps behind
         assert len(r["prompt"]) + 40 <= marks[r["id"]] <= len(r["prompt"]) + len(got)
     # the killed rank's memory is gone for real: scribble over it
-    seg = shm.Segment.attach(rank1_region)
+    seg = shm.Segment.attach(lost_region)
     seg.array()[:] = 0xA5
     del seg
 
     resumed = [dict(r, done=dead["tokens"][r["id"]]) for r in reqs]
-    out = run(env, "resumed", resumed)
-    assert out["tokens"] == baseline["tokens"]
+    out = run(env, f"resumed{kv_heads}", resumed, kv_heads=kv_heads)
+    assert out["tokens"] == base["tokens"]
     for r in reqs:
         # vLLM counts the tokens it did not compute: all but the last of prompt + generated
         assert out["cached_tokens"][r["id"]] == len(r["prompt"]) + len(dead["tokens"][r["id"]]) - 1
-    recomputed = run(env, "recomputed", resumed, connector=False)
-    assert recomputed["tokens"] == baseline["tokens"]
+    recomputed = run(env, f"recomputed{kv_heads}", resumed, connector=False, kv_heads=kv_heads)
+    assert recomputed["tokens"] == base["tokens"]
     assert all(v == 0 for v in recomputed["cached_tokens"].values())
     print(f"\nengine died {died_after:.1f} s after the kill; first token after resubmission: "
           f"ghostserve {max(out['first_token_seconds'].values()):.3f} s, "
           f"recompute {max(recomputed['first_token_seconds'].values()):.3f} s")
     OperatorClient(env["daemon"].socket).drop(name, unlink_regions=True)
     assert name not in groups(env)
-    assert rank0_region not in shm.list_names(env["daemon"].prefix)
+    assert kept is None or kept not in shm.list_names(env["daemon"].prefix)

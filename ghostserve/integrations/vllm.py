@@ -32,11 +32,15 @@ Threads: vLLM calls every hook on its own engine or worker thread; the worker
 client's background thread owns the gRPC stream. Nothing here is called
 concurrently by vLLM, so there are no locks.
 
+Replicated KV heads (num_kv_heads < TP: vLLM gives each head to TP/num_kv_heads
+consecutive ranks, which hold identical KV): only the first rank of each replica
+set registers, so the daemon's group has num_kv_heads data shards and parity
+covers distinct bytes only. The other ranks need no parity and send nothing; on
+resume they copy their primary's freshly fetched blocks (after a TP barrier).
+
 Limits: CPU KV only (GPU ranks need CUDA IPC in the daemon, not built);
-pipeline parallelism is refused; KV heads replicated across ranks
-(num_kv_heads < TP) are protected like distinct shards (correct, but they cost
-parity a replica would make unnecessary); sampling must be deterministic
-(greedy, or seeded) for a resumed request to continue as it would have.
+pipeline parallelism is refused; sampling must be deterministic (greedy, or
+seeded) for a resumed request to continue as it would have.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from ghostserve import shm
 from ghostserve.client import WorkerClient, channel, worker_stub
@@ -127,6 +132,32 @@ class GhostServeMetadata(KVConnectorMetadata):
     loads: list[Load] = dataclasses.field(default_factory=list)
 
 
+@dataclasses.dataclass
+class GhostServeStats(KVConnectorStats):
+    """Worker-side counters vLLM gathers from every rank and logs each interval
+    (``data``: commits, fetched_bytes, fetch_seconds, fetches, load_errors)."""
+
+    KEYS = ("commits", "fetched_bytes", "fetch_seconds", "fetches", "load_errors")
+
+    def __post_init__(self) -> None:
+        for k in self.KEYS:
+            self.data.setdefault(k, 0)
+
+    def reset(self) -> None:
+        self.data = dict.fromkeys(self.KEYS, 0)
+
+    def aggregate(self, other: KVConnectorStats) -> GhostServeStats:
+        for k in self.KEYS:
+            self.data[k] += other.data.get(k, 0)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: self.data[k] for k in self.KEYS}
+
+    def is_empty(self) -> bool:
+        return not any(self.data[k] for k in self.KEYS)
+
+
 def probe_slot_map(layer: Any, kv: torch.Tensor, block_size: int) -> np.ndarray:
     """Which slot each byte of one block of ``kv`` belongs to, learnt by writing
     one token at a time through the layer's own attention backend into a scratch
@@ -170,6 +201,11 @@ class GhostServeConnector(KVConnectorBase_V1):
         if getattr(par, "pipeline_parallel_size", 1) > 1:
             raise Unsupported("ghostserve protects tensor-parallel groups; pipeline parallelism is not supported")
         self.tp = par.tensor_parallel_size
+        heads = vllm_config.model_config.get_total_num_kv_heads()
+        # ranks r and r' hold the same KV when r // replicas == r' // replicas
+        self.replicas = self.tp // heads if heads < self.tp else 1
+        self.shards = self.tp // self.replicas
+        self._primary: shm.Segment | None = None  # a replica's view of its primary's KV
         # worker side
         self._client: WorkerClient | None = None
         self._segment: shm.Segment | None = None
@@ -179,7 +215,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._slots: list[np.ndarray] = []
         self._loaded: dict[int, int] = {}
         self._load_errors: set[int] = set()
-        self.fetched_bytes = 0
+        self.stats = GhostServeStats()
         # scheduler side
         self._lookup_stub: Any = None
         self._reqs: dict[str, Request] = {}
@@ -222,6 +258,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         layer = self._vllm_config.compilation_config.static_forward_context[names[0]]
         slot_map = probe_slot_map(layer, first, self.block_size)
         rank = get_tensor_model_parallel_rank()
+        self._rank = rank
         region = f"{self.options.shm_prefix}{self.group}-r{rank}"
         size = storage.nbytes()
         shm.unlink(region)  # a leftover of an engine with the same id
@@ -231,11 +268,16 @@ class GhostServeConnector(KVConnectorBase_V1):
         for t in tensors:  # same tensor objects: vLLM's layers and runner keep using them
             t.set_(moved, t.storage_offset(), t.shape, t.stride())
         self._first_layer = names[0]
-        layout = dict(num_layers=len(tensors), num_blocks=first.shape[0], block_bytes=self._block_bytes,
+        self._layout = layout = dict(num_layers=len(tensors), num_blocks=first.shape[0], block_bytes=self._block_bytes,
                       chunk_bytes=self._block_bytes, layer_stride=layer_stride, block_stride=block_stride,
                       offset=offsets[0], block_slots=self.block_size, slot_map=slot_map.tobytes())
-        self._client = WorkerClient(self.options.socket, self.group, rank, self.tp, self.options.parity,
-                                    layout, region, size, keep_survivors=True)
+        if rank % self.replicas:
+            shm.unlink(region)  # nobody maps a replica's KV by name: let it go with the process
+            log.info("ghostserve: rank %d replicates rank %d's KV heads: no parity needed", rank,
+                     rank - rank % self.replicas)
+            return
+        self._client = WorkerClient(self.options.socket, self.group, rank // self.replicas, self.shards,
+                                    self.options.parity, layout, region, size, keep_survivors=True)
         try:
             self._client.register()
         except grpc.RpcError as exc:
@@ -247,13 +289,19 @@ class GhostServeConnector(KVConnectorBase_V1):
         """Fetch resumed requests' blocks into this rank's memory; blocks until
         written (these loads are synchronous: the same step's forward reads them)."""
         meta = self._meta()
-        if meta is None or self._client is None:
+        if meta is None or not meta.loads:
+            return
+        if self._client is None:
+            self._copy_from_primary(meta.loads)
             return
         for load in meta.loads:
             resp = self._client.fetch(load.source_group, self._client.rank, load.source_blocks,
                                       load.tokens, load.blocks)
             bad = set(resp.unrecoverable_blocks)
-            self.fetched_bytes += resp.fetched_bytes
+            self.stats.data["fetched_bytes"] += resp.fetched_bytes
+            self.stats.data["fetch_seconds"] += resp.seconds
+            self.stats.data["fetches"] += 1
+            self.stats.data["load_errors"] += len(bad)
             for i, (src, dst) in enumerate(zip(load.source_blocks, load.blocks, strict=True)):
                 if src in bad:
                     self._load_errors.add(dst)
@@ -263,13 +311,35 @@ class GhostServeConnector(KVConnectorBase_V1):
             log.info("ghostserve: fetched %s: %d bytes in %.3f s%s%s", load.request_id, resp.fetched_bytes,
                      resp.seconds, " (rebuilt from parity)" if resp.rebuilt else "",
                      f", {len(bad)} blocks unrecoverable" if bad else "")
+        if self.replicas > 1:
+            self._loads_done()
+
+    def _loads_done(self) -> None:
+        """Every rank of the step's loads meets here: replicas then read their primary."""
+        from vllm.distributed.parallel_state import get_tp_group  # noqa: PLC0415
+
+        get_tp_group().barrier()
+
+    def _copy_from_primary(self, loads: list[Load]) -> None:
+        """A replica rank: the same blocks, from its primary's shared memory (same layout)."""
+        self._loads_done()
+        if self._primary is None:
+            primary = self._rank - self._rank % self.replicas
+            self._primary = shm.Segment.attach(f"{self.options.shm_prefix}{self.group}-r{primary}")
+        src, dst = self._primary.array(), self._segment.array()
+        lay = self._layout
+        for load in loads:
+            for b in load.blocks:
+                for layer in range(lay["num_layers"]):
+                    at = lay["offset"] + layer * lay["layer_stride"] + b * lay["block_stride"]
+                    dst[at : at + lay["block_bytes"]] = src[at : at + lay["block_bytes"]]
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv already waited
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         """Note the slots this step wrote (the first layer's ``slot_mapping``)."""
-        if layer_name != self._first_layer or self._client is None:
+        if layer_name != self._first_layer or self._client is None:  # replicas send nothing
             return
         if isinstance(attn_metadata, dict):
             attn_metadata = attn_metadata.get(layer_name)
@@ -285,6 +355,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         meta = self._meta()
         if self._client is None or meta is None:
             self._slots.clear()
+            self._loaded.clear()
             return
         fills: dict[int, int] = dict(meta.reprotect)
         for b, f in self._loaded.items():
@@ -305,10 +376,21 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._client.commit(self._step, [(b, 0, self._block_bytes) for b in sorted(fills)],
                             requests=meta.requests, finished=meta.finished, fills=fills,
                             released=meta.released, records=records)
+        self.stats.data["commits"] += 1
         self._step += 1
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, None
+
+    def get_kv_connector_stats(self) -> GhostServeStats | None:
+        if self.stats.is_empty():
+            return None
+        out, self.stats = self.stats, GhostServeStats()
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> GhostServeStats:
+        return GhostServeStats(data=dict(data or {}))
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -439,5 +521,5 @@ def resume_request(prompt_token_ids: list[int], output_token_ids: list[int], sam
     return {"prompt_token_ids": list(prompt_token_ids) + list(output_token_ids)}, params
 
 
-__all__ = ["ConnectorOptions", "GhostServeConnector", "GhostServeMetadata", "Load", "probe_slot_map",
-           "resume_request"]
+__all__ = ["ConnectorOptions", "GhostServeConnector", "GhostServeMetadata", "GhostServeStats", "Load",
+           "probe_slot_map", "resume_request"]
