@@ -8,7 +8,9 @@ installs it). About two minutes on 2 cores: most of it is vLLM starting engines.
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 import random
 import signal
 import time
@@ -34,9 +36,12 @@ def env(tmp_path_factory):
     rng = random.Random(7)
     requests = [{"id": f"r{i}", "prompt": [rng.randrange(3, 1000) for _ in range(700 + 211 * i)],
                  "max_tokens": NEW_TOKENS} for i in range(3)]
+    leftovers = set(glob.glob("/dev/shm/vllm_dist_*"))
     with Sidecar(log_level="info") as daemon:
         yield {"root": root, "models": models, "env": e, "requests": requests, "daemon": daemon,
                "baselines": {}}
+    for path in set(glob.glob("/dev/shm/vllm_dist_*")) - leftovers:  # left by killed engines
+        os.unlink(path)
 
 
 def start(env, name, requests, connector=True, kv_heads=4):
