@@ -265,8 +265,25 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._segment = shm.Segment.create(region, size)
         moved = torch.frombuffer(self._segment.buf, dtype=torch.uint8).untyped_storage()
         moved.copy_(storage)
-        for t in tensors:  # same tensor objects: vLLM's layers and runner keep using them
-            t.set_(moved, t.storage_offset(), t.shape, t.stride())
+        # Re-point every tensor over the old storage we can reach: the dict's, and the
+        # views the attention layers were bound to (vLLM may reshape per kernel block
+        # size). Then check that each layer really writes into the segment.
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        bound = []
+        for name in names:
+            kv = getattr(ctx.get(name), "kv_cache", None)
+            bound += [kv] if isinstance(kv, torch.Tensor) else [x for x in kv or [] if isinstance(x, torch.Tensor)]
+        old = storage.data_ptr()
+        for t in {id(x): x for x in (*tensors, *bound)}.values():
+            if t.untyped_storage().data_ptr() == old:
+                t.set_(moved, t.storage_offset(), t.shape, t.stride())
+        base = moved.data_ptr()
+        for t in (*tensors, *bound):
+            if not base <= t.data_ptr() < base + size:
+                raise Unsupported("a KV view vLLM uses could not be moved into shared memory")
+            if t.shape != first.shape:  # the slot map was probed in the manager's block shape
+                raise Unsupported(f"attention kernels use KV blocks of shape {tuple(t.shape)}, not "
+                                  f"{tuple(first.shape)}; set the block size to the kernel's")
         self._first_layer = names[0]
         self._layout = layout = dict(num_layers=len(tensors), num_blocks=first.shape[0], block_bytes=self._block_bytes,
                       chunk_bytes=self._block_bytes, layer_stride=layer_stride, block_stride=block_stride,
