@@ -8,6 +8,8 @@ backend does (a slot owns many small runs), so checksums must be masked by slot.
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -80,7 +82,6 @@ def wait_ended(daemon, group: str, n: int) -> dict[int, str]:
         states = {r.rank: r.state for r in g.ranks}
         if len(states) == n and all(s in ("lost", "detached") for s in states.values()):
             return states
-        import time
         time.sleep(0.01)
     raise AssertionError(f"group {group} never ended: {states}")
 
@@ -216,9 +217,21 @@ def test_scrub_ignores_unfilled_slots_and_finds_a_flipped_protected_byte(daemon,
     assert res.chunks_checked == 2 and res.parity_mismatches == 0 and res.checksum_mismatches == 0
     ranks[1].kv[0, 1, np.flatnonzero(SLOT_MAP == 0)[3]] ^= 1
     res = op.scrub("s")
-    assert res.checksum_mismatches == 1 and list(res.bad_blocks) == [1] and list(res.bad_ranks) == [1]
-    for r in ranks:
-        r.client.close()
+    assert res.parity_checked and res.checksum_mismatches == 1
+    assert list(res.bad_blocks) == [1] and list(res.bad_ranks) == [1]
+    # once rank 0 is lost, a degraded group with a live rank can't be scrubbed; an
+    # ended one checks what its kept ranks hold
+    ranks[0].client.close()
+    for _ in range(200):
+        if op.status("s").groups[0].state == "degraded":
+            break
+        time.sleep(0.01)
+    assert code(op.scrub, "s") == grpc.StatusCode.FAILED_PRECONDITION
+    ranks[1].client.close()
+    wait_ended(daemon, "s", 2)
+    res = op.scrub("s")
+    assert not res.parity_checked and res.chunks_checked == 2
+    assert res.checksum_mismatches == 1 and list(res.bad_ranks) == [1]
 
 
 def code(call, *args, **kwargs) -> grpc.StatusCode:

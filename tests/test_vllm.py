@@ -149,6 +149,9 @@ def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
     else:  # the replica never registered: one shard, lost with its rank
         assert g.world_size == 1 and g.state == "degraded" and states == {0: "lost"}
         kept = None
+    kept_ok = OperatorClient(env["daemon"].socket).scrub(name)  # the survivors' KV, as protected
+    assert not kept_ok.parity_checked and kept_ok.checksum_mismatches == 0
+    assert kept_ok.chunks_checked > 0 or kept is None
     marks = by_request(g, reqs)
     lost_region = next(r.region for r in g.ranks if r.state == "lost")
     for r in reqs:

@@ -116,6 +116,7 @@ class ScrubResult:
     checksum_mismatches: int = 0
     bad_blocks: list[int] = field(default_factory=list)
     bad_ranks: list[int] = field(default_factory=list)
+    parity_checked: bool = True
 
 
 class Group:
@@ -840,24 +841,28 @@ class Group:
 
     def scrub(self) -> ScrubResult:
         """Compare every protected chunk's live bytes with its checksums and its
-        stored parity with a fresh encode. Needs every rank alive."""
+        stored parity with a fresh encode. Needs every rank alive, or, for an
+        ended group, checks the kept (detached) ranks' bytes only."""
         with self.lock:
-            if any(self.ranks.get(q) is None or self.ranks[q].state != ALIVE for q in range(self.n)):
-                raise WrongState(self.name, None, "scrub needs every rank alive")
-            views = {q: (self.ranks[q].view, self.ranks[q].addr) for q in range(self.n)}
+            alive = all(self.ranks.get(q) is not None and self.ranks[q].state == ALIVE for q in range(self.n))
+            if not alive and not self.ended():
+                raise WrongState(self.name, None, "scrub needs every rank alive (or none: an ended group)")
+            views = {q: (r.view, r.addr) for q, r in self.ranks.items() if r.view is not None}
         lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
-        out = ScrubResult()
+        out = ScrubResult(parity_checked=alive)
         bad_blocks: set[int] = set()
         bad_ranks: set[int] = set()
         with self.io_lock:
             for block in range(lay.num_blocks):
                 for c in np.flatnonzero(store.chunk_step[block] >= 0):
                     out.chunks_checked += 1
-                    bad = [q for q in range(self.n) if self._crc(views[q][1], block, c) != store.crc[block, c, q]]
+                    bad = [q for q in views if self._crc(views[q][1], block, c) != store.crc[block, c, q]]
                     if bad:
                         out.checksum_mismatches += 1
                         bad_blocks.add(block)
                         bad_ranks.update(bad)
+                    if not alive:
+                        continue
                     s, e = c * cb, (c + 1) * cb
                     keep = (slice(None) if not self.slotted or store.fill[block] >= lay.block_slots
                             else ~self._mask(int(store.fill[block])))

@@ -349,7 +349,7 @@ class Services:
         res = self.d.group(req.group).scrub()
         return pb.ScrubResponse(chunks_checked=res.chunks_checked, parity_mismatches=res.parity_mismatches,
                                 checksum_mismatches=res.checksum_mismatches, bad_blocks=res.bad_blocks,
-                                bad_ranks=res.bad_ranks)
+                                bad_ranks=res.bad_ranks, parity_checked=res.parity_checked)
 
     def stream(self, requests: Any, context: grpc.ServicerContext):
         """Hello, then commits; yields acks and events. The stream ending from the

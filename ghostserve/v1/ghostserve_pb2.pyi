@@ -338,18 +338,20 @@ class ScrubRequest(_message.Message):
     def __init__(self, group: _Optional[str] = ...) -> None: ...
 
 class ScrubResponse(_message.Message):
-    __slots__ = ("chunks_checked", "parity_mismatches", "checksum_mismatches", "bad_blocks", "bad_ranks")
+    __slots__ = ("chunks_checked", "parity_mismatches", "checksum_mismatches", "bad_blocks", "bad_ranks", "parity_checked")
     CHUNKS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     PARITY_MISMATCHES_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_MISMATCHES_FIELD_NUMBER: _ClassVar[int]
     BAD_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BAD_RANKS_FIELD_NUMBER: _ClassVar[int]
+    PARITY_CHECKED_FIELD_NUMBER: _ClassVar[int]
     chunks_checked: int
     parity_mismatches: int
     checksum_mismatches: int
     bad_blocks: _containers.RepeatedScalarFieldContainer[int]
     bad_ranks: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, chunks_checked: _Optional[int] = ..., parity_mismatches: _Optional[int] = ..., checksum_mismatches: _Optional[int] = ..., bad_blocks: _Optional[_Iterable[int]] = ..., bad_ranks: _Optional[_Iterable[int]] = ...) -> None: ...
+    parity_checked: bool
+    def __init__(self, chunks_checked: _Optional[int] = ..., parity_mismatches: _Optional[int] = ..., checksum_mismatches: _Optional[int] = ..., bad_blocks: _Optional[_Iterable[int]] = ..., bad_ranks: _Optional[_Iterable[int]] = ..., parity_checked: _Optional[bool] = ...) -> None: ...
 
 class DropRequest(_message.Message):
     __slots__ = ("group", "unlink_regions")

@@ -313,7 +313,8 @@ class OperatorServicer:
 
     def Scrub(self, request, context):
         """Re-encode every protected chunk of a healthy group and compare. Exact when
-        the group is quiescent (no step in flight).
+        the group is quiescent (no step in flight). For an ended group, check the
+        kept ranks' bytes against their checksums.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
