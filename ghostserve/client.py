@@ -68,6 +68,7 @@ def worker_stub(ch: grpc.Channel) -> Any:
         "Register": (pb.RegisterRequest, pb.RegisterResponse, "uu"),
         "Restore": (pb.RestoreRequest, pb.RestoreResponse, "uu"),
         "Lookup": (pb.LookupRequest, pb.LookupResponse, "uu"),
+        "Release": (pb.ReleaseRequest, pb.ReleaseResponse, "uu"),
         "Fetch": (pb.FetchRequest, pb.FetchResponse, "uu"),
         "Stream": (pb.WorkerMessage, pb.DaemonMessage, "ss"),
     })
@@ -88,13 +89,14 @@ class WorkerClient:
 
     def __init__(self, socket: str, group: str, rank: int, world_size: int, parity: int,
                  layout: Mapping[str, Any], region: str, region_size: int, pid: int | None = None,
-                 reconnect: bool = True, timeout: float = 10.0, keep_survivors: bool = False):
+                 reconnect: bool = True, timeout: float = 10.0, keep_survivors: bool = False,
+                 namespace: str = ""):
         self.socket, self.group, self.rank = socket, group, rank
         self.world_size, self.parity = world_size, parity
         self.layout, self.region, self.region_size = dict(layout), region, region_size
         self.pid = pid or os.getpid()
         self.reconnect, self.timeout = reconnect, timeout
-        self.keep_survivors = keep_survivors
+        self.keep_survivors, self.namespace = keep_survivors, namespace
         self.role: str | None = None
         self.session = ""
         self.events: queue.Queue[pb.GroupEvent] = queue.Queue()
@@ -117,7 +119,7 @@ class WorkerClient:
             group=self.group, rank=self.rank, world_size=self.world_size, parity=self.parity,
             layout=pb.KVLayout(**self.layout),
             region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
-            keep_survivors=self.keep_survivors)
+            keep_survivors=self.keep_survivors, namespace=self.namespace)
 
     def register(self) -> pb.RegisterResponse:
         """Register (or re-register) this rank and open the commit stream."""
@@ -166,9 +168,17 @@ class WorkerClient:
         return resp
 
     def lookup(self, tokens: Iterable[int]) -> pb.LookupResponse:
-        """The ended group holding protected KV for the longest prefix of ``tokens``."""
-        return self._stub.Lookup(pb.LookupRequest(tokens=np.asarray(list(tokens), dtype="<u4").tobytes()),
-                                 timeout=self.timeout)
+        """The ended group (of this client's namespace) holding protected KV for the
+        longest prefix of ``tokens``."""
+        return self._stub.Lookup(pb.LookupRequest(tokens=np.asarray(list(tokens), dtype="<u4").tobytes(),
+                                                  namespace=self.namespace), timeout=self.timeout)
+
+    def release(self, step: int, requests: Iterable[str] = (), blocks: Iterable[int] = ()) -> None:
+        """Before running ``step``: forget ``requests`` and void ``blocks`` (which the
+        step may reuse) now. Waits for the daemon (one round trip)."""
+        self._stub.Release(pb.ReleaseRequest(group=self.group, rank=self.rank, session=self.session, step=step,
+                                             request_ids=list(requests), blocks=list(blocks)),
+                           timeout=self.timeout)
 
     def fetch(self, source_group: str, source_rank: int, source_blocks: Iterable[int], tokens: int,
               blocks: Iterable[int]) -> pb.FetchResponse:

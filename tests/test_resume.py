@@ -9,6 +9,7 @@ backend does (a slot owns many small runs), so checksums must be masked by slot.
 from __future__ import annotations
 
 import time
+import uuid
 
 import grpc
 import numpy as np
@@ -91,7 +92,7 @@ def wait_ended(daemon, group: str, n: int) -> dict[int, str]:
        seed=st.integers(0, 2**32 - 1))
 def test_fetch_delivers_exactly_the_protected_slots(daemon, region, prompt, decode, lost, seed):
     rng = np.random.default_rng(seed)
-    name = f"old{seed % 100000}-{prompt}-{decode}-{lost}"
+    name = f"old-{uuid.uuid4().hex[:8]}"
     ranks = [Rank(daemon, region, name, q, 3, 1) for q in range(3)]
     table = list(rng.permutation(BLOCKS)[: -(-(prompt + decode + 1) // SLOTS)].tolist())
     tokens = rng.integers(0, 50000, prompt + decode + 1).tolist()
@@ -106,7 +107,7 @@ def test_fetch_delivers_exactly_the_protected_slots(daemon, region, prompt, deco
         return out
 
     fill(ranks, rng, 0, span(0, prompt), {"q": prompt},
-         [pb.RequestRecord(request_id="q", tokens=tokens[:prompt], blocks=table[: -(-prompt // SLOTS)])])
+         [pb.RequestRecord(request_id="q", tokens=tokens[:prompt], blocks=table[: -(-prompt // SLOTS)], reset=True)])
     for step in range(1, decode + 1):
         t = prompt + step - 1
         new_blocks = [table[t // SLOTS]] if t % SLOTS == 0 else []
@@ -152,7 +153,7 @@ def _one_request(daemon, region, name, n, m, rng, prompt=13):
     ranks = [Rank(daemon, region, name, q, n, m) for q in range(n)]
     writes = {0: (0, SLOTS), 1: (0, prompt - SLOTS)}
     fill(ranks, rng, 0, writes, {"q": prompt},
-         [pb.RequestRecord(request_id="q", tokens=list(range(prompt)), blocks=[0, 1])])
+         [pb.RequestRecord(request_id="q", tokens=list(range(prompt)), blocks=[0, 1], reset=True)])
     assert ranks[0].client.wait_protected(0)
     return ranks
 
@@ -183,11 +184,11 @@ def test_released_block_is_protected_with_its_new_contents(daemon, region, field
     rng = np.random.default_rng(5)
     name = f"rel-{field}"
     ranks = [Rank(daemon, region, name, q, 2, 1) for q in range(2)]
-    fill(ranks, rng, 0, {3: (0, 5)}, {"a": 5}, [pb.RequestRecord(request_id="a", tokens=[1] * 5, blocks=[3])])
+    fill(ranks, rng, 0, {3: (0, 5)}, {"a": 5}, [pb.RequestRecord(request_id="a", tokens=[1] * 5, blocks=[3], reset=True)])
     # "a" finishes; the same step gives block 3 to "b", which writes 2 slots. Only
     # "released" (dropped before the step's writes) suits that; "freed" (dropped
     # after) is for engines that reuse a block a step later, and loses b's bytes here
-    fill(ranks, rng, 1, {3: (0, 2)}, {"b": 2}, [pb.RequestRecord(request_id="b", tokens=[2, 2], blocks=[3])],
+    fill(ranks, rng, 1, {3: (0, 2)}, {"b": 2}, [pb.RequestRecord(request_id="b", tokens=[2, 2], blocks=[3], reset=True)],
          finished=["a"], **{field: [3]})
     assert ranks[0].client.wait_protected(1)
     before = [r.kv.copy() for r in ranks]
@@ -330,3 +331,53 @@ def test_drop_command(daemon, region):
     assert json.loads(done.stdout) == {"ok": True, "group": "cli", "released_bytes": LAYERS * BLOCKS * BLOCK}
     again = drop()
     assert again.returncode == 1 and json.loads(again.stdout)["code"] == "NOT_FOUND"
+
+
+def test_release_forgets_before_the_blocks_are_reused_and_old_news_stays_void(daemon, region):
+    rng = np.random.default_rng(6)
+    ranks = _one_request(daemon, region, "relnow", 2, 1, rng)
+    # "q" finished; before step 2 runs the engine releases it and its blocks at once,
+    # while its step 1 commit is still on its way
+    for r in ranks:
+        r.client.release(2, ["q"], [0, 1])
+    op = OperatorClient(daemon.sock)
+    (g,) = op.status("relnow").groups
+    assert list(g.watermarks) == [] and g.protected_bytes == 0
+    # news of q from a step before the release (a late watermark, a record) is void
+    for i, r in enumerate(ranks):
+        r.client.commit(1, [], requests={"q": 14}, records=[pb.RequestRecord(request_id="q", tokens=[99])]
+                        if i == 0 else ())
+    assert ranks[0].client.wait_protected(1)
+    assert list(op.status("relnow").groups[0].watermarks) == []
+    end_engine(ranks, 1)
+    wait_ended(daemon, "relnow", 2)
+    stub = worker_stub(channel(daemon.sock))
+    assert stub.Lookup(pb.LookupRequest(tokens=np.arange(13, dtype="<u4").tobytes())).group == ""
+    assert code(stub.Release, pb.ReleaseRequest(group="relnow", rank=0, session="stale", step=2)) \
+        == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_lookup_is_per_namespace_and_an_ended_group_takes_no_new_ranks(daemon, region):
+    rng = np.random.default_rng(8)
+    seg_a, seg_b = region(SIZE), region(SIZE)
+    ranks = []
+    for q, seg in enumerate((seg_a, seg_b)):
+        c = WorkerClient(daemon.sock, "ns", q, 2, 1, LAYOUT, seg.name, SIZE, keep_survivors=True,
+                         namespace="model-a")
+        c.register()
+        r = Rank.__new__(Rank)
+        r.seg, r.kv, r.client = seg, seg.array().reshape(LAYERS, BLOCKS, BLOCK), c
+        ranks.append(r)
+    fill(ranks, rng, 0, {0: (0, 6)}, {"q": 6},
+         [pb.RequestRecord(request_id="q", tokens=list(range(6)), blocks=[0], reset=True)])
+    assert ranks[0].client.wait_protected(0)
+    end_engine(ranks, 0)
+    wait_ended(daemon, "ns", 2)
+    stub = worker_stub(channel(daemon.sock))
+    toks = np.arange(7, dtype="<u4").tobytes()
+    assert stub.Lookup(pb.LookupRequest(tokens=toks, namespace="model-a")).tokens == 6
+    assert stub.Lookup(pb.LookupRequest(tokens=toks, namespace="model-b")).group == ""
+    assert stub.Lookup(pb.LookupRequest(tokens=toks)).group == ""
+    again = WorkerClient(daemon.sock, "ns", 0, 2, 1, LAYOUT, region(SIZE).name, SIZE, keep_survivors=True,
+                         namespace="model-a")
+    assert code(again.register) == grpc.StatusCode.FAILED_PRECONDITION

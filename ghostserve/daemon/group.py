@@ -140,6 +140,11 @@ class Group:
         # heap (a restarted daemon has no index until new records arrive)
         self.index: dict[str, tuple[list[int], list[int]]] = {}
         self.keep_survivors = bool(store.manifest.get("keep_survivors"))
+        self.namespace = str(store.manifest.get("namespace", ""))
+        # keep_survivors groups: set once no rank is alive (persisted: a restarted
+        # daemon must not mistake an ended engine for one whose workers will rejoin)
+        self._ended = bool(store.manifest.get("ended"))
+        self.forgotten: dict[str, int] = {}  # request -> step from which its records count again
         self.slotted = self.layout.block_slots > 0
         self._masks: dict[int, np.ndarray] = {}
         self.last_restore: dict[str, Any] | None = None
@@ -172,6 +177,7 @@ class Group:
     def manifest_ranks(self) -> None:
         """Persist rank regions and pids (a restarted daemon re-attaches from them)."""
         manifest = dict(self.store.manifest)
+        manifest["ended"] = self._ended
         manifest["ranks"] = {str(r.rank): {"region": r.region, "pid": r.pid, "state": r.state}
                              for r in self.ranks.values()}
         self.store.write_manifest(manifest)
@@ -181,6 +187,9 @@ class Group:
         if not 0 <= rank < self.n:
             raise UnknownRank(self.name, rank, f"is outside 0..{self.n - 1}")
         with self.lock:
+            if self._ended:
+                raise WrongState(self.name, rank, "the group's engine ended after a failure; a new "
+                                 "engine needs a new group (drop this one once resumed)")
             old = self.ranks.get(rank)
             if old is None:
                 role = "NEW"
@@ -280,6 +289,7 @@ class Group:
                     r.state = DETACHED
                     for commits in self.pending.values():
                         commits.pop(rank, None)
+                    self._ended = all(x.state in (LOST, DETACHED) for x in self.ranks.values())
                     self.manifest_ranks()
                     self._update_gauges()
                     self.cond.notify_all()
@@ -288,6 +298,8 @@ class Group:
             r.state = LOST
             r.unmap()
             r.committed = self.protected_step
+            if self.keep_survivors:
+                self._ended = all(x.state in (LOST, DETACHED) for x in self.ranks.values())
             for commits in self.pending.values():
                 commits.pop(rank, None)
             self.metrics.failures.labels(self.name, kind).inc()
@@ -445,7 +457,8 @@ class Group:
         seen: dict[str, int] = {}
         for c in commits.values():
             for req, tokens in c.requests:
-                seen[req] = min(tokens, seen.get(req, tokens))
+                if not self._void(req, c.step):
+                    seen[req] = min(tokens, seen.get(req, tokens))
         changed = {req: tok for req, tok in seen.items() if self.watermarks.get(req) != tok}
         self.watermarks.update(changed)
         for c in commits.values():
@@ -457,8 +470,12 @@ class Group:
     def _apply_records(self, commits: dict[int, CommitRecord]) -> None:
         for c in commits.values():
             for req, tokens, blocks, reset in c.records:
-                if reset or req not in self.index:
+                if self._void(req, c.step):
+                    continue
+                if reset:
                     self.index[req] = ([], [])
+                elif req not in self.index:
+                    continue  # its start was never seen (a restarted daemon): unusable
                 have_tokens, have_blocks = self.index[req]
                 have_tokens.extend(tokens)
                 have_blocks.extend(blocks)
@@ -483,9 +500,36 @@ class Group:
         return best
 
     def ended(self) -> bool:
-        """No rank alive: the engine is gone (what Lookup, Fetch and Drop need)."""
+        """The engine is gone (what Lookup, Fetch and Drop need): a keep_survivors
+        group whose last rank ended, or any group whose ranks are all lost."""
         with self.lock:
-            return bool(self.ranks) and all(r.state in (LOST, DETACHED) for r in self.ranks.values())
+            return self._ended or (bool(self.ranks) and all(r.state == LOST for r in self.ranks.values()))
+
+    def release(self, rank: int, session: str, step: int, requests: list[str], blocks: list[int]) -> None:
+        """Forget ``requests`` and void ``blocks`` now (ReleaseRequest): the engine is
+        about to run ``step``, which may write those blocks for other requests."""
+        for b in blocks:
+            if b >= self.layout.num_blocks:
+                raise BlockOutOfRange(self.name, rank, b, "released block outside the layout")
+        with self.lock:
+            self.check_session(rank, session)
+        with self.io_lock:  # after an encode in progress, before the next
+            for b in blocks:
+                self.store.chunk_step[b, :] = -1
+                self.broken.difference_update((b, c) for c in range(self.layout.chunks))
+            with self.lock:
+                changed = False
+                for req in requests:
+                    self.index.pop(req, None)
+                    changed |= self.watermarks.pop(req, None) is not None
+                    self.forgotten[req] = max(step, self.forgotten.get(req, step))
+                if changed:
+                    self.store.write_watermarks(self.watermarks)
+                self._update_gauges()
+
+    def _void(self, req: str, step: int) -> bool:
+        """Is this step's news of ``req`` older than its release?"""
+        return step < self.forgotten.get(req, -1)
 
     def _shard(self, view: np.ndarray, layer: int, block: int, start: int, end: int) -> np.ndarray:
         base = self.layout.offset + layer * self.layout.layer_stride + block * self.layout.block_stride
@@ -746,6 +790,8 @@ class Group:
         a, b = self.layout, other.layout
         diff = [f for f in ("num_layers", "block_bytes", "chunk_bytes", "block_slots")
                 if getattr(a, f) != getattr(b, f)]
+        if self.n != other.n:
+            diff.append("world_size")
         if not diff and self.slotted and not np.array_equal(self.store.slot_map, other.store.slot_map):
             diff.append("slot_map")
         return diff
@@ -799,12 +845,12 @@ class Group:
                 delivered = True
                 for c in range(lay.chunks):
                     dst_addrs = [dst._addr(taddr, layer, db, c * cb) for layer in range(lay.num_layers)]
-                    bad = {q for q in held if self._crc(addr[q], b, c) != store.crc[b, c, q]}
-                    out.corrupt_chunks += len(bad)
-                    if rank in held and rank not in bad:
-                        for layer in range(lay.num_layers):
+                    if rank in held and self._crc(addr[rank], b, c) == store.crc[b, c, rank]:
+                        for layer in range(lay.num_layers):  # the kept bytes are good: copy them
                             ctypes.memmove(dst_addrs[layer], src_at(rank, layer, b, c), cb)
                         continue
+                    bad = {q for q in held if self._crc(addr[q], b, c) != store.crc[b, c, q]}
+                    out.corrupt_chunks += len(bad)
                     erased = tuple(sorted({q for q in range(self.n) if q not in held} | bad | {rank}))
                     if len(erased) > self.m:
                         delivered = False

@@ -151,8 +151,10 @@ class Daemon:
                                  f"needs ({layout.region_bytes()})")
         if req.pid <= 0 or not self._alive(req.pid):
             raise InvalidRequest(f"pid {req.pid} is not a running process")
+        if len(req.namespace) > 256:
+            raise InvalidRequest("namespace: at most 256 characters")
         manifest = {"world_size": n, "parity": m, "layout": layout.__dict__,
-                    "keep_survivors": req.keep_survivors}
+                    "keep_survivors": req.keep_survivors, "namespace": req.namespace}
         with self.lock:
             group = self.groups.get(req.group)
             created = group is None
@@ -164,7 +166,7 @@ class Daemon:
                     raise ResourceExhausted(f"shared memory for parity ({exc})") from None
                 group = self._new_group(req.group, store)
             else:
-                have = {k: group.store.manifest.get(k, False) for k in manifest}
+                have = {k: group.store.manifest.get(k, "" if k == "namespace" else False) for k in manifest}
                 if have != manifest:
                     raise InvalidRequest(f"group {req.group!r} is registered with {have}, not {manifest}")
                 if layout.block_slots and bytes(group.store.slot_map.tobytes()) != lay.slot_map:
@@ -189,8 +191,8 @@ class Daemon:
         tokens = np.frombuffer(req.tokens, dtype="<u4")
         best: tuple[Group, tuple[str, int, list[int]]] | None = None
         for g in list(self.groups.values()):
-            if not g.slotted or not g.ended():
-                continue  # only ended engines' KV is settled
+            if not g.slotted or g.namespace != req.namespace or not g.ended():
+                continue  # only ended engines' KV is settled, and only the same model's counts
             hit = g.match(tokens)
             if hit is not None and (best is None or hit[1] > best[1][1]):
                 best = (g, hit)
@@ -216,6 +218,10 @@ class Daemon:
         return pb.FetchResponse(fetched_bytes=res.fetched_bytes, rebuilt=res.rebuilt,
                                 unrecoverable_blocks=res.unrecoverable_blocks,
                                 corrupt_chunks=res.corrupt_chunks, seconds=res.seconds)
+
+    def release(self, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
+        self.group(req.group).release(req.rank, req.session, req.step, list(req.request_ids), list(req.blocks))
+        return pb.ReleaseResponse()
 
     def drop(self, req: pb.DropRequest) -> pb.DropResponse:
         with self.lock:
@@ -419,6 +425,7 @@ class Services:
             "Register": unary("Register", self.register, pb.RegisterRequest, pb.RegisterResponse),
             "Restore": unary("Restore", self.restore, pb.RestoreRequest, pb.RestoreResponse),
             "Lookup": unary("Lookup", self.d.lookup, pb.LookupRequest, pb.LookupResponse),
+            "Release": unary("Release", self.d.release, pb.ReleaseRequest, pb.ReleaseResponse),
             "Fetch": unary("Fetch", self.d.fetch, pb.FetchRequest, pb.FetchResponse),
             "Stream": grpc.stream_stream_rpc_method_handler(
                 self.stream, request_deserializer=_parser(pb.WorkerMessage),

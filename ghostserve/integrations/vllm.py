@@ -196,6 +196,17 @@ class GhostServeConnector(KVConnectorBase_V1):
         self.options = ConnectorOptions.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         engine_id = self._kv_transfer_config.engine_id or "default"
         self.group = self.options.group or f"vllm-{engine_id}"[:64]
+        self._engine_tag = "".join(c for c in engine_id if c.isalnum())[:12] or "engine"
+        self.namespace = model_namespace(vllm_config)
+        if kv_cache_config is not None:
+            specs = [type(g.kv_cache_spec).__name__ for g in kv_cache_config.kv_cache_groups]
+            if specs != ["FullAttentionSpec"]:
+                raise Unsupported(f"KV cache groups {specs}: ghostserve handles one full-attention group "
+                                  "(no sliding window, hybrid or Mamba layers)")
+        if role == KVConnectorRole.SCHEDULER and self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            # a block ghostserve cannot deliver must be recomputed, not fail the request
+            log.info("ghostserve: kv_load_failure_policy set to recompute")
+            self._kv_transfer_config.kv_load_failure_policy = "recompute"
         self.block_size = vllm_config.cache_config.block_size
         par = vllm_config.parallel_config
         if getattr(par, "pipeline_parallel_size", 1) > 1:
@@ -259,10 +270,13 @@ class GhostServeConnector(KVConnectorBase_V1):
         slot_map = probe_slot_map(layer, first, self.block_size)
         rank = get_tensor_model_parallel_rank()
         self._rank = rank
-        region = f"{self.options.shm_prefix}{self.group}-r{rank}"
+        region = self._region(rank)
         size = storage.nbytes()
-        shm.unlink(region)  # a leftover of an engine with the same id
-        self._segment = shm.Segment.create(region, size)
+        try:
+            self._segment = shm.Segment.create(region, size)
+        except FileExistsError:
+            raise Unsupported(f"shared memory {region!r} exists: an engine with the same engine_id left it "
+                              "(ghostserve drop its group with --unlink-regions, or use a new engine_id)") from None
         moved = torch.frombuffer(self._segment.buf, dtype=torch.uint8).untyped_storage()
         moved.copy_(storage)
         # Re-point every tensor over the old storage we can reach: the dict's, and the
@@ -294,13 +308,31 @@ class GhostServeConnector(KVConnectorBase_V1):
                      rank - rank % self.replicas)
             return
         self._client = WorkerClient(self.options.socket, self.group, rank // self.replicas, self.shards,
-                                    self.options.parity, layout, region, size, keep_survivors=True)
+                                    self.options.parity, layout, region, size, keep_survivors=True,
+                                    namespace=self.namespace)
         try:
             self._client.register()
         except grpc.RpcError as exc:
             raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
         log.info("ghostserve: rank %d registered %d MiB of KV as group %s (%s)", rank, size >> 20,
                  self.group, region)
+
+    def _region(self, rank: int) -> str:
+        return f"{self.options.shm_prefix}{self.group}-{self._engine_tag}-r{rank}"
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        """Before the step's forward (vLLM calls this every step): requests that
+        finished or were preempted, and blocks this step may hand to others, are
+        released in the daemon now, so no crash can leave its index pointing at
+        blocks that already hold another request's KV. One round trip, only in
+        steps that free something."""
+        meta = kv_connector_metadata
+        if self._client is None or not isinstance(meta, GhostServeMetadata) or not (meta.finished or meta.released):
+            return
+        try:
+            self._client.release(self._step, meta.finished, meta.released)
+        except grpc.RpcError as exc:  # the commit carries them too; only the early drop is lost
+            log.warning("ghostserve: release failed (%s)", exc.code().name)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         """Fetch resumed requests' blocks into this rank's memory; blocks until
@@ -312,8 +344,13 @@ class GhostServeConnector(KVConnectorBase_V1):
             self._copy_from_primary(meta.loads)
             return
         for load in meta.loads:
-            resp = self._client.fetch(load.source_group, self._client.rank, load.source_blocks,
-                                      load.tokens, load.blocks)
+            try:
+                resp = self._client.fetch(load.source_group, self._client.rank, load.source_blocks,
+                                          load.tokens, load.blocks)
+            except grpc.RpcError as exc:  # vLLM recomputes these blocks
+                log.warning("ghostserve: fetch for %s failed (%s: %s)", load.request_id, exc.code().name,
+                            exc.details())
+                resp = pb.FetchResponse(unrecoverable_blocks=load.source_blocks)
             bad = set(resp.unrecoverable_blocks)
             self.stats.data["fetched_bytes"] += resp.fetched_bytes
             self.stats.data["fetch_seconds"] += resp.seconds
@@ -342,7 +379,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._loads_done()
         if self._primary is None:
             primary = self._rank - self._rank % self.replicas
-            self._primary = shm.Segment.attach(f"{self.options.shm_prefix}{self.group}-r{primary}")
+            self._primary = shm.Segment.attach(self._region(primary))
         src, dst = self._primary.array(), self._segment.array()
         lay = self._layout
         for load in loads:
@@ -363,7 +400,8 @@ class GhostServeConnector(KVConnectorBase_V1):
         slots = getattr(attn_metadata, "slot_mapping", None)
         if slots is None:
             return
-        n = getattr(attn_metadata, "num_actual_tokens", None) or slots.shape[0]
+        n = getattr(attn_metadata, "num_actual_tokens", None)
+        n = slots.shape[0] if n is None else n
         arr = slots[:n].numpy()
         self._slots.append(arr[arr >= 0].copy())
 
@@ -390,8 +428,10 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._loaded.clear()
         records = [pb.RequestRecord(request_id=r, tokens=t, blocks=b, reset=reset)
                    for r, t, b, reset in meta.records] if self._client.rank == 0 else []
+        restarted = {r for r, _, _, reset in meta.records if reset}
         self._client.commit(self._step, [(b, 0, self._block_bytes) for b in sorted(fills)],
-                            requests=meta.requests, finished=meta.finished, fills=fills,
+                            requests=meta.requests, finished=[r for r in meta.finished if r not in restarted],
+                            fills=fills,
                             released=meta.released, records=records)
         self.stats.data["commits"] += 1
         self._step += 1
@@ -434,13 +474,14 @@ class GhostServeConnector(KVConnectorBase_V1):
         engine left protected (0 if none). Loads are synchronous."""
         self._reqs[request.request_id] = request
         tokens = list(request.all_token_ids)
-        if not self.options.resume or len(tokens) < 2 or num_computed_tokens % self.block_size:
+        if (not self.options.resume or len(tokens) < 2 or num_computed_tokens % self.block_size
+                or not plain_tokens(request)):
             return 0, False
         try:
             if self._lookup_stub is None:
                 self._lookup_stub = worker_stub(channel(self.options.socket))
-            resp = self._lookup_stub.Lookup(pb.LookupRequest(tokens=np.asarray(tokens, dtype="<u4").tobytes()),
-                                            timeout=5)
+            resp = self._lookup_stub.Lookup(pb.LookupRequest(
+                tokens=np.asarray(tokens, dtype="<u4").tobytes(), namespace=self.namespace), timeout=5)
         except grpc.RpcError as exc:
             log.warning("ghostserve: lookup failed (%s); computing %s from scratch", exc.code().name,
                         request.request_id)
@@ -471,39 +512,54 @@ class GhostServeConnector(KVConnectorBase_V1):
         meta = GhostServeMetadata(finished=self._finished, released=self._released)
         self._finished, self._released = [], []
         for new in so.scheduled_new_reqs:
-            rid, req = new.req_id, self._reqs.get(new.req_id)
-            upto = new.num_computed_tokens + so.num_scheduled_tokens.get(rid, 0)
-            blocks = list(new.block_ids[0])
-            tokens = list(req.all_token_ids[:upto]) if req is not None else list((new.prompt_token_ids or [])[:upto])
-            self._track(rid, blocks, reset=True)
-            meta.records.append((rid, tokens, blocks, True))
-            self._recorded[rid] = upto
-            meta.requests[rid] = upto
-            load = self._loads.pop(rid, None)
-            local = self._loaded_local.pop(rid, new.num_computed_tokens if load is None else 0)
-            for b in blocks[: local // self.block_size]:  # vLLM's own prefix cache: encode again
-                meta.reprotect[b] = self.block_size
-            if load is not None:
-                meta.loads.append(load)
+            req = self._reqs.get(new.req_id)
+            tokens = list(req.all_token_ids) if req is not None else list(new.prompt_token_ids or [])
+            self._start(meta, new.req_id, tokens, list(new.block_ids[0]), new.num_computed_tokens,
+                        so.num_scheduled_tokens.get(new.req_id, 0), req is None or plain_tokens(req))
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             req = self._reqs.get(rid)
             if req is None:
                 continue
-            upto = cached.num_computed_tokens[i] + so.num_scheduled_tokens.get(rid, 0)
+            computed = cached.num_computed_tokens[i]
+            upto = computed + so.num_scheduled_tokens.get(rid, 0)
             added = list(cached.new_block_ids[i][0]) if cached.new_block_ids[i] else []
-            reset = rid in cached.resumed_req_ids
-            start = 0 if reset else self._recorded.get(rid, 0)
-            self._track(rid, added, reset=reset)
-            meta.records.append((rid, list(req.all_token_ids[start:upto]), added, reset))
-            self._recorded[rid] = upto
+            if rid in cached.resumed_req_ids:  # back from preemption: all its blocks are new
+                self._start(meta, rid, list(req.all_token_ids), added, computed, upto - computed, plain_tokens(req))
+                continue
+            self._track(rid, added, reset=False)
+            if rid in self._recorded and computed < self._recorded[rid]:
+                # vLLM went back (a load failed and is recomputed, or drafts were
+                # rejected): record the request afresh from its block table
+                meta.records.append((rid, list(req.all_token_ids[:upto]), list(self._blocks[rid]), True))
+            elif rid in self._recorded:
+                meta.records.append((rid, list(req.all_token_ids[self._recorded[rid]:upto]), added, False))
+            if rid in self._recorded:
+                self._recorded[rid] = upto
             meta.requests[rid] = upto
         return meta
+
+    def _start(self, meta: GhostServeMetadata, rid: str, tokens: list[int], blocks: list[int],
+               computed: int, scheduled: int, indexed: bool) -> None:
+        """A request (new, or resumed after preemption) gets its first blocks this step."""
+        upto = computed + scheduled
+        self._track(rid, blocks, reset=True)
+        if indexed:  # only plain token requests: their KV depends on the tokens alone
+            meta.records.append((rid, tokens[:upto], blocks, True))
+            self._recorded[rid] = upto
+        meta.requests[rid] = upto
+        load = self._loads.pop(rid, None)
+        local = self._loaded_local.pop(rid, computed if load is None else 0)
+        for b in blocks[: local // self.block_size]:  # vLLM's own prefix cache: encode again
+            meta.reprotect[b] = self.block_size
+        if load is not None:
+            meta.loads.append(load)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Drop the request's watermark and the parity of blocks no live request uses."""
         self._forget(request.request_id)
-        self._reqs.pop(request.request_id, None)
+        for table in (self._reqs, self._matches, self._loads, self._loaded_local):
+            table.pop(request.request_id, None)
         return False, None
 
     def _track(self, rid: str, blocks: list[int], reset: bool) -> None:
@@ -515,7 +571,7 @@ class GhostServeConnector(KVConnectorBase_V1):
 
     def _forget(self, rid: str) -> None:
         """Queue the request's end for the next step's metadata."""
-        if rid not in self._blocks and rid not in self._recorded:
+        if rid not in self._blocks:
             return
         for b in self._blocks.pop(rid, []):
             self._refs[b] -= 1
@@ -524,6 +580,27 @@ class GhostServeConnector(KVConnectorBase_V1):
                 self._released.append(b)
         self._recorded.pop(rid, None)
         self._finished.append(rid)
+
+
+def plain_tokens(request: Any) -> bool:
+    """Does the request's KV depend on its token ids alone? (Not with an adapter,
+    images or other features behind placeholder tokens, prompt embeddings, or a
+    cache salt: those are neither indexed nor looked up.)"""
+    return not (getattr(request, "lora_request", None) or getattr(request, "mm_features", None)
+                or getattr(request, "prompt_embeds", None) is not None or getattr(request, "cache_salt", None))
+
+
+def model_namespace(vllm_config: Any) -> str:
+    """Names the weights and numerics a KV was computed with (Lookup matches within it)."""
+    import hashlib  # noqa: PLC0415
+
+    mc, cc = vllm_config.model_config, vllm_config.cache_config
+    load = vllm_config.load_config
+    parts = [mc.model, getattr(mc, "revision", None), str(mc.dtype), getattr(mc, "quantization", None),
+             cc.cache_dtype, cc.block_size, vllm_config.parallel_config.tensor_parallel_size,
+             getattr(load, "load_format", None), mc.seed if str(getattr(load, "load_format", "")) == "dummy" else None,
+             getattr(mc, "hf_overrides", None)]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 
 def resume_request(prompt_token_ids: list[int], output_token_ids: list[int], sampling_params: Any) -> tuple[dict, Any]:
@@ -539,4 +616,4 @@ def resume_request(prompt_token_ids: list[int], output_token_ids: list[int], sam
 
 
 __all__ = ["ConnectorOptions", "GhostServeConnector", "GhostServeMetadata", "GhostServeStats", "Load",
-           "probe_slot_map", "resume_request"]
+           "model_namespace", "plain_tokens", "probe_slot_map", "resume_request"]

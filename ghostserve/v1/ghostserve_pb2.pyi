@@ -42,7 +42,7 @@ class Region(_message.Message):
     def __init__(self, shm_name: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid", "keep_survivors")
+    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid", "keep_survivors", "namespace")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class RegisterRequest(_message.Message):
     REGION_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     KEEP_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     group: str
     rank: int
     world_size: int
@@ -59,7 +60,8 @@ class RegisterRequest(_message.Message):
     region: Region
     pid: int
     keep_survivors: bool
-    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ..., keep_survivors: _Optional[bool] = ...) -> None: ...
+    namespace: str
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ..., keep_survivors: _Optional[bool] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("role", "session", "protected_step", "next_step")
@@ -202,10 +204,12 @@ class RestoreResponse(_message.Message):
     def __init__(self, protected_step: _Optional[int] = ..., restored_bytes: _Optional[int] = ..., unrecoverable_blocks: _Optional[_Iterable[int]] = ..., unrecoverable_bytes: _Optional[int] = ..., corrupt_chunks: _Optional[int] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class LookupRequest(_message.Message):
-    __slots__ = ("tokens",)
+    __slots__ = ("tokens", "namespace")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     tokens: bytes
-    def __init__(self, tokens: _Optional[bytes] = ...) -> None: ...
+    namespace: str
+    def __init__(self, tokens: _Optional[bytes] = ..., namespace: _Optional[str] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("group", "request_id", "tokens", "blocks", "block_slots")
@@ -254,6 +258,26 @@ class FetchResponse(_message.Message):
     corrupt_chunks: int
     seconds: float
     def __init__(self, fetched_bytes: _Optional[int] = ..., rebuilt: _Optional[bool] = ..., unrecoverable_blocks: _Optional[_Iterable[int]] = ..., corrupt_chunks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ("group", "rank", "session", "step", "request_ids", "blocks")
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    rank: int
+    session: str
+    step: int
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ..., step: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ReleaseResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ("group",)

@@ -39,6 +39,11 @@ class WorkerStub:
                 request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/ghostserve.v1.Worker/Release',
+                request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
         self.Lookup = channel.unary_unary(
                 '/ghostserve.v1.Worker/Lookup',
                 request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupRequest.SerializeToString,
@@ -65,6 +70,12 @@ class WorkerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Register(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -103,6 +114,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.RegisterRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.RegisterResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.ReleaseRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.ReleaseResponse.SerializeToString,
             ),
             'Lookup': grpc.unary_unary_rpc_method_handler(
                     servicer.Lookup,
@@ -152,6 +168,33 @@ class Worker:
             '/ghostserve.v1.Worker/Register',
             ghostserve_dot_v1_dot_ghostserve__pb2.RegisterRequest.SerializeToString,
             ghostserve_dot_v1_dot_ghostserve__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Worker/Release',
+            ghostserve_dot_v1_dot_ghostserve__pb2.ReleaseRequest.SerializeToString,
+            ghostserve_dot_v1_dot_ghostserve__pb2.ReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,
