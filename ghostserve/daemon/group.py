@@ -543,12 +543,16 @@ class Group:
 
     def _mask(self, fill: int) -> np.ndarray:
         """Bytes of a slot-addressed block that lie in slots >= ``fill`` (not covered)."""
-        mask = self._masks.get(fill)
-        if mask is None:
+        return self._keep(fill) == 0
+
+    def _keep(self, fill: int) -> np.ndarray:
+        """0xFF for the bytes of a block in slots < ``fill``, else 0 (an AND mask)."""
+        keep = self._masks.get(fill)
+        if keep is None:
             if len(self._masks) > 512:
                 self._masks.clear()
-            mask = self._masks[fill] = self.store.slot_map >= fill
-        return mask
+            keep = self._masks[fill] = np.where(self.store.slot_map < fill, 0xFF, 0).astype(np.uint8)
+        return keep
 
     def _crc_at(self, addrs: list[int], fill: int = 0) -> int:
         """CRC32C chained over one chunk per layer at ``addrs``. In a slot-addressed
@@ -559,10 +563,10 @@ class Group:
             for at in addrs:
                 crc = crc32c(at, cb, crc)
             return crc
-        mask = self._mask(fill)
+        keep = self._keep(fill)
+        covered = np.empty(cb, dtype=np.uint8)  # per call: encode threads run this in parallel
         for at in addrs:
-            covered = np.ctypeslib.as_array((ctypes.c_uint8 * cb).from_address(at)).copy()
-            covered[mask] = 0
+            np.bitwise_and(np.ctypeslib.as_array((ctypes.c_uint8 * cb).from_address(at)), keep, out=covered)
             crc = crc32c(covered.ctypes.data, cb, crc)
         return crc
 
