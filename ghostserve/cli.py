@@ -28,11 +28,13 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shm-prefix", help="prefix of shared-memory names (env GHOSTSERVE_SHM_PREFIX)")
     p.add_argument("--encode-threads", type=int, help="encoder threads; 0 = one per CPU")
     p.add_argument("--log-level")
+    p.add_argument("--region-prefix", help="refuse ranks' regions whose name does not start with this")
+    p.add_argument("--ended-ttl", type=float, help="seconds a failure-ended group is kept for a resume")
 
 
 def config_from(args: argparse.Namespace) -> Config:
     keys = ("socket", "listen", "tls_cert", "tls_key", "insecure", "metrics_port", "metrics_host",
-            "shm_prefix", "encode_threads", "log_level")
+            "shm_prefix", "encode_threads", "log_level", "region_prefix", "ended_ttl")
     return Config.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

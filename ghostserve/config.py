@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ghostserve import shm
 from ghostserve.errors import GhostServeError
 
 
@@ -48,6 +49,14 @@ class Config:
     encode_threads: int = 0       # 0: one per CPU
     pid_poll_seconds: float = 0.05
     log_level: str = "info"
+    # Register refuses regions whose name does not start with this ("": any name)
+    region_prefix: str = ""
+    # a group whose engine ended by failure is kept this long for a resume, then dropped
+    ended_ttl: float = 900.0
+    rejoin_wait_seconds: float = 10.0   # a restore waits this long for detached survivors
+    drain_seconds: float = 5.0          # SIGTERM: in-flight RPCs get this long to finish
+    rpc_threads: int = 256              # gRPC handler threads (each worker stream holds one)
+    restore_tile_bytes: int = 256 << 10  # restore checks and decodes this many bytes per shard at a time
 
     def __post_init__(self) -> None:
         if not self.socket and not self.listen:
@@ -62,6 +71,18 @@ class Config:
             raise ConfigError("pid_poll_seconds", "must be > 0")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise ConfigError("log_level", f"{self.log_level!r}")
+        if self.region_prefix:
+            try:
+                shm.check_name(self.region_prefix)
+            except ValueError:
+                raise ConfigError("region_prefix", f"{self.region_prefix!r}: use letters, digits and ._-") from None
+        for name in ("ended_ttl", "rejoin_wait_seconds", "drain_seconds"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"{getattr(self, name)} must be >= 0")
+        if self.rpc_threads < 4:
+            raise ConfigError("rpc_threads", f"{self.rpc_threads} must be >= 4")
+        if self.restore_tile_bytes < 4096:
+            raise ConfigError("restore_tile_bytes", f"{self.restore_tile_bytes} must be >= 4096")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert", "give both --tls-cert and --tls-key")
         if self.listen:

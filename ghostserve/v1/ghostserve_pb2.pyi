@@ -135,13 +135,21 @@ class Hello(_message.Message):
     session: str
     def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ...) -> None: ...
 
+class Goodbye(_message.Message):
+    __slots__ = ("release_region",)
+    RELEASE_REGION_FIELD_NUMBER: _ClassVar[int]
+    release_region: bool
+    def __init__(self, release_region: _Optional[bool] = ...) -> None: ...
+
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "commit")
+    __slots__ = ("hello", "commit", "goodbye")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     COMMIT_FIELD_NUMBER: _ClassVar[int]
+    GOODBYE_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     commit: Commit
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ...) -> None: ...
+    goodbye: Goodbye
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("protected_step", "watermarks")
@@ -157,8 +165,10 @@ class GroupEvent(_message.Message):
         __slots__ = ()
         RANK_LOST: _ClassVar[GroupEvent.Kind]
         RANK_RESTORED: _ClassVar[GroupEvent.Kind]
+        STEP_FAILED: _ClassVar[GroupEvent.Kind]
     RANK_LOST: GroupEvent.Kind
     RANK_RESTORED: GroupEvent.Kind
+    STEP_FAILED: GroupEvent.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
@@ -314,7 +324,7 @@ class LastRestore(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., seconds: _Optional[float] = ..., restored_bytes: _Optional[int] = ..., unrecoverable_bytes: _Optional[int] = ..., unix_time: _Optional[float] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("group", "world_size", "parity", "state", "protected_step", "newest_step", "lag_steps", "kv_bytes", "protected_bytes", "parity_bytes", "parity_arena_bytes", "ranks", "watermarks", "last_restore", "layout")
+    __slots__ = ("group", "world_size", "parity", "state", "protected_step", "newest_step", "lag_steps", "kv_bytes", "protected_bytes", "parity_bytes", "parity_arena_bytes", "ranks", "watermarks", "last_restore", "layout", "ended_seconds", "held_bytes", "expires_seconds")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PARITY_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +340,9 @@ class GroupStatus(_message.Message):
     WATERMARKS_FIELD_NUMBER: _ClassVar[int]
     LAST_RESTORE_FIELD_NUMBER: _ClassVar[int]
     LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_SECONDS_FIELD_NUMBER: _ClassVar[int]
     group: str
     world_size: int
     parity: int
@@ -345,7 +358,10 @@ class GroupStatus(_message.Message):
     watermarks: _containers.RepeatedCompositeFieldContainer[RequestTokens]
     last_restore: LastRestore
     layout: KVLayout
-    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., state: _Optional[str] = ..., protected_step: _Optional[int] = ..., newest_step: _Optional[int] = ..., lag_steps: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., parity_bytes: _Optional[int] = ..., parity_arena_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., last_restore: _Optional[_Union[LastRestore, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ...) -> None: ...
+    ended_seconds: float
+    held_bytes: int
+    expires_seconds: float
+    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., state: _Optional[str] = ..., protected_step: _Optional[int] = ..., newest_step: _Optional[int] = ..., lag_steps: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., parity_bytes: _Optional[int] = ..., parity_arena_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., last_restore: _Optional[_Union[LastRestore, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., ended_seconds: _Optional[float] = ..., held_bytes: _Optional[int] = ..., expires_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("groups", "version")
