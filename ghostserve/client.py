@@ -68,6 +68,7 @@ def worker_stub(ch: grpc.Channel) -> Any:
         "Register": (pb.RegisterRequest, pb.RegisterResponse, "uu"),
         "Restore": (pb.RestoreRequest, pb.RestoreResponse, "uu"),
         "Lookup": (pb.LookupRequest, pb.LookupResponse, "uu"),
+        "Reclaim": (pb.ReclaimRequest, pb.ReclaimResponse, "uu"),
         "Release": (pb.ReleaseRequest, pb.ReleaseResponse, "uu"),
         "Fetch": (pb.FetchRequest, pb.FetchResponse, "uu"),
         "Stream": (pb.WorkerMessage, pb.DaemonMessage, "ss"),
@@ -210,14 +211,31 @@ class WorkerClient:
                 self._cond.wait(left)
         return True
 
+    def goodbye(self, release_region: bool = False) -> None:
+        """End this rank cleanly (its engine shuts down), then close. Unlike
+        :meth:`close`, this is not a failure: once every rank of the group has
+        said goodbye, the daemon drops the group's parity at once, and with
+        ``release_region`` unlinks this rank's region too (hand over only a
+        segment made for ghostserve). Commits queued before are sent first."""
+        msg = pb.WorkerMessage(goodbye=pb.Goodbye(release_region=release_region))
+        with self._send_lock:
+            self._sendq.put((None, msg))
+        self.close()
+
     def close(self) -> None:
-        """End the stream (the daemon then treats this rank as gone) and the channel."""
+        """End the stream without a goodbye (the daemon then treats this rank as
+        lost, as if the worker had died) and the channel."""
         self._closed = True
         with self._send_lock:
             self._sendq.put(_END)
         if self._thread is not None:
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=self.timeout)
         self._channel.close()
+
+    def reclaim(self, nbytes: int) -> pb.ReclaimResponse:
+        """Before allocating ``nbytes`` of shared memory: have the daemon drop
+        groups of engines that ended by failure, oldest first, until that much is free."""
+        return self._stub.Reclaim(pb.ReclaimRequest(bytes=nbytes), timeout=self.timeout)
 
     # ---------------------------------------------------------------- stream
 

@@ -28,6 +28,9 @@ class ConfigError(GhostServeError, ValueError):
         super().__init__(f"{field}: {message}")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def default_socket() -> str:
     """``$XDG_RUNTIME_DIR/ghostserve/ghostserve.sock``, else one under the temp dir per user."""
     base = os.environ.get("XDG_RUNTIME_DIR") or os.path.join(
@@ -56,7 +59,9 @@ class Config:
     rejoin_wait_seconds: float = 10.0   # a restore waits this long for detached survivors
     drain_seconds: float = 5.0          # SIGTERM: in-flight RPCs get this long to finish
     rpc_threads: int = 256              # gRPC handler threads (each worker stream holds one)
-    restore_tile_bytes: int = 256 << 10  # restore checks and decodes this many bytes per shard at a time
+    # restore checks and decodes this many bytes of each layer at a time: long native
+    # calls (threads overlap) over data still in cache (benchmarks/checkpoint.py)
+    restore_tile_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         if not self.socket and not self.listen:
@@ -66,11 +71,11 @@ class Config:
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError("metrics_port", f"{self.metrics_port} is not a port")
         if self.encode_threads < 0:
-            raise ConfigError("encode_threads", "must be >= 0")
+            raise ConfigError("encode_threads", f"{self.encode_threads} must be >= 0 (0: one per CPU)")
         if self.pid_poll_seconds <= 0:
-            raise ConfigError("pid_poll_seconds", "must be > 0")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
-            raise ConfigError("log_level", f"{self.log_level!r}")
+            raise ConfigError("pid_poll_seconds", f"{self.pid_poll_seconds} must be > 0")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError("log_level", f"{self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
         if self.region_prefix:
             try:
                 shm.check_name(self.region_prefix)
@@ -85,6 +90,8 @@ class Config:
             raise ConfigError("restore_tile_bytes", f"{self.restore_tile_bytes} must be >= 4096")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert", "give both --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key"):  # now, not after the socket is bound
+            _check_readable(name, getattr(self, name))
         if self.listen:
             host, _, port = self.listen.rpartition(":")
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -126,6 +133,15 @@ def _parse(name: str, kind: Any, raw: str) -> Any:
     except ValueError:
         raise ConfigError(name, f"GHOSTSERVE_{name.upper()}={raw!r} is not a {kind}") from None
     return raw
+
+
+def _check_readable(name: str, path: str) -> None:
+    if not path:
+        return
+    if not os.path.isfile(path):
+        raise ConfigError(name, f"{path!r}: no such file" if not os.path.exists(path) else f"{path!r} is not a file")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(name, f"{path!r} is not readable by this user (uid {os.getuid()})")
 
 
 def _is_loopback(host: str) -> bool:

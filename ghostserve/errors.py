@@ -137,17 +137,26 @@ class WrongState(DaemonError):
         super().__init__(f"group {group!r} rank {rank}: {reason}")
 
 
-class Unrecoverable(DaemonError):
-    """More shards of a stripe are lost or corrupt than the code's parity can
-    correct. Carries ``group``, ``rank`` (the one being restored) and ``blocks``:
-    the block ids whose protected bytes could not be rebuilt (nothing was written
-    there). Raised by the restorer; engines fall back to recompute for those."""
+class RegionRefused(DaemonError):
+    """A rank's region is not memory the daemon may map for it: one of the
+    daemon's own segments (a group's parity, metadata or index), or a name
+    outside the configured ``--region-prefix``. Carries ``region``. Raised by
+    registration, before anything is mapped."""
 
-    def __init__(self, group: str, rank: int, blocks: Sequence[int]):
-        self.group, self.rank, self.blocks = group, rank, tuple(blocks)
-        super().__init__(
-            f"group {group!r} rank {rank}: {len(self.blocks)} blocks unrecoverable"
-        )
+    def __init__(self, region: str, reason: str):
+        self.region = region
+        super().__init__(f"region {region!r}: {reason}")
+
+
+class RegionInUse(RegionRefused):
+    """The region is already registered by another rank (of this group or of
+    another group that still holds it): two engines configured with the same
+    names. Carries ``region``, and ``group`` and ``rank`` of the holder. Raised
+    by registration; the holder is left untouched."""
+
+    def __init__(self, region: str, group: str, rank: int):
+        self.group, self.rank = group, rank
+        super().__init__(region, f"already registered as rank {rank} of group {group!r}")
 
 
 class ResourceExhausted(DaemonError):
@@ -161,6 +170,13 @@ class ResourceExhausted(DaemonError):
 class Unsupported(DaemonError):
     """The request needs something this daemon does not have (a CUDA device for
     CUDA IPC regions). Raised by registration."""
+
+
+class ForeignStore(GhostServeError):
+    """Segments under this daemon's prefix belong to another daemon: one whose
+    shared-memory prefix is longer and starts with this one's (a chaos run under
+    the node's prefix). Raised by ``ParityStore.open``; a re-attaching daemon
+    leaves such groups alone."""
 
 
 class DaemonUnavailable(GhostServeError):

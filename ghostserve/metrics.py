@@ -47,6 +47,9 @@ class Metrics:
             registry=registry)
         self.degraded = Gauge(
             "ghostserve_group_degraded", "1 while a group has a lost rank", g, registry=registry)
+        self.ended = Gauge(
+            "ghostserve_group_ended", "1 while a group's engine has ended (kept for a resume until dropped)", g,
+            registry=registry)
         self.failures = Counter(
             "ghostserve_failures_total", "Rank failures detected, by kind", ["group", "kind"],
             registry=registry)
@@ -70,6 +73,41 @@ class Metrics:
         self.rejected = Counter(
             "ghostserve_rejected_requests_total", "Requests refused, by method and status code",
             ["method", "code"], registry=registry)
+        self.encode_failures = Counter(
+            "ghostserve_encode_failures_total",
+            "Steps whose encoding failed inside the daemon (their writes are unprotected)", g,
+            registry=registry)
+        self.fetches = Counter(
+            "ghostserve_fetches_total", "Fetches of an ended engine's blocks into a new engine, by outcome",
+            ["group", "outcome"], registry=registry)
+        self.fetch_seconds = Histogram(
+            "ghostserve_fetch_seconds", "Duration of a fetch", g, buckets=_SECONDS_BUCKETS,
+            registry=registry)
+        self.fetched_bytes = Counter(
+            "ghostserve_fetched_bytes_total", "KV bytes fetched from ended engines' groups", g,
+            registry=registry)
+        self.groups_dropped = Counter(
+            "ghostserve_groups_dropped_total",
+            "Groups dropped with their shared memory, by reason (clean, ttl, space, operator)",
+            ["reason"], registry=registry)
+        self.dropped_bytes = Counter(
+            "ghostserve_dropped_bytes_total", "Shared-memory bytes given back by dropped groups", ["reason"],
+            registry=registry)
+
+    def forget_group(self, group: str) -> None:
+        """Remove every label set of ``group`` (a dropped group leaves no series behind)."""
+        for collector in self._collectors():
+            labelnames = getattr(collector, "_labelnames", ())
+            if not labelnames or labelnames[0] != "group":
+                continue
+            for family in collector.collect():
+                seen = {tuple(s.labels.get(n, "") for n in labelnames) for s in family.samples
+                        if s.labels.get("group") == group}
+                for values in seen:
+                    try:
+                        collector.remove(*values)
+                    except KeyError:
+                        pass
 
     def _collectors(self) -> list:
         return [v for v in vars(self).values() if hasattr(v, "describe")]

@@ -17,6 +17,8 @@ import uuid
 from ghostserve import shm
 from ghostserve.errors import GhostServeError
 
+NETWORK_ENV = ("GHOSTSERVE_LISTEN", "GHOSTSERVE_TLS_CERT", "GHOSTSERVE_TLS_KEY", "GHOSTSERVE_INSECURE")
+
 
 class SidecarError(GhostServeError):
     """The daemon subprocess did not start. Raised by :meth:`Sidecar.start`."""
@@ -38,13 +40,21 @@ class Sidecar:
                "--shm-prefix", self.prefix, "--metrics-port", "0", "--log-level", self.log_level,
                "--encode-threads", str(self.encode_threads)]
         log = open(os.path.join(self.dir, "daemon.log"), "ab")  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+        # a private daemon: never the node's TCP listener or TLS identity
+        env = {k: v for k, v in os.environ.items() if k not in NETWORK_ENV}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env)
         log.close()
         line = self.proc.stdout.readline().decode()
         if not line.startswith("ready"):
             self.stop()
             raise SidecarError(f"ghostserve serve did not start: {line!r}; see {self.dir}/daemon.log")
         return self
+
+    def kill(self) -> None:
+        """SIGKILL the daemon (a crash): its socket and shared memory stay; ``start()`` again re-attaches."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
     @property
     def log(self) -> str:

@@ -13,6 +13,7 @@ import pytest
 
 from ghostserve import shm
 from ghostserve.config import Config, ConfigError
+from ghostserve.daemon.index import Record, StepNews
 from ghostserve.daemon.store import Layout, ParityStore, _read_record, _write_record
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,16 +54,17 @@ def test_store_reopens_with_everything(shm_prefix):
     layout = Layout(2, 4, 512, 128, 2048, 512)
     manifest = {"world_size": 3, "parity": 2, "layout": layout.__dict__, "ranks": {"0": {"region": "a", "pid": 1}}}
     store = ParityStore.create(shm_prefix, "grp", manifest)
-    store.parity[1, 2, 1, :] = 7
+    store.parity[1, 1, 2, :] = 7
     store.chunk_step[3, 1] = 42
     store.crc[3, 1, 2] = 0xDEADBEEF
     store.protected_step = 42
-    store.write_watermarks({"r": 9})
+    store.index.apply(StepNews(step=42, watermarks={"r": 9}, records=[Record("r", [5, 6], [3], reset=True)]))
     store.close()
     again = ParityStore.open(shm_prefix, "grp")
     assert again.manifest == manifest and again.protected_step == 42
-    assert (again.parity[1, 2, 1] == 7).all() and again.chunk_step[3, 1] == 42
-    assert again.crc[3, 1, 2] == 0xDEADBEEF and again.read_watermarks() == {"r": 9}
+    assert (again.parity[1, 1, 2] == 7).all() and again.chunk_step[3, 1] == 42
+    assert again.crc[3, 1, 2] == 0xDEADBEEF and again.index.watermarks == {"r": 9}
+    assert again.index.requests == {"r": ([5, 6], [3])} and again.index.index_step == 42
     assert ParityStore.groups(shm_prefix) == ["grp"]
     assert again.parity.nbytes == layout.kv_bytes() * 2  # m of N: parity only
     again.close()

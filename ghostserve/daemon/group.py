@@ -33,6 +33,9 @@ import numpy as np
 from ghostserve import shm
 from ghostserve.codec import RSCode, crcfold
 from ghostserve.codec.isal import crc32c, encode_raw
+from ghostserve.config import Config
+from ghostserve.daemon import rebuild
+from ghostserve.daemon.index import Record, StepNews
 from ghostserve.daemon.store import Layout, ParityStore
 from ghostserve.errors import (
     BlockOutOfRange,
@@ -45,7 +48,8 @@ from ghostserve.metrics import Metrics
 
 log = logging.getLogger("ghostserve.group")
 
-ALIVE, LOST, DETACHED, REPLACING = "alive", "lost", "detached", "replacing"
+ALIVE, LOST, DETACHED, REPLACING, LEFT = "alive", "lost", "detached", "replacing", "left"
+STATES = (ALIVE, LOST, DETACHED, REPLACING, LEFT)
 PARALLEL_RESTORE_BYTES = 4 << 20  # a restore below this runs on one thread: Python-bound
 
 
@@ -60,7 +64,7 @@ class CommitRecord:
     finished: list[str] = field(default_factory=list)
     fills: dict[int, int] = field(default_factory=dict)   # block -> filled slots (slot layouts)
     released: list[int] = field(default_factory=list)     # dropped before this step's writes
-    records: list[tuple[str, list[int], list[int], bool]] = field(default_factory=list)
+    records: list[Record] = field(default_factory=list)
 
 
 @dataclass
@@ -75,9 +79,13 @@ class Rank:
     addr: int = 0
     committed: int = -1
     outbox: queue.Queue | None = None
+    ident: tuple[int, int] | None = None   # (device, inode) of the region when mapped
+    release_region: bool = False          # said goodbye: unlink the region when the group is dropped
 
     def map(self, size: int) -> None:
-        self.segment = shm.Segment.attach(self.region, size)
+        """Map the region, its page tables filled (the daemon reads or writes all of it)."""
+        self.ident = shm.identity(self.region)
+        self.segment = shm.Segment.attach(self.region, size, populate=True)
         self.view = self.segment.array()
         self.addr = self.view.ctypes.data
 
@@ -119,11 +127,21 @@ class ScrubResult:
     parity_checked: bool = True
 
 
+class EndReason:
+    """Why a group has no engine any more (persisted in its manifest)."""
+
+    CLEAN = "clean"      # every rank said goodbye, none was lost: dropped at once
+    FAILURE = "failure"  # ranks were lost: kept for a resume until --ended-ttl
+
+
 class Group:
+    """One TP group; see the module doc for its threads and locks."""
+
     def __init__(self, name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor,
-                 threads: int = 1):
+                 config: Config):
         self.name, self.store, self.metrics, self.pool = name, store, metrics, pool
-        self.threads = threads  # the pool's size
+        self.threads = config.threads  # the pool's size
+        self.tile_bytes = config.restore_tile_bytes
         self.layout: Layout = store.layout
         self.n, self.m = store.k, store.m
         # CPU regions are encoded with ISA-L on raw addresses (see _encode_range)
@@ -135,23 +153,22 @@ class Group:
         self.io_lock = threading.Lock()
         self.ranks: dict[int, Rank] = {}
         self.pending: dict[int, dict[int, CommitRecord]] = {}
-        self.watermarks: dict[str, int] = store.read_watermarks()
-        # request -> (tokens, blocks) from Commit.records, for Lookup; in the daemon's
-        # heap (a restarted daemon has no index until new records arrive)
-        self.index: dict[str, tuple[list[int], list[int]]] = {}
+        # watermarks, the Lookup index (Commit.records), releases: in shared memory
+        self.index = store.index
         self.keep_survivors = bool(store.manifest.get("keep_survivors"))
         self.namespace = str(store.manifest.get("namespace", ""))
         # keep_survivors groups: set once no rank is alive (persisted: a restarted
         # daemon must not mistake an ended engine for one whose workers will rejoin)
         self._ended = bool(store.manifest.get("ended"))
-        self.forgotten: dict[str, int] = {}  # request -> step from which its records count again
+        self.ended_at: float | None = store.manifest.get("ended_at")  # unix time
+        self.end_reason: str | None = store.manifest.get("end_reason")
         self.slotted = self.layout.block_slots > 0
         self._masks: dict[int, np.ndarray] = {}
         self.last_restore: dict[str, Any] | None = None
         self._stopped = False
         # (block, chunk) found unrecoverable by a restore; guarded by io_lock
         self.broken: set[tuple[int, int]] = set()
-        self.rejoin_wait = 10.0  # seconds a restore waits for detached survivors
+        self.rejoin_wait = config.rejoin_wait_seconds  # a restore waits this long for detached survivors
         self._encoder = threading.Thread(target=self._encode_loop, name=f"gs-encode-{name}", daemon=True)
         lay = self.layout
         self.metrics.kv_bytes.labels(name).set(lay.kv_bytes() * self.n)
@@ -174,13 +191,36 @@ class Group:
     def protected_step(self) -> int:
         return self.store.protected_step
 
+    @property
+    def watermarks(self) -> dict[str, int]:
+        """Protected tokens per request (the index's; read under ``lock``)."""
+        return self.index.watermarks
+
     def manifest_ranks(self) -> None:
         """Persist rank regions and pids (a restarted daemon re-attaches from them)."""
         manifest = dict(self.store.manifest)
         manifest["ended"] = self._ended
-        manifest["ranks"] = {str(r.rank): {"region": r.region, "pid": r.pid, "state": r.state}
+        manifest["ended_at"], manifest["end_reason"] = self.ended_at, self.end_reason
+        manifest["ranks"] = {str(r.rank): {"region": r.region, "pid": r.pid, "state": r.state,
+                                           "ident": r.ident, "release_region": r.release_region}
                              for r in self.ranks.values()}
         self.store.write_manifest(manifest)
+
+    def _note_end(self) -> None:
+        """Record when and why the engine ended, once no rank is alive. Caller holds ``lock``."""
+        if self.ended_at is not None or not self.ranks:
+            return
+        states = [r.state for r in self.ranks.values()]
+        if any(s in (ALIVE, REPLACING) for s in states):
+            return
+        if all(s == LEFT for s in states):
+            self.end_reason = EndReason.CLEAN
+        elif self.keep_survivors and self._ended or all(s in (LOST, LEFT) for s in states):
+            self.end_reason = EndReason.FAILURE
+        else:
+            return  # detached ranks of a daemon restart: their workers may still rejoin
+        self.ended_at = time.time()
+        log.info("group %s: engine ended (%s)", self.name, self.end_reason)
 
     def register(self, rank: int, pid: int, region: str, region_size: int) -> tuple[str, str]:
         """Add or re-admit ``rank``; returns (role, session). Caller validated layout/code."""
@@ -190,14 +230,15 @@ class Group:
             if self._ended:
                 raise WrongState(self.name, rank, "the group's engine ended after a failure; a new "
                                  "engine needs a new group (drop this one once resumed)")
+            self.ended_at = self.end_reason = None  # every rank was lost: a replacement revives it
             old = self.ranks.get(rank)
             if old is None:
                 role = "NEW"
-            elif old.state in (ALIVE, DETACHED) and old.region == region:
+            elif old.state in (ALIVE, DETACHED, LEFT) and old.region == region:
                 if old.state == ALIVE and old.pid != pid:
                     raise DuplicateRank(self.name, rank)
                 role = "REJOINED"
-            elif old.state in (ALIVE, DETACHED):
+            elif old.state in (ALIVE, DETACHED, LEFT):
                 raise DuplicateRank(self.name, rank)
             else:  # LOST or REPLACING: fresh memory for a lost rank
                 role = "REPLACEMENT"
@@ -230,10 +271,14 @@ class Group:
         until its worker reconnects; a rank whose region is gone is lost."""
         with self.lock:
             for key, info in manifest_ranks.items():
-                r = Rank(int(key), DETACHED, int(info["pid"]), info["region"], committed=self.protected_step)
+                r = Rank(int(key), DETACHED, int(info["pid"]), info["region"], committed=self.protected_step,
+                         release_region=bool(info.get("release_region")))
+                r.ident = tuple(info["ident"]) if info.get("ident") else None
                 if info.get("state") in (LOST, REPLACING):
                     r.state = LOST
-                else:
+                elif info.get("state") == LEFT:
+                    r.state = LEFT
+                if r.state != LOST:
                     try:
                         r.map(region_size)
                     except (FileNotFoundError, ValueError):
@@ -259,10 +304,12 @@ class Group:
                 r.outbox.put(None)  # ends an older stream of this rank
             r.outbox = queue.Queue()
             r.outbox.put(("ack", self.protected_step, dict(self.watermarks)))
+            self.cond.notify_all()  # a rank alive again may make a step ready
             return r.outbox
 
     def stream_closed(self, rank: int, session: str, by_client: bool) -> None:
-        """The rank's stream ended. A client-side end means the worker is gone."""
+        """The rank's stream ended. A client-side end without a goodbye means the
+        worker is gone; a daemon-side end (drain, a daemon bug) leaves it detached."""
         with self.lock:
             r = self.ranks.get(rank)
             if r is None or r.session != session or r.state not in (ALIVE, REPLACING):
@@ -273,12 +320,37 @@ class Group:
                 r.state = DETACHED
                 self._update_gauges()
 
+    def goodbye(self, rank: int, session: str, release_region: bool) -> bool:
+        """The rank ends cleanly (its engine shuts down): not a failure. Its memory
+        stays mapped until the group's fate is known: if another rank is lost
+        meanwhile, it is a recovery source like any survivor. Returns True when
+        every rank has now left and none was lost: the caller drops the group."""
+        with self.lock:
+            r = self.check_session(rank, session)
+            if r.state not in (ALIVE, REPLACING):
+                raise WrongState(self.name, rank, f"rank is {r.state}: cannot say goodbye")
+            r.release_region = release_region
+            for commits in self.pending.values():
+                commits.pop(rank, None)
+            if any(x.state == LOST for x in self.ranks.values()):
+                r.state = DETACHED  # the engine is going down after a failure: keep it
+                if self.keep_survivors:
+                    self._ended = all(x.state in (LOST, DETACHED, LEFT) for x in self.ranks.values())
+            else:
+                r.state = LEFT
+            log.info("group %s: rank %d said goodbye", self.name, rank)
+            self._note_end()
+            self.manifest_ranks()
+            self._update_gauges()
+            self.cond.notify_all()
+            return self.end_reason == EndReason.CLEAN
+
     def mark_lost(self, rank: int, kind: str) -> bool:
         """Rank ``rank`` failed: unmap its memory, drop its unencoded commits. Idempotent."""
         with self.lock:
             r = self.ranks.get(rank)
-            if r is None or r.state == LOST:
-                return False
+            if r is None or r.state in (LOST, LEFT):
+                return False  # a rank that said goodbye may end its process
             if self.keep_survivors and r.view is not None and (
                     r.state == DETACHED or any(x.state == LOST for x in self.ranks.values())):
                 # the engine tears down every rank after one fails; this one's
@@ -289,7 +361,8 @@ class Group:
                     r.state = DETACHED
                     for commits in self.pending.values():
                         commits.pop(rank, None)
-                    self._ended = all(x.state in (LOST, DETACHED) for x in self.ranks.values())
+                    self._ended = all(x.state in (LOST, DETACHED, LEFT) for x in self.ranks.values())
+                    self._note_end()
                     self.manifest_ranks()
                     self._update_gauges()
                     self.cond.notify_all()
@@ -299,10 +372,14 @@ class Group:
             r.unmap()
             r.committed = self.protected_step
             if self.keep_survivors:
+                for x in self.ranks.values():
+                    if x.state == LEFT:  # left before the failure was known: now a recovery source
+                        x.state = DETACHED
                 self._ended = all(x.state in (LOST, DETACHED) for x in self.ranks.values())
             for commits in self.pending.values():
                 commits.pop(rank, None)
             self.metrics.failures.labels(self.name, kind).inc()
+            self._note_end()
             self.manifest_ranks()
             self._update_gauges()
             self._broadcast(("event", "RANK_LOST", rank, kind))
@@ -319,7 +396,7 @@ class Group:
 
     def watched_pids(self) -> list[tuple[int, int]]:
         with self.lock:
-            return [(r.rank, r.pid) for r in self.ranks.values() if r.state != LOST and r.pid > 0]
+            return [(r.rank, r.pid) for r in self.ranks.values() if r.state not in (LOST, LEFT) and r.pid > 0]
 
     # ------------------------------------------------------------------ commits
 
@@ -344,11 +421,12 @@ class Group:
                 raise BlockOutOfRange(self.name, rank, block, "filled block outside the layout")
             if not 0 < filled <= lay.block_slots:
                 raise InvalidRequest(f"block {block}: {filled} filled slots of {lay.block_slots}")
-        for req, _tokens, blocks, _ in rec.records:
-            if not req or len(req) > 256:
+        for record in rec.records:
+            if not record.request or len(record.request) > 256:
                 raise InvalidRequest("request ids must be 1-256 characters")
-            if any(b >= lay.num_blocks for b in blocks):
-                raise BlockOutOfRange(self.name, rank, max(blocks), "request record block outside the layout")
+            if any(b >= lay.num_blocks for b in record.blocks):
+                raise BlockOutOfRange(self.name, rank, max(record.blocks),
+                                      "request record block outside the layout")
         for req, _ in rec.requests:
             if not req or len(req) > 256:
                 raise InvalidRequest("request ids must be 1-256 characters")
@@ -381,10 +459,12 @@ class Group:
         return t
 
     def _encode_loop(self) -> None:
+        """The encoder thread: one step at a time, woken by ``cond`` (every change
+        that can make a step ready notifies it)."""
         while True:
             with self.cond:
                 while not self._stopped and self._ready_step() is None:
-                    self.cond.wait(timeout=0.5)
+                    self.cond.wait()
                 if self._stopped:
                     return
                 t = self._ready_step()
@@ -392,11 +472,39 @@ class Group:
                 views = {q: (self.ranks[q].view, self.ranks[q].addr) for q in range(self.n)}
             try:
                 self._encode_step(t, commits, views)
-            except Exception:  # keep the daemon serving; the step stays unprotected
-                log.exception("group %s: encoding step %d failed", self.name, t)
-                with self.cond:
-                    self.pending[t] = commits
-                    self.cond.wait(timeout=1.0)
+            except Exception:  # a daemon bug: fail this step visibly, keep serving
+                log.exception("group %s: encoding step %d failed; its writes are unprotected", self.name, t)
+                self._fail_step(t, commits)
+
+    def _fail_step(self, t: int, commits: dict[int, CommitRecord]) -> None:
+        """Step ``t`` could not be encoded: void every chunk it touched and stop
+        claiming the requests it wrote (they get no watermark until they finish
+        or are released: their voided chunks are never re-encoded), then move on
+        to step t + 1 so the group keeps protecting everything else."""
+        cb = self.layout.chunk_bytes
+        victims = {req for c in commits.values() for req, _ in c.requests}
+        victims |= {rec.request for c in commits.values() for rec in c.records}
+        with self.io_lock:
+            for b, s, e in self._merge(rg for c in commits.values() for rg in c.ranges):
+                if self.slotted:
+                    self.store.chunk_step[b, :] = -1
+                else:
+                    self.store.chunk_step[b, s // cb : e // cb] = -1
+            for b in {b for c in commits.values() for b in (*c.released, *c.freed)}:
+                self.store.chunk_step[b, :] = -1
+            with self.lock:
+                finished = {req for c in commits.values() for req in c.finished}
+                try:
+                    changed = self.index.apply(StepNews(step=t, unprotect=victims - finished,
+                                                        finished=finished))
+                except Exception:
+                    log.exception("group %s: recording step %d's failure failed", self.name, t)
+                    changed = self.index.unprotect_in_memory(victims)
+                self.store.protected_step = t
+                self.metrics.encode_failures.labels(self.name).inc()
+                self._update_gauges()
+                self._broadcast(("ack", t, changed))
+                self._broadcast(("event", "STEP_FAILED", 0, f"step {t}: {len(victims)} requests unprotected"))
 
     @staticmethod
     def _merge(ranges: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
@@ -441,69 +549,43 @@ class Group:
                 self.store.chunk_step[block, :] = -1
                 self.broken.difference_update((block, c) for c in range(self.layout.chunks))
             with self.lock:
-                changed = self._apply_watermarks(commits)
-                self._apply_records(commits)
-                self.store.protected_step = t  # first: a crash in between under-claims
-                if changed:
-                    self.store.write_watermarks(self.watermarks)
+                # the index first: after a crash in between, the workers resend step t
+                # and the index, which already has it, ignores the resend
+                changed = self.index.apply(self._step_news(t, commits))
+                self.store.protected_step = t
                 self.metrics.encoded_bytes.labels(self.name).inc(nbytes)
                 self.metrics.encode_seconds.labels(self.name).inc(time.perf_counter() - started)
                 self.metrics.steps_encoded.labels(self.name).inc()
                 self._update_gauges()
                 self._broadcast(("ack", t, changed))
 
-    def _apply_watermarks(self, commits: dict[int, CommitRecord]) -> dict[str, int]:
-        """Tokens written on every rank (the minimum across ranks) become protected."""
-        seen: dict[str, int] = {}
+    def _step_news(self, t: int, commits: dict[int, CommitRecord]) -> StepNews:
+        """What step ``t`` tells the index: tokens written on every rank (the
+        minimum across ranks) become protected; records of requests not released
+        since; finished requests are dropped."""
+        marks: dict[str, int] = {}
         for c in commits.values():
             for req, tokens in c.requests:
-                if not self._void(req, c.step):
-                    seen[req] = min(tokens, seen.get(req, tokens))
-        changed = {req: tok for req, tok in seen.items() if self.watermarks.get(req) != tok}
-        self.watermarks.update(changed)
-        for c in commits.values():
-            for req in c.finished:
-                if self.watermarks.pop(req, None) is not None:
-                    changed[req] = 0
-        return changed
-
-    def _apply_records(self, commits: dict[int, CommitRecord]) -> None:
-        for c in commits.values():
-            for req, tokens, blocks, reset in c.records:
-                if self._void(req, c.step):
-                    continue
-                if reset:
-                    self.index[req] = ([], [])
-                elif req not in self.index:
-                    continue  # its start was never seen (a restarted daemon): unusable
-                have_tokens, have_blocks = self.index[req]
-                have_tokens.extend(tokens)
-                have_blocks.extend(blocks)
-        for c in commits.values():
-            for req in c.finished:
-                self.index.pop(req, None)
+                if not self.index.void(req, c.step):
+                    marks[req] = min(tokens, marks.get(req, tokens))
+        records = [rec for c in commits.values() for rec in c.records if not self.index.void(rec.request, c.step)]
+        finished = {req for c in commits.values() for req in c.finished}
+        # a release at step s voids news of steps < s; once t is encoded no such news can come
+        return StepNews(step=t, watermarks=marks, records=records, finished=finished, prune_before=t + 2)
 
     def match(self, tokens: np.ndarray) -> tuple[str, int, list[int]] | None:
         """The request whose protected KV covers the longest prefix of ``tokens``:
         (request id, tokens covered, its blocks for them), or None."""
-        best: tuple[str, int, list[int]] | None = None
-        slots = self.layout.block_slots
         with self.lock:
-            for req, (have, blocks) in self.index.items():
-                n = min(len(have), len(tokens), self.watermarks.get(req, 0), len(blocks) * slots)
-                if n <= 0:
-                    continue
-                eq = np.asarray(have[:n], dtype=np.uint32) == tokens[:n]
-                n = n if eq.all() else int(np.argmin(eq))
-                if n > 0 and (best is None or n > best[1]):
-                    best = (req, n, blocks[: -(-n // slots)])
-        return best
+            return self.index.match(tokens, self.layout.block_slots)
 
     def ended(self) -> bool:
         """The engine is gone (what Lookup, Fetch and Drop need): a keep_survivors
-        group whose last rank ended, or any group whose ranks are all lost."""
+        group whose last rank ended, a group whose ranks all said goodbye, or
+        any group whose ranks are all lost."""
         with self.lock:
-            return self._ended or (bool(self.ranks) and all(r.state == LOST for r in self.ranks.values()))
+            return self._ended or self.ended_at is not None or (
+                bool(self.ranks) and all(r.state == LOST for r in self.ranks.values()))
 
     def release(self, rank: int, session: str, step: int, requests: list[str], blocks: list[int]) -> None:
         """Forget ``requests`` and void ``blocks`` now (ReleaseRequest): the engine is
@@ -518,18 +600,9 @@ class Group:
                 self.store.chunk_step[b, :] = -1
                 self.broken.difference_update((b, c) for c in range(self.layout.chunks))
             with self.lock:
-                changed = False
-                for req in requests:
-                    self.index.pop(req, None)
-                    changed |= self.watermarks.pop(req, None) is not None
-                    self.forgotten[req] = max(step, self.forgotten.get(req, step))
-                if changed:
-                    self.store.write_watermarks(self.watermarks)
+                if requests:
+                    self.index.apply(StepNews(step=None, forget=dict.fromkeys(requests, step)))
                 self._update_gauges()
-
-    def _void(self, req: str, step: int) -> bool:
-        """Is this step's news of ``req`` older than its release?"""
-        return step < self.forgotten.get(req, -1)
 
     def _shard(self, view: np.ndarray, layer: int, block: int, start: int, end: int) -> np.ndarray:
         base = self.layout.offset + layer * self.layout.layer_stride + block * self.layout.block_stride
@@ -577,7 +650,7 @@ class Group:
 
     def _paddr(self, layer: int, block: int, j: int, start: int) -> int:
         """Address of byte ``start`` of parity row j of the (layer, block) stripe."""
-        return int(self._parity_addr + ((layer * self.layout.num_blocks + block) * self.m + j)
+        return int(self._parity_addr + ((layer * self.m + j) * self.layout.num_blocks + block)
                    * self.layout.block_bytes + start)
 
     def _encode_range(self, t: int, block: int, start: int, end: int, views: dict[int, tuple]) -> int:
@@ -668,27 +741,47 @@ class Group:
         return survivors, self._tables(rows)
 
     def _restore_into(self, rank, target, survivors, base_erased, flux, freed_in_flux, result) -> None:
-        """Rebuild every protected, settled chunk of ``rank``. Survivors are checked
-        run by run (:mod:`ghostserve.codec.crcfold`: one CRC pass per layer of a run
-        instead of one per chunk and layer); a run that fails is checked chunk by
-        chunk, and its bad chunks count as erasures."""
+        """Rebuild every protected, settled chunk of ``rank``.
+
+        Fast path (:mod:`ghostserve.daemon.rebuild`): tiles of whole chunks (up
+        to ``tile_bytes`` of each layer, every layer), each checked on every
+        survivor, decoded while its sources are in cache and checked again,
+        spread over the encode threads. Tiles that fail a check, partly filled
+        slot-addressed blocks (masked checksums), restores with more erasures
+        than parity, and everything when ``tile_bytes <= 0``, take the chunk path
+        below: survivors checked run by run (:mod:`ghostserve.codec.crcfold`: one
+        CRC pass per layer of a run), a run that fails chunk by chunk, bad chunks
+        counted as erasures (beyond m: unrecoverable, nothing written for them);
+        rebuilt bytes that do not verify are zeroed and reported lost."""
         lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
         settled = store.chunk_step >= 0
         for b, c in flux:
             settled[b, c] = False
         settled[sorted(freed_in_flux)] = False
-        runs: list[tuple[int, int, int]] = []   # (block, c0, c1): consecutive settled chunks
-        lost_chunks: list[tuple[int, int]] = []
-        for b in np.flatnonzero(settled.any(axis=1)):
-            row = settled[b].copy()
-            for c in np.flatnonzero(row):
-                if (int(b), int(c)) in self.broken:  # lost in an earlier restore: still lost
-                    row[c] = False
-                    lost_chunks.append((int(b), int(c)))
-            edges = np.flatnonzero(np.diff(np.concatenate(([0], row.astype(np.int8), [0]))))
-            runs += [(int(b), int(c0), int(c1)) for c0, c1 in zip(edges[::2], edges[1::2], strict=True)]
+        # lost in an earlier restore: still lost
+        lost_chunks = sorted((b, c) for b, c in self.broken if settled[b, c])
+        for b, c in lost_chunks:
+            settled[b, c] = False
         result.unrecoverable_bytes += len(lost_chunks) * cb * lay.num_layers
         unrecoverable = {b for b, _ in lost_chunks}
+        # runs (block, c0, c1) of consecutive settled chunks
+        edges = np.diff(np.pad(settled.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+        (rb, c0s), (_, c1s) = np.nonzero(edges == 1), np.nonzero(edges == -1)
+        runs: list[tuple[int, int, int]] = list(zip(rb.tolist(), c0s.tolist(), c1s.tolist(), strict=True))
+        erased = tuple(sorted(base_erased | {rank}))
+        if runs and self.tile_bytes > 0 and len(erased) <= self.m:
+            slow: list[tuple[int, int, int]] = []
+            if self.slotted:  # masked checksums: partly filled blocks stay on the chunk path
+                full = store.fill >= lay.block_slots
+                slow = [rn for rn in runs if not full[rn[0]]]
+                runs = [rn for rn in runs if full[rn[0]]]
+            plan = rebuild.TilePlan(lay, rank, target[1], {q: a for q, (_, a) in survivors.items()},
+                                    self._parity_addr, self.m, *self._rebuild_plan(erased, (rank,)),
+                                    store.crc, self.n)
+            done, retry = rebuild.rebuild_runs(plan, runs, self.tile_bytes, self.pool, self.threads)
+            result.restored_bytes += done * cb * lay.num_layers
+            # tiles that failed a check are redone chunk by chunk (one whose survivors failed wrote nothing)
+            runs = sorted(slow + retry)
         # survivors: fast check of every run, then chunk by chunk where it fails
         suspect: set[int] = set()
         for q, (_, addr) in survivors.items():
@@ -723,7 +816,7 @@ class Group:
             rebuilt.append((b, c0, c1, want))
             plans.append((b, c0, c1, want, *self._rebuild_plan(erased, want)))
 
-        def rebuild(part: list) -> None:
+        def decode(part: list) -> None:
             for b, c0, c1, want, sources, tables in part:
                 s, e = c0 * cb, c1 * cb
                 for layer in range(lay.num_layers):
@@ -731,7 +824,7 @@ class Group:
                            self._paddr(layer, b, i - self.n, s) for i in sources]
                     encode_raw(tables, e - s, src, [self._addr(addr[w], layer, b, s) for w in want])
 
-        self._in_slices(rebuild, plans, sum((c1 - c0) for b, c0, c1, *_ in plans) * cb * lay.num_layers)
+        self._in_slices(decode, plans, sum((c1 - c0) for b, c0, c1, *_ in plans) * cb * lay.num_layers)
         # end-to-end check of what was written against the encode-time checksums
         failed: set[int] = set()
         for w in {w for *_, want in rebuilt for w in want}:
@@ -873,9 +966,9 @@ class Group:
         del tview
         out.seconds = time.perf_counter() - started
         with self.lock:
-            self.metrics.restores.labels(self.name, "ok" if not out.unrecoverable_blocks else "partial").inc()
-            self.metrics.restore_seconds.labels(self.name).observe(out.seconds)
-            self.metrics.restored_bytes.labels(self.name).inc(out.fetched_bytes)
+            self.metrics.fetches.labels(self.name, "ok" if not out.unrecoverable_blocks else "partial").inc()
+            self.metrics.fetch_seconds.labels(self.name).observe(out.seconds)
+            self.metrics.fetched_bytes.labels(self.name).inc(out.fetched_bytes)
         return out
 
     def close(self) -> None:
@@ -918,7 +1011,7 @@ class Group:
                             else ~self._mask(int(store.fill[block])))
                     for layer in range(lay.num_layers):
                         fresh = self.code.encode([self._shard(views[q][0], layer, block, s, e) for q in range(self.n)])
-                        if not np.array_equal(fresh[:, keep], store.parity[layer, block, :, s:e][:, keep]):
+                        if not np.array_equal(fresh[:, keep], store.parity[layer, :, block, s:e][:, keep]):
                             out.parity_mismatches += 1
                             bad_blocks.add(block)
                             break
@@ -942,9 +1035,13 @@ class Group:
         self.metrics.protected_bytes.labels(self.name).set(chunks * per_chunk * self.n)
         self.metrics.parity_bytes.labels(self.name).set(chunks * per_chunk * self.m)
         states = [r.state for r in self.ranks.values()]
-        for state in (ALIVE, LOST, DETACHED, REPLACING):
+        for state in STATES:
             self.metrics.ranks.labels(self.name, state).set(states.count(state))
-        self.metrics.degraded.labels(self.name).set(1 if any(s in (LOST, REPLACING) for s in states) else 0)
+        ended = self._ended or self.ended_at is not None
+        # an ended engine gets no replacement: it is kept for a resume, not degraded
+        self.metrics.degraded.labels(self.name).set(
+            1 if not ended and any(s in (LOST, REPLACING) for s in states) else 0)
+        self.metrics.ended.labels(self.name).set(1 if ended else 0)
         self._update_lag()
 
     def degraded(self) -> bool:

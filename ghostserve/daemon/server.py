@@ -1,10 +1,16 @@
-"""The daemon: group registry, failure detector, gRPC services, and ``serve``.
+"""The daemon: group registry, failure detector, janitor, gRPC services, and ``serve``.
 
 Request handlers run on the gRPC server's thread pool; each worker stream uses
 two threads (one reads commits, one writes acknowledgements). Handlers validate
 everything before touching state and turn :class:`GhostServeError` into the
 status code of ``status_codes.GRPC_STATUS``, so one bad client never disturbs
-the others.
+the others; any other exception is a daemon bug: logged, answered INTERNAL.
+
+Shared memory is given back when an engine ends: at once when every rank said
+goodbye (a clean shutdown), after ``ended_ttl`` for an engine that ended by
+failure (kept that long for a resume), or earlier, oldest first, when a new
+registration needs the room. The ``gs-pids`` thread watches workers' pids and
+expires ended groups.
 """
 
 from __future__ import annotations
@@ -14,8 +20,11 @@ import logging
 import os
 import re
 import signal
+import socket as socketlib
+import sqlite3
 import stat
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,18 +33,22 @@ import grpc
 import numpy as np
 import psutil
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
 import ghostserve
 from ghostserve import shm
 from ghostserve.config import Config
-from ghostserve.daemon.group import CommitRecord, Group
+from ghostserve.daemon.group import CommitRecord, EndReason, Group
+from ghostserve.daemon.index import Record
 from ghostserve.daemon.status_codes import status_for
 from ghostserve.daemon.store import Layout, ParityStore
 from ghostserve.errors import (
+    ForeignStore,
     GhostServeError,
     InvalidRequest,
+    RegionInUse,
+    RegionRefused,
     ResourceExhausted,
     UnknownGroup,
     Unsupported,
@@ -48,18 +61,39 @@ log = logging.getLogger("ghostserve.daemon")
 
 _GROUP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SERVICES = ("ghostserve.v1.Worker", "ghostserve.v1.Operator")
+# names of the daemon's own segments under its prefix (ParityStore, RequestIndex, PrefixLock)
+_OWN_SUFFIXES = (".meta", ".parity", ".index", ".index-wal", ".index-shm", ".index-journal", ".lock")
+
+
+class DaemonStartError(GhostServeError):
+    """The daemon cannot start here: another daemon serves the socket or the
+    shared-memory prefix. Raised by :meth:`Server.start`; nothing is changed."""
+
+
+class DropReason:
+    """Why a group was dropped (the ``reason`` label of ``ghostserve_groups_dropped_total``)."""
+
+    CLEAN = "clean"        # every rank said goodbye
+    TTL = "ttl"            # ended by failure longer than --ended-ttl ago
+    SPACE = "space"        # /dev/shm was short of what a new registration needed
+    OPERATOR = "operator"  # ghostserve drop
 
 
 class Daemon:
-    """Groups by name, plus the pid watcher. Thread-safe."""
+    """Groups by name, the pid watcher and the janitor of ended groups. Thread-safe.
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None):
+    ``shm_free`` reports the bytes ``/dev/shm`` can still take (injected by tests,
+    which cannot fill the real one)."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None,
+                 shm_free: Callable[[], int] = shm.free_bytes):
         self.config = config
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="gs-encode")
         self.groups: dict[str, Group] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # the janitor drops groups from inside register
+        self.shm_free = shm_free
         self.draining = False
         self._stop = threading.Event()
         self._procs: dict[int, psutil.Process] = {}
@@ -76,15 +110,18 @@ class Daemon:
         for name in ParityStore.groups(self.config.shm_prefix):
             try:
                 store = ParityStore.open(self.config.shm_prefix, name)
-            except (ValueError, FileNotFoundError, KeyError) as exc:
+            except ForeignStore:
+                continue  # a daemon with a longer prefix (e.g. chaos under ours) owns it
+            except (ValueError, FileNotFoundError, KeyError, sqlite3.Error) as exc:
                 log.warning("skipping incomplete group %s: %s", name, exc)
                 continue
             group = self._new_group(name, store)
             group.attach_detached(store.manifest.get("ranks", {}), store.layout.region_bytes())
             log.info("re-attached group %s at protected step %d", name, store.protected_step)
+        self._expire()  # a crash between an engine's goodbye and its drop
 
     def _new_group(self, name: str, store: ParityStore) -> Group:
-        group = Group(name, store, self.metrics, self.pool, self.config.threads)
+        group = Group(name, store, self.metrics, self.pool, self.config)
         self.groups[name] = group
         group.start()
         return group
@@ -103,11 +140,74 @@ class Daemon:
         return group
 
     def _watch_pids(self) -> None:
+        """The ``gs-pids`` thread: a rank whose pid is gone is lost (its stream
+        may outlive it briefly); ended groups past their time are dropped."""
         while not self._stop.wait(self.config.pid_poll_seconds):
             for group in list(self.groups.values()):
                 for rank, pid in group.watched_pids():
                     if not self._alive(pid):
                         group.mark_lost(rank, "pid_gone")
+            self._expire()
+
+    # ---------------------------------------------------------------- janitor
+
+    def _expire(self) -> None:
+        """Drop cleanly ended groups, and failure-ended ones older than ``ended_ttl``."""
+        now = time.time()
+        for g in list(self.groups.values()):
+            if g.end_reason == EndReason.CLEAN:
+                self.drop_group(g, DropReason.CLEAN)
+            elif g.end_reason == EndReason.FAILURE and now - (g.ended_at or now) >= self.config.ended_ttl:
+                self.drop_group(g, DropReason.TTL)
+
+    def make_room(self, need: int) -> list[str]:
+        """Drop failure-ended groups, oldest first, until ``need`` bytes of
+        shared memory are free (or none is left to drop). Returns their names."""
+        dropped: list[str] = []
+        with self.lock:
+            ended = sorted((g for g in self.groups.values() if g.end_reason == EndReason.FAILURE),
+                           key=lambda g: g.ended_at or 0.0)
+            for g in ended:
+                if self.shm_free() >= need:
+                    break
+                self.drop_group(g, DropReason.SPACE)
+                dropped.append(g.name)
+        return dropped
+
+    def drop_group(self, g: Group, reason: str, unlink_regions: bool | None = None) -> int:
+        """Forget ``g`` and give back its shared memory: parity, metadata, index,
+        and the ranks' regions (those that said goodbye with ``release_region``;
+        all of them for an engine that ended by failure and is given up on, unless
+        ``unlink_regions`` says otherwise). Returns the bytes released. Idempotent."""
+        with self.lock:
+            if self.groups.get(g.name) is not g:
+                return 0
+            self.groups.pop(g.name)
+        if unlink_regions is None:
+            unlink_regions = reason in (DropReason.TTL, DropReason.SPACE)
+        regions = [(r.region, r.ident) for r in g.ranks.values() if unlink_regions or r.release_region]
+        held = g.store.nbytes()
+        g.close()
+        with g.io_lock:  # after a restore, fetch or scrub in flight
+            g.store.close()
+            ParityStore.destroy(self.config.shm_prefix, g.name)
+        for name, ident in regions:
+            size = shm.used_bytes(name)
+            if shm.unlink_if(name, ident):
+                held += size
+        self.metrics.forget_group(g.name)
+        self.metrics.groups_dropped.labels(reason).inc()
+        self.metrics.dropped_bytes.labels(reason).inc(held)
+        log.info("dropped group %s (%s): %d bytes of shared memory given back%s", g.name, reason, held,
+                 f", {len(regions)} regions unlinked" if regions else "")
+        return held
+
+    def held_bytes(self, g: Group) -> int:
+        """Shared memory ``g`` holds: its store, and for an ended engine the kept regions."""
+        held = g.store.nbytes()
+        if g.ended():
+            held += sum(shm.used_bytes(r.region) for r in list(g.ranks.values()) if r.view is not None)
+        return held
 
     def _alive(self, pid: int) -> bool:
         proc = self._procs.get(pid)
@@ -142,10 +242,12 @@ class Daemon:
             raise Unsupported("CUDA IPC regions need the GPU build of the daemon (not available here)")
         if kind != "shm_name":
             raise InvalidRequest("region: give shm_name")
+        region = req.region.shm_name
         try:
-            shm.check_name(req.region.shm_name)
+            shm.check_name(region)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
+        self._check_region_name(region)
         if req.region.size < layout.region_bytes():
             raise InvalidRequest(f"region of {req.region.size} bytes is smaller than the layout "
                                  f"needs ({layout.region_bytes()})")
@@ -154,19 +256,30 @@ class Daemon:
         if len(req.namespace) > 256:
             raise InvalidRequest("namespace: at most 256 characters")
         manifest = {"world_size": n, "parity": m, "layout": layout.__dict__,
-                    "keep_survivors": req.keep_survivors, "namespace": req.namespace}
+                    "keep_survivors": req.keep_survivors, "namespace": req.namespace,
+                    "shm_prefix": self.config.shm_prefix}
         with self.lock:
+            try:
+                ident = shm.identity(region)
+            except FileNotFoundError:
+                raise InvalidRequest(f"shared memory region {region!r} does not exist") from None
+            holder = self._holder(ident, req.group, req.rank)
+            if holder is not None:
+                raise RegionInUse(region, *holder)
             group = self.groups.get(req.group)
             created = group is None
             if created:
+                need = sum(ParityStore.sizes(layout, n, m))
+                self.make_room(need)
                 try:
                     store = ParityStore.create(self.config.shm_prefix, req.group, {**manifest, "ranks": {}},
                                                lay.slot_map)
                 except OSError as exc:
-                    raise ResourceExhausted(f"shared memory for parity ({exc})") from None
+                    raise ResourceExhausted(f"shared memory for parity: {need} bytes ({exc})") from None
                 group = self._new_group(req.group, store)
             else:
                 have = {k: group.store.manifest.get(k, "" if k == "namespace" else False) for k in manifest}
+                have["shm_prefix"] = manifest["shm_prefix"]
                 if have != manifest:
                     raise InvalidRequest(f"group {req.group!r} is registered with {have}, not {manifest}")
                 if layout.block_slots and bytes(group.store.slot_map.tobytes()) != lay.slot_map:
@@ -178,10 +291,35 @@ class Daemon:
                     self.groups.pop(req.group).stop()
                     store.close()
                     ParityStore.destroy(self.config.shm_prefix, req.group)
+                    self.metrics.forget_group(req.group)
                 raise
         return pb.RegisterResponse(role=pb.RegisterResponse.Role.Value(role), session=session,
                                    protected_step=group.protected_step,
                                    next_step=group.protected_step + 1)
+
+    def _check_region_name(self, region: str) -> None:
+        """A region must be the engine's KV: not a segment of the daemon's own
+        (parity, metadata, index, lock), and under ``region_prefix`` if set."""
+        prefix = self.config.shm_prefix
+        if region.startswith(prefix) and region.endswith(_OWN_SUFFIXES):
+            raise RegionRefused(region, "names a segment of the daemon's own (parity, metadata, "
+                                "index or lock), not an engine's KV")
+        if self.config.region_prefix and not region.startswith(self.config.region_prefix):
+            raise RegionRefused(region, f"outside the daemon's --region-prefix "
+                                f"{self.config.region_prefix!r}")
+
+    def _holder(self, ident: tuple[int, int], group: str, rank: int) -> tuple[str, int] | None:
+        """(group, rank) of another rank that holds the memory ``ident`` mapped."""
+        for g in list(self.groups.values()):
+            with g.lock:
+                for r in g.ranks.values():
+                    if r.view is not None and r.ident == ident and (g.name, r.rank) != (group, rank):
+                        return g.name, r.rank
+        return None
+
+    def reclaim(self, req: pb.ReclaimRequest) -> pb.ReclaimResponse:
+        dropped = self.make_room(req.bytes)
+        return pb.ReclaimResponse(free_bytes=self.shm_free(), dropped_groups=dropped)
 
     # ---------------------------------------------------------------- resume
 
@@ -228,16 +366,7 @@ class Daemon:
             g = self.group(req.group)
             if not g.ended():
                 raise WrongState(g.name, None, "only a group with no rank alive can be dropped")
-            self.groups.pop(req.group)
-        regions = [r.region for r in g.ranks.values()]
-        g.close()
-        released = g.layout.kv_bytes() * g.m
-        g.store.close()
-        ParityStore.destroy(self.config.shm_prefix, g.name)
-        if req.unlink_regions:
-            for name in regions:
-                shm.unlink(name)
-        log.info("dropped group %s (%d parity bytes)", g.name, released)
+            released = self.drop_group(g, DropReason.OPERATOR, unlink_regions=req.unlink_regions)
         return pb.DropResponse(released_bytes=released)
 
     # ---------------------------------------------------------------- status
@@ -245,14 +374,20 @@ class Daemon:
     def status(self, name: str = "") -> pb.StatusResponse:
         groups = [self.group(name)] if name else list(self.groups.values())
         out = pb.StatusResponse(version=ghostserve.__version__)
+        now = time.time()
         for g in groups:
             with g.lock:
                 lay = g.layout
                 chunks = g.store.protected_chunks()
                 per_chunk = lay.chunk_bytes * lay.num_layers
+                ended = g.ended()
+                age = now - g.ended_at if g.ended_at is not None else 0.0
                 gs = out.groups.add(
                     group=g.name, world_size=g.n, parity=g.m,
-                    state="degraded" if g.degraded() else "healthy",
+                    state="ended" if ended else "degraded" if g.degraded() else "healthy",
+                    ended_seconds=age, held_bytes=self.held_bytes(g),
+                    expires_seconds=max(0.0, self.config.ended_ttl - age)
+                    if g.end_reason == EndReason.FAILURE else 0.0,
                     protected_step=g.protected_step, newest_step=g.newest_step(),
                     lag_steps=g.newest_step() - g.protected_step,
                     kv_bytes=lay.kv_bytes() * g.n, protected_bytes=chunks * per_chunk * g.n,
@@ -315,15 +450,37 @@ def _commit_record(c: pb.Commit) -> CommitRecord:
         requests=list(zip(c.request_ids, c.request_tokens, strict=True)),
         freed=list(c.freed_blocks), finished=list(c.finished_requests),
         fills={int(b): int(f) for b, f in fills}, released=list(c.released_blocks),
-        records=[(r.request_id, list(r.tokens), list(r.blocks), r.reset) for r in c.records],
+        records=[Record(r.request_id, list(r.tokens), list(r.blocks), r.reset) for r in c.records],
     )
 
 
+class _StreamEnd:
+    """How a worker's stream ended, as its reader thread saw it."""
+
+    def __init__(self) -> None:
+        self.goodbye = False                       # the worker ended cleanly
+        self.refused: GhostServeError | None = None  # it sent something invalid
+        self.bug: Exception | None = None          # the daemon failed on a valid message
+
+
 class Services:
-    """Worker and Operator handlers over one :class:`Daemon`."""
+    """Worker and Operator handlers over one :class:`Daemon`. Each handler runs
+    on a thread of the gRPC server's pool."""
 
     def __init__(self, daemon: Daemon):
         self.d = daemon
+
+    def _refuse(self, method: str, exc: GhostServeError, context: grpc.ServicerContext) -> None:
+        code = status_for(exc)
+        self.d.metrics.rejected.labels(method, code.name).inc()
+        log.warning("refused %s: %s (%s)", method, exc, code.name)
+        context.abort(code, str(exc))
+
+    def _internal(self, method: str, exc: Exception, context: grpc.ServicerContext) -> None:
+        self.d.metrics.rejected.labels(method, grpc.StatusCode.INTERNAL.name).inc()
+        log.error("%s failed inside the daemon (a bug)", method, exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, f"ghostserve daemon error in {method}: "
+                      f"{type(exc).__name__}: {exc} (see the daemon's log)")
 
     def _unary(self, name: str, fn: Callable[[Any], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
         @functools.wraps(fn)
@@ -333,38 +490,43 @@ class Services:
                     raise InvalidRequest(f"malformed {name} message: {request.error}")
                 return fn(request)
             except GhostServeError as exc:
-                code = status_for(exc)
-                self.d.metrics.rejected.labels(name, code.name).inc()
-                context.abort(code, str(exc))
+                self._refuse(name, exc, context)
+            except Exception as exc:  # noqa: BLE001 - a bug: log it, answer INTERNAL, keep serving
+                self._internal(name, exc, context)
         return handler
 
     # Worker
     def register(self, req: pb.RegisterRequest) -> pb.RegisterResponse:
+        """Register (or re-register) a rank's KV region; creates the group on its first rank."""
         return self.d.register(req)
 
     def restore(self, req: pb.RestoreRequest) -> pb.RestoreResponse:
+        """Rebuild a replacement rank's protected KV into its region (blocks until written)."""
         return _restore_response(self.d.group(req.group).restore(req.rank, req.session))
 
     def operator_restore(self, req: pb.RestoreRequest) -> pb.RestoreResponse:
+        """Operator Restore: the same without a session (e.g. to repair a corrupt rank)."""
         return _restore_response(self.d.group(req.group).restore(req.rank, None))
 
     def status(self, req: pb.StatusRequest) -> pb.StatusResponse:
+        """Groups, ranks, watermarks and shared memory held."""
         return self.d.status(req.group)
 
     def scrub(self, req: pb.ScrubRequest) -> pb.ScrubResponse:
+        """Check every protected chunk against its checksums (and parity, if every rank is alive)."""
         res = self.d.group(req.group).scrub()
         return pb.ScrubResponse(chunks_checked=res.chunks_checked, parity_mismatches=res.parity_mismatches,
                                 checksum_mismatches=res.checksum_mismatches, bad_blocks=res.bad_blocks,
                                 bad_ranks=res.bad_ranks, parity_checked=res.parity_checked)
 
     def stream(self, requests: Any, context: grpc.ServicerContext):
-        """Hello, then commits; yields acks and events. The stream ending from the
-        client's side (EOF, cancel, broken connection) marks the rank lost."""
-        def reject(exc: GhostServeError) -> None:
-            code = status_for(exc)
-            self.d.metrics.rejected.labels("Stream", code.name).inc()
-            context.abort(code, str(exc))
+        """Hello, then commits, then maybe a goodbye; yields acks and events.
 
+        The stream ending from the client's side without a goodbye (EOF, cancel,
+        broken connection) marks the rank lost. A goodbye ends the rank cleanly
+        (and, once every rank has, drops the group). An invalid message is
+        refused with its code; a daemon bug on a valid one is logged and
+        answered INTERNAL, and the rank is only detached: it rejoins and resends."""
         try:
             first = next(requests)
         except (StopIteration, grpc.RpcError):
@@ -376,34 +538,53 @@ class Services:
             group = self.d.group(hello.group)
             outbox = group.open_stream(hello.rank, hello.session)
         except GhostServeError as exc:
-            reject(exc)
+            self._refuse("Stream", exc, context)
             return
         rank, session = hello.rank, hello.session
-        verdict: dict[str, Any] = {}
+        end = _StreamEnd()
 
         def read() -> None:
-            try:
-                for msg in requests:
-                    if isinstance(msg, _Malformed) or msg.WhichOneof("msg") != "commit":
-                        raise InvalidRequest("after hello, a stream carries only commits")
-                    group.commit(rank, session, _commit_record(msg.commit))
-            except GhostServeError as exc:
-                verdict["error"] = exc
-            except Exception:  # the connection broke: the worker is gone
-                pass
+            while True:
+                try:
+                    msg = next(requests)
+                except StopIteration:
+                    break
+                except Exception:  # noqa: BLE001 - the connection broke: the worker is gone
+                    break
+                try:
+                    kind = None if isinstance(msg, _Malformed) else msg.WhichOneof("msg")
+                    if kind == "commit":
+                        group.commit(rank, session, _commit_record(msg.commit))
+                    elif kind == "goodbye":
+                        end.goodbye = True
+                        if group.goodbye(rank, session, msg.goodbye.release_region):
+                            self.d.drop_group(group, DropReason.CLEAN)
+                        break
+                    else:
+                        raise InvalidRequest("after hello, a stream carries commits and one goodbye")
+                except GhostServeError as exc:
+                    end.refused = exc
+                    break
+                except Exception as exc:  # noqa: BLE001 - a daemon bug, not the worker's failure
+                    end.bug = exc
+                    break
             outbox.put(("eof",))
 
         context.add_callback(lambda: outbox.put(("eof",)))
         threading.Thread(target=read, name=f"gs-stream-{group.name}-{rank}", daemon=True).start()
         while True:
             item = outbox.get()
-            if item is None:  # a newer stream of this rank took over
+            if item is None:  # a newer stream of this rank took over, or the group was dropped
                 return
             if item[0] == "eof":
-                error = verdict.get("error")
-                group.stream_closed(rank, session, by_client=error is None and not self.d.draining)
-                if error is not None:
-                    reject(error)
+                if end.goodbye:
+                    return
+                lost = end.refused is None and end.bug is None and not self.d.draining
+                group.stream_closed(rank, session, by_client=lost)
+                if end.refused is not None:
+                    self._refuse("Stream", end.refused, context)
+                elif end.bug is not None:
+                    self._internal("Stream", end.bug, context)
                 return
             if item[0] == "ack":
                 _, step, marks = item
@@ -425,6 +606,7 @@ class Services:
             "Register": unary("Register", self.register, pb.RegisterRequest, pb.RegisterResponse),
             "Restore": unary("Restore", self.restore, pb.RestoreRequest, pb.RestoreResponse),
             "Lookup": unary("Lookup", self.d.lookup, pb.LookupRequest, pb.LookupResponse),
+            "Reclaim": unary("Reclaim", self.d.reclaim, pb.ReclaimRequest, pb.ReclaimResponse),
             "Release": unary("Release", self.d.release, pb.ReleaseRequest, pb.ReleaseResponse),
             "Fetch": unary("Fetch", self.d.fetch, pb.FetchRequest, pb.FetchResponse),
             "Stream": grpc.stream_stream_rpc_method_handler(
@@ -440,42 +622,117 @@ class Services:
         return [worker, operator]
 
 
+# Server reflection: grpcurl asks for grpc.reflection.v1 first, grpcio-reflection
+# implements v1alpha. The two protocols are the same messages under another package,
+# so one servicer answers both; v1's descriptor is v1alpha's, renamed.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def _add_reflection_v1_descriptor() -> None:
+    from google.protobuf import descriptor_pb2, descriptor_pool  # noqa: PLC0415
+
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindServiceByName(REFLECTION_V1)
+        return  # registered already (by this function or by a real v1 package)
+    except KeyError:
+        pass
+    fdp = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(fdp)
+    old, new = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    fdp.name, fdp.package = "grpc/reflection/v1/reflection.proto", "grpc.reflection.v1"
+    for msg in fdp.message_type:
+        for f in msg.field:
+            if f.HasField("type_name"):
+                f.type_name = f.type_name.replace(old, new)
+    for svc in fdp.service:
+        for m in svc.method:
+            m.input_type, m.output_type = m.input_type.replace(old, new), m.output_type.replace(old, new)
+    pool.Add(fdp)
+
+
+def add_reflection(server: grpc.Server, services: tuple[str, ...]) -> None:
+    """Serve reflection v1 and v1alpha for ``services`` (and for themselves)."""
+    _add_reflection_v1_descriptor()
+    servicer = reflection.ReflectionServicer((*services, reflection.SERVICE_NAME, REFLECTION_V1))
+    method = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString)
+    server.add_generic_rpc_handlers([
+        grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": method})
+        for name in (reflection.SERVICE_NAME, REFLECTION_V1)])
+
+
+def _daemon_answers(path: str) -> bool:
+    """Does a process accept connections on the unix socket ``path``?"""
+    s = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(path)
+        return True
+    except OSError:  # refused (stale) or gone
+        return False
+    finally:
+        s.close()
+
+
 class Server:
     """A running daemon: gRPC on the socket (and TCP if configured), health,
-    reflection and metrics. ``start()`` returns once it listens."""
+    reflection and metrics. ``start()`` returns once it listens; it raises
+    :class:`DaemonStartError` when another daemon holds the socket or the
+    shared-memory prefix, and leaves nothing behind when it fails."""
 
-    def __init__(self, config: Config, registry: CollectorRegistry | None = None):
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None,
+                 shm_free: Callable[[], int] = shm.free_bytes):
         self.config = config
-        self.daemon = Daemon(config, registry)
-        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=256, thread_name_prefix="gs-rpc"),
+        self.daemon = Daemon(config, registry, shm_free)
+        self.grpc = grpc.server(ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="gs-rpc"),
                                 options=[("grpc.so_reuseport", 0)])
         self.health = health.HealthServicer()
         self.metrics_server = None
         self.metrics_port = 0
+        self._lock = shm.PrefixLock(config.shm_prefix)
+        self._bound = False
 
     def start(self) -> None:
         cfg = self.config
+        holder = self._lock.acquire()
+        if holder is not None:
+            raise DaemonStartError(f"another ghostserve daemon (pid {holder}) serves shared-memory prefix "
+                                   f"{cfg.shm_prefix!r}; stop it or give this one another --shm-prefix")
+        try:
+            if cfg.socket and _daemon_answers(cfg.socket):
+                raise DaemonStartError(f"a daemon already answers on {cfg.socket}; stop it or use another --socket")
+            self._start()
+        except BaseException:
+            self._cleanup()
+            raise
+
+    def _start(self) -> None:
+        cfg = self.config
+        creds = None
+        if cfg.listen and cfg.tls_cert:  # read first: a bad file fails before anything is bound
+            with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
         self.daemon.start()
         self.grpc.add_generic_rpc_handlers(Services(self.daemon).handlers())
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        names = (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                 reflection.SERVICE_NAME)
-        reflection.enable_server_reflection(names, self.grpc)
+        add_reflection(self.grpc, (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
         if cfg.socket:
             directory = os.path.dirname(cfg.socket)
             if directory:
                 os.makedirs(directory, mode=0o700, exist_ok=True)
             if os.path.exists(cfg.socket) and stat.S_ISSOCK(os.stat(cfg.socket).st_mode):
-                os.unlink(cfg.socket)  # stale socket of a dead daemon
+                os.unlink(cfg.socket)  # stale socket of a dead daemon (no one answers: checked)
             old = os.umask(0o177)  # the socket is created 0600
             try:
                 self.grpc.add_insecure_port("unix:" + cfg.socket)
+                self._bound = True
             finally:
                 os.umask(old)
         if cfg.listen:
-            if cfg.tls_cert:
-                with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            if creds is not None:
                 self.grpc.add_secure_port(cfg.listen, creds)
             else:
                 self.grpc.add_insecure_port(cfg.listen)
@@ -489,39 +746,57 @@ class Server:
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Drain: report NOT_SERVING, finish in-flight RPCs, stop encoders. Parity stays."""
+    def _cleanup(self) -> None:
+        self.grpc.stop(0)
+        self.daemon.stop()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
+            self.metrics_server = None
+        if self._bound and os.path.exists(self.config.socket):
+            os.unlink(self.config.socket)
+        self._bound = False
+        self._lock.release()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Drain: report NOT_SERVING, give in-flight RPCs ``grace`` seconds (default
+        ``drain_seconds``), stop encoders. Parity stays."""
         self.daemon.draining = True
         for name in ("", *SERVICES):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         for group in list(self.daemon.groups.values()):
             group.end_streams()  # ranks stay registered (detached); parity stays
-        self.grpc.stop(grace).wait()
-        self.daemon.stop()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
-        if self.config.socket and os.path.exists(self.config.socket):
-            os.unlink(self.config.socket)
+        self.grpc.stop(self.config.drain_seconds if grace is None else grace).wait()
+        self._cleanup()
 
 
 def serve(config: Config) -> int:
-    """Run until SIGTERM or SIGINT; returns the exit status."""
+    """Run until SIGTERM or SIGINT; returns the exit status.
+
+    The signals are blocked in every thread (all start after this) and taken
+    by ``sigwait`` on the main thread: no Python signal handler runs, so none can
+    interrupt a lock it then waits for. A second signal during the drain ends
+    the process at once."""
     logging.basicConfig(level=config.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signals = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     server = Server(config)
     server.start()
     log.info("ghostserve %s serving on %s%s, metrics %s", ghostserve.__version__, config.socket,
              f" and {config.listen}" if config.listen else "",
              f"on :{server.metrics_port}" if server.metrics_port else "off")
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
     print(f"ready socket={config.socket} metrics_port={server.metrics_port}", flush=True)
-    while not done.wait(0.5):
-        pass
-    log.info("draining")
+    sig = signal.sigwait(signals)
+    log.info("%s: draining", signal.Signals(sig).name)
+
+    def force() -> None:
+        again = signal.sigwait(signals)
+        log.warning("%s during the drain: exiting now", signal.Signals(again).name)
+        os._exit(128 + again)
+
+    threading.Thread(target=force, name="gs-signals", daemon=True).start()
     server.stop()
     return 0
 
 
-__all__ = ["Daemon", "Server", "Services", "serve"]
+__all__ = ["Daemon", "DaemonStartError", "DropReason", "Server", "Services", "add_reflection", "serve"]

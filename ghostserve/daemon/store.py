@@ -3,20 +3,26 @@
 Everything a restore needs lives here, outside the daemon's heap, so a daemon
 that is SIGKILLed and restarted re-attaches and loses nothing protected:
 
-* ``{prefix}{group}.parity``: parity bytes, shape (layers, blocks, m, block_bytes);
+* ``{prefix}{group}.parity``: parity bytes, shape (layers, m, blocks, block_bytes)
+  (a parity row of a layer is contiguous across blocks: a restore decodes many
+  blocks in one call),
+  allocated up front (``posix_fallocate``: a full ``/dev/shm`` is an error at
+  registration, never a SIGBUS while encoding);
 * ``{prefix}{group}.meta``: a manifest (JSON: code, layout, ranks and their
-  regions), the protected step, per-request watermarks (JSON), and two arrays:
-  ``chunk_step[block, chunk]`` (step at which a chunk was last protected, -1 if
-  not) and ``crc[block, chunk, rank]`` (CRC32C of that rank's bytes of the chunk,
+  regions), the protected step, and two arrays: ``chunk_step[block, chunk]``
+  (step at which a chunk was last protected, -1 if not) and
+  ``crc[block, chunk, rank]`` (CRC32C of that rank's bytes of the chunk,
   chained over layers, taken at encode time); for slot-addressed layouts also
   ``fill[block]`` (slots covered by that block's checksums and parity) and the
-  layout's ``slot_map``.
+  layout's ``slot_map``;
+* ``{prefix}{group}.index``: the request index and watermarks
+  (:mod:`ghostserve.daemon.index`).
 
-Crash consistency: JSON records are double-buffered with a sequence number
+Crash consistency: the manifest is double-buffered with a sequence number
 (a torn write leaves the older copy valid); a chunk is marked unprotected
 before its parity is rewritten and protected again only after parity and
-checksums are in place. Only the group's encoder thread writes here; readers
-(restore, scrub, status) run under the group's lock.
+checksums are in place. Only the group's encoder thread writes step records;
+readers (restore, scrub, status) run under the group's lock.
 """
 
 from __future__ import annotations
@@ -29,11 +35,16 @@ from typing import Any
 import numpy as np
 
 from ghostserve import shm
+from ghostserve.daemon import index
+from ghostserve.errors import ForeignStore
 
-MAGIC = b"GSMETA01"
-_HDR = 64
-_MANIFEST_SLOT = 64 << 10
-_WATERMARK_SLOT = 1 << 20
+MAGIC = b"GSMETA03"
+_HDR = 64  # [magic 8][manifest slot bytes u64]
+
+
+def manifest_slot(n: int) -> int:
+    """Bytes of one manifest copy: room for every rank's region name and pid."""
+    return (16 << 10) + 512 * n
 
 
 @dataclass(frozen=True)
@@ -113,11 +124,13 @@ class ParityStore:
     def __init__(self, meta: shm.Segment, parity: shm.Segment, manifest: dict[str, Any]):
         self.meta, self.parity_seg = meta, parity
         self.manifest = manifest
+        self.index: index.RequestIndex | None = None  # set by create() and open()
         self.layout = Layout(**manifest["layout"])
         n, m = manifest["world_size"], manifest["parity"]
         lay = self.layout
         self.k, self.m = n, m
-        off = _HDR + 2 * _MANIFEST_SLOT + 2 * _WATERMARK_SLOT
+        self._slot = manifest_slot(n)
+        off = _HDR + 2 * self._slot
         self._protected = meta.array(np.int64, off, 1)
         off += 8
         cs = lay.num_blocks * lay.chunks
@@ -129,12 +142,12 @@ class ParityStore:
         self.fill = meta.array(np.int32, off, lay.num_blocks if lay.block_slots else 0)
         off += self.fill.nbytes
         self.slot_map = meta.array(np.uint16, off, lay.block_bytes if lay.block_slots else 0)
-        self.parity = parity.array().reshape(lay.num_layers, lay.num_blocks, m, lay.block_bytes)
+        self.parity = parity.array().reshape(lay.num_layers, m, lay.num_blocks, lay.block_bytes)
 
     @staticmethod
     def sizes(layout: Layout, n: int, m: int) -> tuple[int, int]:
         cs = layout.num_blocks * layout.chunks
-        meta = _HDR + 2 * _MANIFEST_SLOT + 2 * _WATERMARK_SLOT + 8 + 8 * cs + 4 * cs * n
+        meta = _HDR + 2 * manifest_slot(n) + 8 + 8 * cs + 4 * cs * n
         if layout.block_slots:
             meta += 4 * layout.num_blocks + 2 * layout.block_bytes
         return meta, layout.kv_bytes() * m
@@ -144,17 +157,25 @@ class ParityStore:
         layout = Layout(**manifest["layout"])
         meta_size, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
         meta_name, parity_name = names(prefix, group)
-        for name in (meta_name, parity_name):  # leftovers of a group never completed
-            shm.unlink(name)
-        parity = shm.Segment.create(parity_name, parity_size)
-        meta = shm.Segment.create(meta_name, meta_size)
-        store = cls(meta, parity, manifest)
+        cls.destroy(prefix, group)  # leftovers of a group never completed
+        parity = meta = None
+        try:
+            parity = shm.Segment.create(parity_name, parity_size, reserve=True)
+            meta = shm.Segment.create(meta_name, meta_size, reserve=True)
+            store = cls(meta, parity, manifest)
+            store.index = index.RequestIndex.open(prefix, group, create=True)
+        except BaseException:
+            for seg in (parity, meta):
+                if seg is not None:
+                    seg.close()
+            cls.destroy(prefix, group)
+            raise
         store.chunk_step[:] = -1
         store._protected[0] = -1
         if layout.block_slots:
             store.slot_map[:] = np.frombuffer(slot_map, dtype="<u2")
+        struct.pack_into("<Q", meta.buf, 8, store._slot)
         store.write_manifest(manifest)
-        store.write_watermarks({})
         meta.buf[0:8] = MAGIC  # last: a meta segment without magic is incomplete
         return store
 
@@ -163,15 +184,28 @@ class ParityStore:
         """Re-attach after a daemon restart. Raises ValueError if incomplete."""
         meta_name, parity_name = names(prefix, group)
         meta = shm.Segment.attach(meta_name)
-        if bytes(meta.buf[0:8]) != MAGIC:
-            raise ValueError(f"{meta_name}: not a complete ghostserve meta segment")
-        manifest = _read_record(meta, _HDR, _MANIFEST_SLOT)
-        if manifest is None:
-            raise ValueError(f"{meta_name}: no valid manifest")
-        layout = Layout(**manifest["layout"])
-        _, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
-        parity = shm.Segment.attach(parity_name, parity_size)
-        return cls(meta, parity, manifest)
+        try:
+            if bytes(meta.buf[0:8]) != MAGIC:
+                raise ValueError(f"{meta_name}: not a complete ghostserve meta segment")
+            (slot,) = struct.unpack_from("<Q", meta.buf, 8)
+            manifest = _read_record(meta, _HDR, slot)
+            if manifest is None or slot != manifest_slot(manifest["world_size"]):
+                raise ValueError(f"{meta_name}: no valid manifest")
+            if manifest.get("shm_prefix", prefix) != prefix:
+                raise ForeignStore(f"{meta_name} belongs to the daemon of prefix {manifest['shm_prefix']!r}")
+            layout = Layout(**manifest["layout"])
+            _, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
+            parity = shm.Segment.attach(parity_name, parity_size)
+        except BaseException:
+            meta.close()
+            raise
+        store = cls(meta, parity, manifest)
+        try:
+            store.index = index.RequestIndex.open(prefix, group)
+        except BaseException:
+            store.close()
+            raise
+        return store
 
     @classmethod
     def groups(cls, prefix: str) -> list[str]:
@@ -179,8 +213,14 @@ class ParityStore:
 
     @classmethod
     def destroy(cls, prefix: str, group: str) -> None:
+        """Unlink every segment of the group's store (those that exist)."""
         for name in names(prefix, group):
             shm.unlink(name)
+        index.destroy(prefix, group)
+
+    def nbytes(self) -> int:
+        """Shared memory this store holds: parity, metadata and index."""
+        return self.parity_seg.size + self.meta.size + (self.index.nbytes() if self.index else 0)
 
     # ---------------------------------------------------------------- records
 
@@ -193,19 +233,16 @@ class ParityStore:
         self._protected[0] = step
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Replace the manifest. Raises ValueError if it outgrows its slot (then the old one stays)."""
+        _write_record(self.meta, _HDR, self._slot, manifest)
         self.manifest = manifest
-        _write_record(self.meta, _HDR, _MANIFEST_SLOT, manifest)
-
-    def write_watermarks(self, watermarks: dict[str, int]) -> None:
-        _write_record(self.meta, _HDR + 2 * _MANIFEST_SLOT, _WATERMARK_SLOT, watermarks)
-
-    def read_watermarks(self) -> dict[str, int]:
-        return _read_record(self.meta, _HDR + 2 * _MANIFEST_SLOT, _WATERMARK_SLOT) or {}
 
     def protected_chunks(self) -> int:
         return int((self.chunk_step >= 0).sum())
 
     def close(self) -> None:
+        if self.index is not None:
+            self.index.close()
         self.meta.close()
         self.parity_seg.close()
 

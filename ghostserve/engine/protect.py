@@ -172,4 +172,6 @@ class ErasureCoded(Protection):
                 "seconds": time.perf_counter() - t}
 
     def close(self) -> None:
-        self.client.close()
+        """The rank shuts down cleanly: a goodbye, so the daemon drops the group's
+        parity once every rank has left (the driver owns and unlinks the KV)."""
+        self.client.goodbye()

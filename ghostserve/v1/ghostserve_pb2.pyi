@@ -289,6 +289,20 @@ class ReleaseResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ReclaimRequest(_message.Message):
+    __slots__ = ("bytes",)
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    bytes: int
+    def __init__(self, bytes: _Optional[int] = ...) -> None: ...
+
+class ReclaimResponse(_message.Message):
+    __slots__ = ("free_bytes", "dropped_groups")
+    FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    free_bytes: int
+    dropped_groups: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, free_bytes: _Optional[int] = ..., dropped_groups: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ("group",)
     GROUP_FIELD_NUMBER: _ClassVar[int]

@@ -49,6 +49,11 @@ class WorkerStub:
                 request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.Reclaim = channel.unary_unary(
+                '/ghostserve.v1.Worker/Reclaim',
+                request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.ReclaimRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.ReclaimResponse.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_unary(
                 '/ghostserve.v1.Worker/Fetch',
                 request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.FetchRequest.SerializeToString,
@@ -82,6 +87,12 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Lookup(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reclaim(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +135,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Lookup,
                     request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.LookupResponse.SerializeToString,
+            ),
+            'Reclaim': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reclaim,
+                    request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.ReclaimRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.ReclaimResponse.SerializeToString,
             ),
             'Fetch': grpc.unary_unary_rpc_method_handler(
                     servicer.Fetch,
@@ -222,6 +238,33 @@ class Worker:
             '/ghostserve.v1.Worker/Lookup',
             ghostserve_dot_v1_dot_ghostserve__pb2.LookupRequest.SerializeToString,
             ghostserve_dot_v1_dot_ghostserve__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reclaim(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ghostserve.v1.Worker/Reclaim',
+            ghostserve_dot_v1_dot_ghostserve__pb2.ReclaimRequest.SerializeToString,
+            ghostserve_dot_v1_dot_ghostserve__pb2.ReclaimResponse.FromString,
             options,
             channel_credentials,
             insecure,
