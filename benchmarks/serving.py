@@ -31,9 +31,14 @@ import time
 from dataclasses import replace
 from typing import Any
 
-from ghostserve.engine.engine import REPORT_NAME, Engine, EngineConfig, Kill
-from ghostserve.engine.model import ModelConfig
-from ghostserve.engine.workload import blocks_needed, copy, fixed, poisson
+from ghostserve.extras import require
+
+# before the engine (and torch) is imported: without the engine extra, one clear line
+require("engine", "benchmarks/serving.py")
+
+from ghostserve.engine.engine import REPORT_NAME, Engine, EngineConfig, Kill  # noqa: E402
+from ghostserve.engine.model import ModelConfig  # noqa: E402
+from ghostserve.engine.workload import blocks_needed, copy, fixed, poisson  # noqa: E402
 
 MODES = ("none", "replicate", "ec")
 

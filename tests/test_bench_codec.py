@@ -47,6 +47,10 @@ def test_quick_json(bench, capsys):
         for key in ("pyeclib_gbps", "ours_vs_raw", "ours_vs_pyeclib"):
             assert math.isfinite(r[key]) and r[key] > 0, (name, key)
     assert rows["encode_4x2_64KiB_threads1"]["speedup_vs_threads1"] == pytest.approx(1.0)
+    # every row's raw ISA-L baseline ran on as many threads as ours did
+    for r in rows.values():
+        assert r["raw_threads"] == r["threads"], r["name"]
+    assert rows["encode_4x2_64KiB_threads2"]["threads"] == 2
     assert result["all_verified"] is True
 
     machine = result["machine"]
@@ -62,3 +66,29 @@ def test_parsing(bench):
     assert bench.parse_shape("8x2") == (8, 2) == bench.parse_shape("8+2")
     assert bench.size_label(1 << 20) == "1MiB"
     assert bench.size_label(1000) == "1000B"
+
+
+def test_threads_baseline_is_raw_isal_on_as_many_threads(bench):
+    import numpy as np
+
+    from ghostserve.codec import isal
+
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (4, 100_000), dtype=np.uint8)
+    one, two = np.zeros((2, 100_000), dtype=np.uint8), np.zeros((2, 100_000), dtype=np.uint8)
+    coeffs = isal.cauchy1_matrix(4, 2)[4:]
+    raws = [bench.RawIsalThreads(coeffs, bench.rows_addrs(data, range(4)), bench.rows_addrs(out, range(2)),
+                                 100_000, t) for out, t in ((one, 1), (two, 2))]
+    for raw in raws:
+        raw()
+        raw.close()
+    assert len(raws[0].parts) == 1 and len(raws[1].parts) == 2  # two column ranges, two threads
+    assert raws[1].pool is not None and raws[1].pool._max_workers == 2
+    assert np.array_equal(one, two) and one.any()  # same parity either way
+
+
+def test_table_says_what_the_baselines_are(bench, capsys):
+    assert bench.main(["--quick", "--shapes", "4x2", "--sizes", "64KiB"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ours/raw (same threads)" in out
+    assert "raw: ISA-L's ec_encode_data called directly, on the row's thread count" in out

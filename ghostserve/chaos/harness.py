@@ -13,6 +13,16 @@ every rank). Every restored byte is compared with the generator, bytes the
 daemon called unrecoverable must be untouched, and at the end a scrub finds
 silent corruption, a restore repairs it, and every live token on every rank is
 compared byte for byte.
+
+Every fault gets an outcome. A corruption is followed until something checks
+it: ``corrected`` (a restore or the final scrub found it and the bytes were
+rebuilt), ``detected`` (found, but its stripe had more bad shards than m: the
+block was reported unrecoverable and recomputed), ``gone`` (its bytes stopped
+being protected data before any check: the request finished and its block was
+freed, or the rank was killed and its memory destroyed), or ``undetected``
+(still protected at the final scrub, and not found), which fails the run. An
+unrecoverable block is ``expected`` when the ranks lost together plus the
+corrupt survivors of its stripe exceed m; one that is not fails the run.
 """
 
 from __future__ import annotations
@@ -27,23 +37,38 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
+import traceback
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 import numpy as np
 
 from ghostserve import shm
 from ghostserve.chaos import worker
-from ghostserve.chaos.workload import Shape, Workload, expected_and_actual
+from ghostserve.chaos.options import (
+    ChaosError,
+    ChaosOptionError,
+    check_args,
+    check_plan,
+    private_prefix,
+)
+from ghostserve.chaos.workload import Shape, Workload, content, expected_and_actual
 from ghostserve.client import OperatorClient
 from ghostserve.errors import GhostServeError
+from ghostserve.sidecar import NETWORK_ENV  # the private daemon never opens TCP
 from ghostserve.v1 import ghostserve_pb2 as pb
+
+__all__ = ["Chaos", "ChaosError", "ChaosOptionError", "ChaosResult", "run_cli", "shape_from"]
+
+CORRUPT_BYTES = 16  # flipped at the start of layer 0's K of the request's first token
 
 
 @dataclass
 class ChaosResult:
+    """What a run found; ``ok`` is the verdict (see the module docstring)."""
+
     ok: bool = False
     steps: int = 0
     faults: list[dict[str, Any]] = field(default_factory=list)
@@ -53,11 +78,12 @@ class ChaosResult:
     garbage_bytes: int = 0
     final_verified_bytes: int = 0
     final_mismatched_bytes: int = 0
-    unrecoverable_ranges: list[dict[str, int]] = field(default_factory=list)
+    unrecoverable_ranges: list[dict[str, Any]] = field(default_factory=list)
+    expected_unrecoverable: bool = False  # there were unrecoverable ranges, and every one was expected
     recovery_seconds: list[float] = field(default_factory=list)
     rejoin_seconds: list[float] = field(default_factory=list)
     detect_seconds: list[float] = field(default_factory=list)
-    corruption_detected: int = 0
+    corruption_detected: int = 0          # the daemon's count: restores' corrupt chunks + scrub mismatches
     corruption_repaired: int = 0
     parity_bytes: int = 0
     parity_arena_bytes: int = 0
@@ -67,27 +93,56 @@ class ChaosResult:
     commit_us_p99: float = 0.0
     daemon_restarts: int = 0
     wall_seconds: float = 0.0
+    shm_prefix: str = ""                  # the private daemon's, and its workers' regions'
+    socket: str = ""
+    notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
-class ChaosError(GhostServeError):
-    """The harness itself could not run (daemon did not start, a worker died unasked)."""
+@dataclass
+class Corruption:
+    """One injected corruption, followed until an outcome is known."""
+
+    rank: int
+    step: int
+    block: int
+    rid: int
+    fault: dict[str, Any]  # its entry in ChaosResult.faults
+
+    @property
+    def pending(self) -> bool:
+        return "outcome" not in self.fault
+
+    def settle(self, outcome: str, note: str, by: str = "") -> None:
+        self.fault.update(outcome=outcome, note=note)
+        if by:
+            self.fault["detected_by"] = by
 
 
 class Chaos:
+    """One chaos run; :meth:`run` returns its :class:`ChaosResult`."""
+
     def __init__(self, shape: Shape, kills: list[tuple[int, int]] = (), daemon_kills: list[int] = (),
                  corrupts: list[tuple[int, int]] = (), socket: str = "", shm_prefix: str = "",
                  metrics_port: int = 0, progress: Any = None, recover_after: float = 0.0,
                  step_seconds: float = 0.0):
-        if shape.ranks < 1 or shape.parity < 1 or shape.steps < 1:
-            raise ChaosError("need ranks >= 1, parity >= 1, steps >= 1")
-        for rank, step in [*kills, *corrupts]:
-            if not 0 <= rank < shape.ranks or not 0 < step < shape.steps:
-                raise ChaosError(f"fault {rank}@{step}: rank must be in 0..{shape.ranks - 1}, "
-                                 f"step in 1..{shape.steps - 1}")
-        for step in daemon_kills:
-            if not 0 < step < shape.steps:
-                raise ChaosError(f"--kill-daemon {step}: step must be in 1..{shape.steps - 1}")
+        sizes = {"--layers": shape.layers, "--blocks": shape.blocks, "--block-size": shape.block_size,
+                 "--heads": shape.heads, "--head-dim": shape.head_dim, "--requests": shape.requests}
+        check_plan(shape.ranks, shape.parity, shape.steps, sizes, kills, daemon_kills, corrupts,
+                   recover_after, step_seconds, metrics_port)
+        if socket and os.path.exists(socket) and OperatorClient(socket, timeout=2).healthy():
+            raise ChaosOptionError(f"--socket {socket}: a daemon answers there; chaos runs a daemon of its "
+                                   "own and would take the socket over: give a fresh path")
+        if shm_prefix:
+            try:
+                shm.check_name(shm_prefix + "x")
+            except ValueError:
+                raise ChaosOptionError(f"--shm-prefix {shm_prefix!r}: use letters, digits and ._-") from None
+            taken = shm.list_names(shm_prefix)
+            if taken:
+                raise ChaosOptionError(f"--shm-prefix {shm_prefix!r}: {len(taken)} segments already use it "
+                                       f"(e.g. {taken[0]}); chaos removes everything under its prefix at "
+                                       "the end: give an unused prefix")
         self.shape, self.work = shape, Workload(shape)
         self.kills: dict[int, list[int]] = defaultdict(list)
         for rank, step in kills:
@@ -96,9 +151,9 @@ class Chaos:
         for rank, step in corrupts:
             self.corrupts[step].append(rank)
         self.daemon_kills = set(daemon_kills)
+        self.prefix = shm_prefix or private_prefix()
         self.tmp = tempfile.mkdtemp(prefix="ghostserve-chaos-")
         self.socket = socket or os.path.join(self.tmp, "gs.sock")
-        self.prefix = shm_prefix or f"gsc{uuid.uuid4().hex[:8]}-"
         self.metrics_port = metrics_port
         self.progress = progress
         self.recover_after = recover_after  # seconds between a fault and its recovery
@@ -108,18 +163,21 @@ class Chaos:
         self.conns: dict[int, Any] = {}
         self.generation = [0] * shape.ranks
         self.daemon: subprocess.Popen | None = None
-        self.result = ChaosResult(steps=shape.steps)
+        self.result = ChaosResult(steps=shape.steps, shm_prefix=self.prefix, socket=self.socket)
         self.commit_seconds: list[float] = []
         self.recompute: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
+        self.corruptions: list[Corruption] = []
 
     # ---------------------------------------------------------------- processes
 
     def start_daemon(self) -> None:
         cmd = [sys.executable, "-m", "ghostserve", "serve", "--socket", self.socket,
-               "--shm-prefix", self.prefix, "--metrics-port", str(self.metrics_port),
-               "--metrics-host", "127.0.0.1", "--log-level", "warning"]
-        log = open(os.path.join(self.tmp, "daemon.log"), "ab")
-        self.daemon = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+               "--shm-prefix", self.prefix, "--region-prefix", self.prefix,
+               "--metrics-port", str(self.metrics_port), "--metrics-host", "127.0.0.1", "--log-level", "warning"]
+        env = {k: v for k, v in os.environ.items() if k not in NETWORK_ENV}
+        with open(os.path.join(self.tmp, "daemon.log"), "ab") as log:
+            self.daemon = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                           env=env)
         line = self.daemon.stdout.readline().decode()
         if not line.startswith("ready"):
             raise ChaosError(f"daemon did not start: {line!r}; see {log.name}")
@@ -130,27 +188,33 @@ class Chaos:
         self.daemon.wait()
 
     def start_worker(self, rank: int) -> float:
+        """Start rank's worker and wait until it has registered; returns the seconds it took."""
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=worker.main, args=(child, self.shape, self.socket, self.prefix,
                                                           rank, self.generation[rank]), daemon=True)
         t0 = time.perf_counter()
         proc.start()
+        child.close()  # the worker holds its end: EOF here once it exits
         self.procs[rank], self.conns[rank] = proc, parent
         msg = self._recv(rank, timeout=60)
         if msg[0] != "registered":
-            raise ChaosError(f"worker {rank} failed to register: {msg}")
+            raise ChaosError(f"worker {rank} could not register: {msg[1] if msg[0] == 'error' else msg}")
         return time.perf_counter() - t0
 
     def _recv(self, rank: int, timeout: float = 60) -> tuple:
-        conn = self.conns[rank]
-        if not conn.poll(timeout):
+        """The worker's next message; a worker that exits instead is reported at once."""
+        conn, proc = self.conns[rank], self.procs[rank]
+        if not mp_wait([conn, proc.sentinel], timeout):
             raise ChaosError(f"worker {rank} did not answer in {timeout} s")
         try:
-            return conn.recv()
-        except EOFError:
-            raise ChaosError(f"worker {rank} died unasked (exit {self.procs[rank].exitcode})") from None
+            if conn.poll():
+                return conn.recv()
+        except (EOFError, OSError):
+            pass
+        proc.join(timeout=5)
+        raise ChaosError(f"worker {rank} died unasked (exit {proc.exitcode})")
 
-    def kill_worker(self, rank: int) -> float:
+    def kill_worker(self, rank: int, step: int) -> float:
         """SIGKILL the worker; once the daemon has noticed, destroy its memory (zero
         it, then unlink it) so no restore can read the old bytes. Returns the
         seconds from the kill to the daemon reporting the rank lost."""
@@ -172,6 +236,10 @@ class Chaos:
         seg.close()
         shm.unlink(name)
         self.generation[rank] += 1
+        for c in self.corruptions:
+            if c.pending and c.rank == rank:
+                c.settle("gone", f"rank {rank} was killed before step {step} and its memory destroyed "
+                                 "before any check")
         return detected
 
     def region(self, rank: int) -> tuple[shm.Segment, np.ndarray]:
@@ -180,33 +248,69 @@ class Chaos:
 
     # ---------------------------------------------------------------- faults
 
+    def wait_protected(self, step: int, timeout: float = 60) -> bool:
+        """Wait until the daemon has protected ``step`` (after a daemon restart: until
+        the workers have rejoined and resent); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            groups = self.op.status("chaos").groups
+            if groups and groups[0].protected_step >= step:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+
     def corrupt(self, rank: int, step: int) -> None:
         """Flip bytes of an old, protected token of a live request on ``rank``."""
+        fault: dict[str, Any] = {"kind": "corrupt", "rank": rank, "step": step}
+        self.result.faults.append(fault)
+        # the daemon's watermarks say which tokens are protected: let it catch up first
+        # (after a daemon restart the workers rejoin and resend), so they are current
+        caught_up = self.wait_protected(step - 1)
         status = self.op.status("chaos").groups[0]
         marks = {w.request_id: w.tokens for w in status.watermarks}
         tables = self.work.steps[step - 1].tables
         # the request that lives longest, so the damage is still there to be found
         last_seen = {rid: st.step for st in self.work.steps for rid in st.tables}
         candidates = sorted(tables, key=lambda rid: (-last_seen[rid], rid))
-        for rid in candidates:
-            if marks.get(f"req{rid}", 0) >= 1:
-                block = tables[rid][1][0]
-                break
-        else:
-            self.result.faults.append({"kind": "corrupt", "rank": rank, "step": step, "skipped": True})
+        rid = next((r for r in candidates if marks.get(f"req{r}", 0) >= 1), None)
+        if rid is None:
+            fault.update(outcome="not_injected", note="no live request had a protected token yet"
+                         + ("" if caught_up else f" (the daemon had protected only step {status.protected_step})"))
             return
+        block = int(tables[rid][1][0])
         seg, kv = self.region(rank)
-        kv[0, block, 0, 0, :16] ^= 0xFF  # layer 0, K of the request's first token
+        kv[0, block, 0, 0, :CORRUPT_BYTES] ^= 0xFF  # layer 0, K of the request's first token
         del kv
         seg.close()
-        self.result.faults.append({"kind": "corrupt", "rank": rank, "step": step, "block": int(block)})
+        fault.update(block=block, request=f"req{rid}")
+        self.corruptions.append(Corruption(rank, step, block, rid, fault))
+
+    def _corruption_fixed(self, c: Corruption) -> bool:
+        """Do the corrupted bytes hold the right content again?"""
+        seg, kv = self.region(c.rank)
+        actual = kv[0, c.block, 0, 0, :CORRUPT_BYTES].copy()
+        del kv
+        seg.close()
+        want = content(self.shape, c.rank, np.array([c.rid]), np.array([0]))[0, 0, 0, :CORRUPT_BYTES]
+        return bool(np.array_equal(actual, want))
+
+    def _after_step(self, step: int) -> None:
+        """Corruptions whose block ``step`` freed are no longer protected data."""
+        freed = set(self.work.steps[step].freed)
+        for c in self.corruptions:
+            if c.pending and c.block in freed:
+                c.settle("gone", f"block {c.block} was freed at step {step} (req{c.rid} finished) and "
+                                 "reused before any check: its bytes were no longer protected data")
 
     def fail_ranks(self, ranks: list[int], step: int) -> None:
         t_kill = time.perf_counter()
+        kill_faults = {}
         for rank in ranks:
-            detected = self.kill_worker(rank)
+            detected = self.kill_worker(rank, step)
             self.result.detect_seconds.append(detected)
-            self.result.faults.append({"kind": "kill", "rank": rank, "step": step})
+            kill_faults[rank] = {"kind": "kill", "rank": rank, "step": step}
+            self.result.faults.append(kill_faults[rank])
         unrecoverable: set[int] = set()
         protected = {}
         time.sleep(self.recover_after)  # the replacement device takes a while to come up
@@ -214,14 +318,20 @@ class Chaos:
             self.result.rejoin_seconds.append(self.start_worker(rank))
             self.conns[rank].send(("restore",))
             msg = self._recv(rank, timeout=600)
+            if msg[0] != "restored":
+                raise ChaosError(f"restore of rank {rank}: {msg[1] if msg[0] == 'error' else msg}")
             resp = pb.RestoreResponse.FromString(msg[1])
             self.result.recovery_seconds.append(msg[2])
             self.result.restored_bytes += resp.restored_bytes
             protected[rank] = resp
             self.result.corruption_detected += resp.corrupt_chunks
+            self._judge_restore(rank, step, len(ranks), resp)
+            n_bad = len(resp.unrecoverable_blocks)
+            kill_faults[rank].update(
+                outcome="restored" if not n_bad else "partly restored",
+                note=f"{resp.restored_bytes:,} bytes rebuilt from step {resp.protected_step}'s protection"
+                     + (f", {n_bad} block(s) unrecoverable" if n_bad else ""))
             unrecoverable |= set(resp.unrecoverable_blocks)
-            for b in resp.unrecoverable_blocks:
-                self.result.unrecoverable_ranges.append({"rank": rank, "block": int(b), "step": step})
             self.verify_restore(rank, step, resp)
         self.result.faults[-1]["detect_to_restored_seconds"] = time.perf_counter() - t_kill
         # recompute: the replacements replay every step after the protected one...
@@ -237,6 +347,39 @@ class Chaos:
                     if blocks[t // self.shape.block_size] in unrecoverable]
             for rank in range(self.shape.ranks):
                 self.recompute[rank] += redo
+            for c in self.corruptions:
+                if c.pending and c.block in unrecoverable:
+                    c.settle("gone", f"block {c.block} was unrecoverable at step {step} for lost ranks "
+                                     "alone and was recomputed on every rank")
+
+    def _judge_restore(self, rank: int, step: int, lost: int, resp: pb.RestoreResponse) -> None:
+        """Outcomes of the corruptions this restore checked, and whether each
+        unrecoverable block was to be expected (``lost`` ranks failed together)."""
+        m = self.shape.parity
+        bad = set(resp.unrecoverable_blocks)
+        corrupt_in = defaultdict(set)  # block -> survivors with a live corruption there
+        for c in self.corruptions:
+            if c.pending and c.rank != rank:
+                corrupt_in[c.block].add(c.rank)
+        for b in sorted(bad):
+            n_bad = len(corrupt_in[b])
+            expected = lost + n_bad > m
+            why = f"{lost} rank(s) lost at step {step}" + (f" + {n_bad} corrupt survivor(s)" if n_bad else "")
+            why += f" {'>' if expected else '<='} m={m}"
+            self.result.unrecoverable_ranges.append({"rank": rank, "block": int(b), "step": step,
+                                                     "expected": expected, "why": why})
+        budget = resp.corrupt_chunks  # a corruption is only "detected" if the daemon counted it
+        for c in self.corruptions:
+            if not c.pending or c.rank == rank:
+                continue
+            by = f"restore of rank {rank} at step {step}"
+            if self._corruption_fixed(c):
+                c.settle("corrected", "the restore found the corrupt survivor and rebuilt its bytes", by)
+                budget -= 1
+            elif c.block in bad and budget > 0:
+                c.settle("detected", f"found by the checksums; block {c.block} unrecoverable "
+                                     f"({lost} lost + corrupt rank {c.rank} > m={m}) and recomputed", by)
+                budget -= 1
 
     def verify_restore(self, rank: int, step: int, resp: pb.RestoreResponse) -> None:
         """Bytes below each request's watermark must equal the generator; bytes of
@@ -265,6 +408,30 @@ class Chaos:
         del kv
         seg.close()
 
+    def final_scrub(self) -> None:
+        """Check every protected byte against its checksum; repair the bad ranks;
+        settle every corruption still pending."""
+        scrub = self.op.scrub("chaos")
+        self.result.corruption_detected += scrub.checksum_mismatches
+        repaired: dict[int, pb.RestoreResponse] = {}
+        for rank in scrub.bad_ranks:  # a checksum names the bad rank: restore repairs it
+            resp = repaired[rank] = self.op.restore("chaos", rank)
+            self.result.corruption_repaired += 0 if resp.unrecoverable_blocks else 1
+        bad_blocks, bad_ranks = set(scrub.bad_blocks), set(scrub.bad_ranks)
+        for c in self.corruptions:
+            if not c.pending:
+                continue
+            if c.block in bad_blocks and c.rank in bad_ranks:
+                if self._corruption_fixed(c):
+                    c.settle("corrected", f"rank {c.rank} restored from the others and parity", "final scrub")
+                else:
+                    c.settle("detected", "found, but the repair could not rebuild it "
+                             f"(unrecoverable blocks {list(repaired[c.rank].unrecoverable_blocks)})",
+                             "final scrub")
+            else:
+                c.settle("undetected", f"block {c.block} was still protected data at the end, "
+                                       "and the final scrub did not find the corruption")
+
     def final_check(self) -> None:
         last = self.work.steps[-1]
         bs = self.shape.block_size
@@ -284,7 +451,7 @@ class Chaos:
     def _expect_done(self, rank: int) -> None:
         msg = self._recv(rank)
         if msg[0] != "done":
-            raise ChaosError(f"worker {rank}: {msg}")
+            raise ChaosError(f"worker {rank}: {msg[1] if msg[0] == 'error' else msg}")
         self.commit_seconds.append(msg[2])
 
     def _lag(self, step: int) -> None:
@@ -293,11 +460,15 @@ class Chaos:
             self.result.max_lag_steps = max(self.result.max_lag_steps, step - g[0].protected_step)
 
     def run(self) -> ChaosResult:
+        """Run the plan; never raises for what goes wrong in the run (see ``errors``)."""
         started = time.perf_counter()
         try:
             self._run()
         except GhostServeError as exc:
             self.result.errors.append(str(exc))
+        except Exception as exc:  # a bug, or the daemon refused something: keep the result
+            traceback.print_exc()
+            self.result.errors.append(f"unexpected {type(exc).__name__}: {exc}")
         finally:
             self.cleanup()
         r = self.result
@@ -306,13 +477,34 @@ class Chaos:
             us = sorted(s * 1e6 for s in self.commit_seconds)
             r.commit_us_median = statistics.median(us)
             r.commit_us_p99 = us[min(len(us) - 1, int(0.99 * len(us)))]
-        r.ok = (not r.errors and r.mismatched_bytes == 0 and r.garbage_bytes == 0
-                and r.final_mismatched_bytes == 0 and r.final_verified_bytes > 0)
+        self._verdict()
         if r.ok:
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:
             r.errors.append(f"daemon log kept in {self.tmp}")
         return r
+
+    def _verdict(self) -> None:
+        r = self.result
+        undetected = [f for f in r.faults if f.get("outcome") == "undetected"]
+        unexpected = [u for u in r.unrecoverable_ranges if not u["expected"]]
+        r.expected_unrecoverable = bool(r.unrecoverable_ranges) and not unexpected
+        if r.unrecoverable_ranges:
+            blocks = {(u["rank"], u["block"]) for u in r.unrecoverable_ranges}
+            whys = sorted({u["why"] for u in r.unrecoverable_ranges})
+            r.notes.append(f"{len(blocks)} unrecoverable block(s), "
+                           + ("all expected: " if not unexpected else f"{len(unexpected)} NOT expected: ")
+                           + "; ".join(whys))
+        for f in r.faults:
+            if f["kind"] == "corrupt":
+                r.notes.append(f"corrupt {f['rank']}@{f['step']}: {f.get('outcome')}: {f.get('note', '')}")
+        for f in undetected:
+            r.errors.append(f"corruption {f['rank']}@{f['step']} (block {f['block']}) was not detected")
+        for u in unexpected:
+            r.errors.append(f"block {u['block']} of rank {u['rank']} unrecoverable at step {u['step']} "
+                            f"although {u['why']}")
+        r.ok = (not r.errors and r.mismatched_bytes == 0 and r.garbage_bytes == 0
+                and r.final_mismatched_bytes == 0 and r.final_verified_bytes > 0)
 
     def _run(self) -> None:
         self.start_daemon()
@@ -326,7 +518,8 @@ class Chaos:
                 time.sleep(self.recover_after)
                 self.start_daemon()
                 self.result.daemon_restarts += 1
-                self.result.faults.append({"kind": "kill-daemon", "step": step})
+                self.result.faults.append({"kind": "kill-daemon", "step": step, "outcome": "restarted",
+                                           "note": "parity re-attached from shared memory; workers rejoin"})
             if self.kills.get(step):
                 self.fail_ranks(self.kills[step], step)
             t_step = time.perf_counter()
@@ -334,20 +527,14 @@ class Chaos:
                 self.conns[rank].send(("step", step, self.recompute.pop(rank, [])))
             for rank in range(self.shape.ranks):
                 self._expect_done(rank)
+            self._after_step(step)
             self._lag(step)
             time.sleep(max(0.0, self.step_seconds - (time.perf_counter() - t_step)))
             if self.progress:
                 self.progress(step + 1, self.shape.steps)
-        deadline = time.monotonic() + 60
-        while self.op.status("chaos").groups[0].protected_step < self.shape.steps - 1:
-            if time.monotonic() > deadline:
-                raise ChaosError("the last step was not protected within 60 s")
-            time.sleep(0.01)
-        scrub = self.op.scrub("chaos")
-        self.result.corruption_detected += scrub.checksum_mismatches
-        for rank in scrub.bad_ranks:  # a checksum names the bad rank: restore repairs it
-            resp = self.op.restore("chaos", rank)
-            self.result.corruption_repaired += 0 if resp.unrecoverable_blocks else 1
+        if not self.wait_protected(self.shape.steps - 1):
+            raise ChaosError("the last step was not protected within 60 s")
+        self.final_scrub()
         g = self.op.status("chaos").groups[0]
         self.result.parity_bytes, self.result.kv_bytes = g.parity_bytes, g.protected_bytes
         self.result.parity_arena_bytes = g.parity_arena_bytes
@@ -375,36 +562,90 @@ class Chaos:
 
 
 def shape_from(args: Any) -> Shape:
+    """The workload shape of parsed ``ghostserve chaos`` options."""
     return Shape(ranks=args.ranks, parity=args.parity, layers=args.layers, blocks=args.blocks,
                  block_size=args.block_size, heads=args.heads, head_dim=args.head_dim,
                  steps=args.steps, requests=args.requests, seed=args.seed)
 
 
-def run_cli(args: Any) -> int:
-    from rich.console import Console  # noqa: PLC0415
-    from rich.progress import Progress  # noqa: PLC0415
+def _fault_label(f: dict[str, Any]) -> str:
+    if f["kind"] == "kill-daemon":
+        return "kill daemon"
+    return f"{f['kind']} rank {f['rank']}"
+
+
+def render(result: ChaosResult, shape: Shape) -> list[Any]:
+    """The result as rich tables: the verdict and figures, then one row per fault."""
     from rich.table import Table  # noqa: PLC0415
 
+    r = result
+    verdict = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
+    summary = Table(title=f"ghostserve chaos: {shape.ranks}+{shape.parity}, {shape.steps} steps: {verdict}")
+    summary.add_column("what")
+    summary.add_column("value", overflow="fold")
+    unrec = "none"
+    if r.unrecoverable_ranges:
+        n = len({(u["rank"], u["block"]) for u in r.unrecoverable_ranges})
+        unrec = f"{n} block(s), " + ("expected (more than m shards lost)" if r.expected_unrecoverable
+                                     else "[red]NOT all expected[/]")
+    rows = [
+        ("restored bytes", f"{r.restored_bytes:,} ({r.verified_bytes:,} verified, {r.mismatched_bytes:,} "
+                           f"mismatched, {r.garbage_bytes:,} garbage)"),
+        ("final check", f"{r.final_verified_bytes:,} bytes verified, {r.final_mismatched_bytes:,} mismatched"),
+        ("unrecoverable", unrec),
+        ("corruption (daemon)", f"{r.corruption_detected} detected, {r.corruption_repaired} rank(s) repaired"),
+        ("recovery (s)", ", ".join(f"{s:.3f}" for s in r.recovery_seconds) or "-"),
+        ("failure seen after (ms)", ", ".join(f"{s * 1e3:.0f}" for s in r.detect_seconds) or "-"),
+        ("parity / protected KV", f"{r.parity_bytes:,} / {r.kv_bytes:,} bytes (arena {r.parity_arena_bytes:,})"),
+        ("max lag (steps)", str(r.max_lag_steps)),
+        ("commit (us)", f"median {r.commit_us_median:.0f}, p99 {r.commit_us_p99:.0f}"),
+        ("daemon restarts", str(r.daemon_restarts)),
+        ("wall (s)", f"{r.wall_seconds:.1f}"),
+    ]
+    for key, value in rows:
+        summary.add_row(key, value)
+    for e in r.errors:
+        summary.add_row("[red]error[/]", e)
+    faults = Table(title="faults")
+    for col in ("step", "fault", "block", "outcome", "note"):
+        faults.add_column(col, overflow="fold")
+    lines = []  # (step, order, cells): a fault's unrecoverable blocks right after it
+    for i, f in enumerate(r.faults):
+        outcome = f.get("outcome", "")
+        style = {"undetected": "red", "corrected": "green", "restored": "green", "detected": "yellow",
+                 "partly restored": "yellow"}.get(outcome)
+        lines.append((f["step"], i, (str(f["step"]), _fault_label(f), str(f.get("block", "")),
+                                     f"[{style}]{outcome}[/]" if style else outcome,
+                                     f.get("note", "") + (f" ({f['detected_by']})" if f.get("detected_by") else ""))))
+    for u in r.unrecoverable_ranges:
+        lines.append((u["step"], len(r.faults), (
+            str(u["step"]), f"restore rank {u['rank']}", str(u["block"]),
+            "unrecoverable" if u["expected"] else "[red]unrecoverable[/]",
+            ("expected: " if u["expected"] else "NOT expected: ") + u["why"])))
+    for _, _, cells in sorted(lines, key=lambda x: (x[0], x[1])):
+        faults.add_row(*cells)
+    return [summary, faults] if r.faults else [summary]
+
+
+def run_cli(args: Any) -> int:
+    """``ghostserve chaos``: check the options, run, print the tables (or one JSON
+    object); exit status 0 if the run is ok."""
+    from rich.console import Console  # noqa: PLC0415
+    from rich.progress import Progress  # noqa: PLC0415
+
+    check_args(args)
     shape = shape_from(args)
-    console = Console(stderr=True)
+    kw = dict(socket=args.socket, shm_prefix=args.shm_prefix, metrics_port=args.metrics_port,
+              recover_after=args.recover_after, step_seconds=args.step_ms / 1000)
     if args.json:
-        result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt, args.socket, args.shm_prefix,
-                       args.metrics_port, recover_after=args.recover_after, step_seconds=args.step_ms / 1000).run()
+        result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt, **kw).run()
         print(json.dumps(asdict(result)))
         return 0 if result.ok else 1
-    with Progress(console=console, transient=True) as progress:
+    with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("chaos", total=shape.steps)
-        result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt, args.socket, args.shm_prefix,
-                       args.metrics_port, progress=lambda done, total: progress.update(task, completed=done),
-                       recover_after=args.recover_after, step_seconds=args.step_ms / 1000).run()
-    table = Table(title=f"ghostserve chaos: {shape.ranks}+{shape.parity}, {shape.steps} steps")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    for key, value in asdict(result).items():
-        if isinstance(value, float):
-            value = f"{value:.4g}"
-        elif isinstance(value, list):
-            value = json.dumps(value) if len(json.dumps(value)) < 100 else f"{len(value)} entries"
-        table.add_row(key, str(value))
-    Console().print(table)
+        result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt,
+                       progress=lambda done, total: progress.update(task, completed=done), **kw).run()
+    console = Console()
+    for table in render(result, shape):
+        console.print(table)
     return 0 if result.ok else 1

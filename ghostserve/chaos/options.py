@@ -1,8 +1,27 @@
-"""Command-line options of ``ghostserve chaos`` (kept apart so ``--help`` imports little)."""
+"""Command-line options of ``ghostserve chaos`` and their checks (kept apart so
+``--help`` imports little), and the harness's errors."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import uuid
+from collections.abc import Iterable
+
+from ghostserve import shm
+from ghostserve.errors import GhostServeError
+
+MAX_SHARDS = 255  # data + parity shards of one stripe: GF(2^8) has 255 evaluation points
+
+
+class ChaosError(GhostServeError):
+    """The harness itself could not run (the daemon did not start, a worker could
+    not register or died unasked). Raised by :class:`ghostserve.chaos.harness.Chaos`."""
+
+
+class ChaosOptionError(ChaosError, ValueError):
+    """A chaos option has a value the run cannot use; the message names the option
+    and the value. Raised before anything is started (the CLI exits 2)."""
 
 
 def rank_at(text: str) -> tuple[int, int]:
@@ -15,27 +34,86 @@ def rank_at(text: str) -> tuple[int, int]:
 
 
 def add_chaos_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ranks", type=int, default=4, help="TP ranks (data shards)")
+    """The chaos run's options, on ``p``."""
+    p.add_argument("--ranks", type=int, default=4, help="TP ranks (data shards); ranks + parity <= 255")
     p.add_argument("--parity", type=int, default=1, help="parity shards m")
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4, help="KV layers per rank")
     p.add_argument("--blocks", type=int, default=64, help="KV blocks per rank")
     p.add_argument("--block-size", type=int, default=16, help="tokens per block")
     p.add_argument("--heads", type=int, default=2, help="KV heads per rank")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64, help="bytes per head and token / 2")
     p.add_argument("--requests", type=int, default=6, help="concurrent requests")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=60, help="engine steps in the run")
+    p.add_argument("--seed", type=int, default=0, help="workload and KV bytes")
     p.add_argument("--kill", type=rank_at, action="append", default=[], metavar="RANK@STEP",
                    help="SIGKILL a worker before STEP and destroy its memory (repeatable; "
                         "several at one step fail together)")
     p.add_argument("--kill-daemon", type=int, action="append", default=[], metavar="STEP",
-                   help="SIGKILL the daemon before STEP and restart it")
+                   help="SIGKILL the daemon before STEP and restart it (repeatable)")
     p.add_argument("--corrupt", type=rank_at, action="append", default=[], metavar="RANK@STEP",
-                   help="flip bytes of already-protected KV of RANK before STEP, silently")
+                   help="flip bytes of already-protected KV of RANK before STEP, silently (repeatable); "
+                        "every corruption is checked by the end of the run")
     p.add_argument("--recover-after", type=float, default=0.0, metavar="SECONDS",
                    help="wait this long after a fault before the replacement or restarted daemon starts")
-    p.add_argument("--step-ms", type=float, default=0.0, help="pace steps (0: as fast as possible)")
-    p.add_argument("--metrics-port", type=int, default=0, help="daemon metrics port (0: off)")
-    p.add_argument("--socket", default="", help="daemon socket (default: a fresh temp path)")
-    p.add_argument("--shm-prefix", default="", help="shared-memory prefix (default: unique per run)")
+    p.add_argument("--step-ms", type=float, default=0.0, metavar="MS", help="pace steps (0: as fast as possible)")
+    p.add_argument("--metrics-port", type=int, default=0, metavar="PORT", help="the private daemon's metrics port (0: off)")
+    p.add_argument("--socket", default="", metavar="PATH",
+                   help="the private daemon's socket (default: a fresh temp path; GHOSTSERVE_SOCKET is not "
+                        "used, and a socket a daemon answers on is refused)")
+    p.add_argument("--shm-prefix", default="", metavar="PREFIX",
+                   help="the private daemon's shared-memory prefix, removed at the end (default: "
+                        "$GHOSTSERVE_SHM_PREFIX, or 'gs', followed by 'c' and a unique id; a prefix "
+                        "already in use is refused)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def private_prefix(env: dict[str, str] | None = None) -> str:
+    """A fresh shared-memory prefix for a chaos daemon: GHOSTSERVE_SHM_PREFIX (or
+    ``gs``), ``c``, a unique id, ``-``. Starting with the operator's prefix keeps
+    its segments where the operator's policies look; the id keeps them apart."""
+    env = os.environ if env is None else env
+    base = env.get("GHOSTSERVE_SHM_PREFIX") or "gs"
+    prefix = f"{base}c{uuid.uuid4().hex[:8]}-"
+    try:
+        shm.check_name(prefix + "x")
+    except ValueError:
+        raise ChaosOptionError(f"GHOSTSERVE_SHM_PREFIX={base!r}: use letters, digits and ._-") from None
+    if len(prefix) > 40:  # room for the group's and the regions' names after it
+        raise ChaosOptionError(f"GHOSTSERVE_SHM_PREFIX={base!r}: at most 30 characters for chaos runs")
+    return prefix
+
+
+def check_plan(ranks: int, parity: int, steps: int, sizes: dict[str, int],
+               kills: Iterable[tuple[int, int]] = (), daemon_kills: Iterable[int] = (),
+               corrupts: Iterable[tuple[int, int]] = (), recover_after: float = 0.0,
+               step_seconds: float = 0.0, metrics_port: int = 0) -> None:
+    """Refuse a run that cannot work, naming the option and its value."""
+    for flag, value in (("--ranks", ranks), ("--parity", parity), ("--steps", steps), *sizes.items()):
+        if value < 1:
+            raise ChaosOptionError(f"{flag} {value}: must be >= 1")
+    if ranks + parity > MAX_SHARDS:
+        raise ChaosOptionError(f"--ranks {ranks} with --parity {parity}: ranks + parity must be <= "
+                               f"{MAX_SHARDS} (shards of one Reed-Solomon stripe over GF(2^8))")
+    for flag, faults in (("--kill", kills), ("--corrupt", corrupts)):
+        for rank, step in faults:
+            if not 0 <= rank < ranks:
+                raise ChaosOptionError(f"{flag} {rank}@{step}: rank {rank} is outside 0..{ranks - 1}")
+            if not 0 < step < steps:
+                raise ChaosOptionError(f"{flag} {rank}@{step}: step {step} is outside 1..{steps - 1}")
+    for step in daemon_kills:
+        if not 0 < step < steps:
+            raise ChaosOptionError(f"--kill-daemon {step}: step {step} is outside 1..{steps - 1}")
+    if recover_after < 0:
+        raise ChaosOptionError(f"--recover-after {recover_after}: must be >= 0")
+    if step_seconds < 0:
+        raise ChaosOptionError(f"--step-ms {step_seconds * 1000:g}: must be >= 0")
+    if not 0 <= metrics_port <= 65535:
+        raise ChaosOptionError(f"--metrics-port {metrics_port}: not a port")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """:func:`check_plan` for parsed ``ghostserve chaos`` options."""
+    sizes = {"--layers": args.layers, "--blocks": args.blocks, "--block-size": args.block_size,
+             "--heads": args.heads, "--head-dim": args.head_dim, "--requests": args.requests}
+    check_plan(args.ranks, args.parity, args.steps, sizes, args.kill, args.kill_daemon, args.corrupt,
+               args.recover_after, args.step_ms / 1000, args.metrics_port)

@@ -3,7 +3,9 @@
 It owns one KV region in POSIX shared memory, registers it with the daemon,
 and on the driver's command writes a step's tokens and commits the step. A
 replacement (generation > 0) restores first and then recomputes what the
-daemon did not protect. Commands and replies travel over a pipe.
+daemon did not protect. Commands and replies travel over a pipe; an error
+(the daemon refusing the registration, say) goes back over it as
+``("error", text)`` before the process exits, so the driver reports it at once.
 """
 
 from __future__ import annotations
@@ -12,16 +14,57 @@ import os
 import time
 from multiprocessing.connection import Connection
 
+import grpc
+
 from ghostserve import shm
 from ghostserve.chaos.workload import Shape, Workload, write_tokens
 from ghostserve.client import WorkerClient
 
 
 def region_name(prefix: str, rank: int, generation: int) -> str:
+    """The shared-memory name of ``rank``'s KV region in its ``generation``-th process."""
     return f"{prefix}kv-r{rank}-g{generation}"
 
 
+def describe(exc: BaseException) -> str:
+    """One line for the driver: a gRPC refusal's code and message, else the exception."""
+    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
+        return f"{exc.code().name}: {exc.details()}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def register(client: WorkerClient, patience: float = 60.0) -> None:
+    """Register, retrying while the daemon is only slow to answer (a loaded
+    machine, a daemon still starting); a refusal is raised at once."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            client.register()
+            return
+        except grpc.RpcError as exc:
+            if exc.code() not in TRANSIENT or time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def main(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, generation: int) -> None:
+    """The worker process: serve the driver's commands until ``quit``."""
+    try:
+        _serve(conn, shape, socket, prefix, rank, generation)
+    except (EOFError, BrokenPipeError):  # the driver is gone
+        return
+    except BaseException as exc:
+        try:
+            conn.send(("error", describe(exc)))
+        except OSError:
+            pass
+        raise SystemExit(1) from None
+
+
+def _serve(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, generation: int) -> None:
     work = Workload(shape)
     name = region_name(prefix, rank, generation)
     seg = shm.Segment.create(name, shape.region_bytes, exist_ok=True)
@@ -29,7 +72,7 @@ def main(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, ge
     client = WorkerClient(socket, "chaos", rank, shape.ranks, shape.parity, shape.layout(), name,
                           shape.region_bytes)
     t0 = time.perf_counter()
-    client.register()
+    register(client)
     conn.send(("registered", client.role, os.getpid(), time.perf_counter() - t0))
     while True:
         cmd, *args = conn.recv()
@@ -52,7 +95,7 @@ def main(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, ge
         elif cmd == "wait":
             conn.send(("waited", client.wait_protected(args[0], timeout=args[1]), client.protected_step))
         elif cmd == "quit":
-            client.close()
+            client.goodbye()  # a clean end: the daemon drops the group once every rank has left
             seg.close()
             conn.send(("bye",))
             return

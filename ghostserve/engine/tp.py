@@ -30,7 +30,12 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
 def greedy_rank(rank: int, tp: int, port: int, cfg_json: str, seed: int, prompt: list[int],
                 new_tokens: int, chunk: int, out: Any) -> None:
     """Prefill ``prompt`` in chunks, then decode ``new_tokens`` greedily; rank 0 puts
-    (tokens, last logits) on ``out``."""
+    (tokens, last logits) on ``out`` as plain lists.
+
+    Plain data, not tensors: a tensor on a multiprocessing queue travels as a
+    handle to this process's shared memory, which the reader can only open while
+    this process lives; a rank that exits before the parent reads would leave it
+    an ``EOFError`` in ``rebuild_storage_fd``."""
     import json  # noqa: PLC0415
 
     torch.set_num_threads(1)
@@ -47,6 +52,6 @@ def greedy_rank(rank: int, tp: int, port: int, cfg_json: str, seed: int, prompt:
             tokens.append(nxt)
             logits = model.forward("s", torch.tensor([nxt]), len(tokens) - 1, kv)
         if rank == 0:
-            out.put((tokens, logits[-1].clone()))
+            out.put((tokens, logits[-1].tolist()))
     finally:
         dist.destroy_process_group()
