@@ -38,8 +38,11 @@ def env(tmp_path_factory):
                  "max_tokens": NEW_TOKENS} for i in range(3)]
     leftovers = set(glob.glob("/dev/shm/vllm_dist_*"))
     with Sidecar(log_level="info") as daemon:
-        yield {"root": root, "models": models, "env": e, "requests": requests, "daemon": daemon,
-               "baselines": {}}
+        state = {"root": root, "models": models, "env": e, "requests": requests, "daemon": daemon,
+                 "baselines": {}}
+        yield state
+        if "op" in state:
+            state["op"].close()
     for path in set(glob.glob("/dev/shm/vllm_dist_*")) - leftovers:  # left by killed engines
         os.unlink(path)
 
@@ -66,11 +69,10 @@ def by_request(g, reqs):
 
 
 def groups(env):
-    op = OperatorClient(env["daemon"].socket)
-    try:
-        return {g.group: g for g in op.status().groups}
-    finally:
-        op.close()
+    """The daemon's groups by name, over one channel kept for the module (a new
+    connection per poll is slow to set up on a machine busy with vLLM)."""
+    op = env.setdefault("op", OperatorClient(env["daemon"].socket, timeout=30))
+    return {g.group: g for g in op.status().groups}
 
 
 def baseline(env, kv_heads=4):
@@ -81,26 +83,44 @@ def baseline(env, kv_heads=4):
     return env["baselines"][kv_heads]
 
 
-def test_connector_output_identical_and_parity_freed(env):
+def test_connector_output_identical_and_a_clean_shutdown_frees_everything(env):
     before = set(groups(env))
-    out = run(env, "ghost", env["requests"])
+    proc, out_path = start(env, "ghost", env["requests"])
+    seen = {}
+    try:
+        while proc.poll() is None and not seen:  # the group exists while the engine runs
+            seen = {n: g for n, g in groups(env).items() if n not in before}
+            time.sleep(0.05)
+        stdout, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout[-4000:]
+    with open(out_path) as f:
+        out = json.load(f)
     assert out["tokens"] == baseline(env)["tokens"]
     assert all(len(t) == NEW_TOKENS for t in baseline(env)["tokens"].values())
-    (name,) = set(groups(env)) - before
-    g = groups(env)[name]
-    # every request finished: its watermark and its blocks' parity were dropped
-    assert list(g.watermarks) == []
-    assert g.protected_bytes == 0
+    ((name, g),) = seen.items()
     assert g.layout.block_slots == 128 and g.layout.chunk_bytes == g.layout.block_bytes
-    OperatorClient(env["daemon"].socket).drop(name, unlink_regions=True)
+    # vLLM shut down cleanly: every rank said goodbye, so the daemon dropped the
+    # group at once, with its parity, index and the ranks' KV segments (the worker
+    # processes may outlive the engine process by a moment)
+    deadline = time.monotonic() + 30
+    while name in groups(env) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert name not in groups(env)
+    assert not [n for n in shm.list_names(env["daemon"].prefix) if name in n]
 
 
-@pytest.mark.parametrize("kv_heads, victim", [
-    (4, 1),
+@pytest.mark.parametrize("kv_heads, victim, daemon_crash", [
+    (4, 1, False),
+    # the daemon is SIGKILLed and restarted between the engine's death and the
+    # resume: parity, kept KV and the request index all live in shared memory
+    (4, 1, True),
     # one KV head on two ranks: rank 1 is a replica, only rank 0 is a shard (1+1)
-    pytest.param(1, 0, marks=pytest.mark.slow),
+    pytest.param(1, 0, False, marks=pytest.mark.slow),
 ])
-def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
+def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim, daemon_crash):
     reqs = env["requests"]
     base = baseline(env, kv_heads)
     before = set(groups(env))
@@ -143,11 +163,11 @@ def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
     g = groups(env)[name]
     states = {r.rank: r.state for r in g.ranks}
     if kv_heads == 4:
-        assert g.world_size == 2 and g.state == "degraded" and states == {0: "detached", 1: "lost"}
+        assert g.world_size == 2 and g.state == "ended" and states == {0: "detached", 1: "lost"}
         kept = next(r.region for r in g.ranks if r.rank == 0)
         assert kept in shm.list_names(env["daemon"].prefix)
     else:  # the replica never registered: one shard, lost with its rank
-        assert g.world_size == 1 and g.state == "degraded" and states == {0: "lost"}
+        assert g.world_size == 1 and g.state == "ended" and states == {0: "lost"}
         kept = None
     kept_ok = OperatorClient(env["daemon"].socket).scrub(name)  # the survivors' KV, as protected
     assert not kept_ok.parity_checked and kept_ok.checksum_mismatches == 0
@@ -165,26 +185,39 @@ def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim):
     del seg
 
     resumed = [dict(r, done=dead["tokens"][r["id"]]) for r in reqs]
-    out = run(env, f"resumed{kv_heads}", resumed, kv_heads=kv_heads)
+    # Every resumed request computes one token, so no step of the resumed engine has
+    # more than len(reqs) tokens. On an AMX CPU, at most 4 is the case where only the
+    # connector's request_amx_permission keeps vLLM's AMX attention from SIGILL (the
+    # tiny model's GEMMs never take an AMX path that would ask for it); keep it so.
+    assert len(reqs) <= 4
+    if daemon_crash:
+        env["daemon"].kill()
+        env["daemon"].start()
+        assert groups(env)[name].state == "ended"  # re-attached from shared memory
+    out = run(env, f"resumed{kv_heads}{'-crash' * daemon_crash}", resumed, kv_heads=kv_heads)
     assert out["tokens"] == base["tokens"]
     for r in reqs:
-        # vLLM counts the tokens it did not compute: all but the last of prompt + generated
+        # vLLM counts the tokens it did not compute: all but the last of prompt + generated,
+        # on CPUs with and without AMX alike (the claim does not depend on the CPU)
         assert out["cached_tokens"][r["id"]] == len(r["prompt"]) + len(dead["tokens"][r["id"]]) - 1
+    OperatorClient(env["daemon"].socket).drop(name, unlink_regions=True)
+    assert name not in groups(env)
+    assert kept is None or kept not in shm.list_names(env["daemon"].prefix)
+    if daemon_crash:
+        return  # the comparison with recompute is the other variant's
     recomputed = run(env, f"recomputed{kv_heads}", resumed, connector=False, kv_heads=kv_heads)
     assert recomputed["tokens"] == base["tokens"]
     assert all(v == 0 for v in recomputed["cached_tokens"].values())
     print(f"\nengine died {died_after:.1f} s after the kill; first token after resubmission: "
           f"ghostserve {max(out['first_token_seconds'].values()):.3f} s, "
           f"recompute {max(recomputed['first_token_seconds'].values()):.3f} s")
-    OperatorClient(env["daemon"].socket).drop(name, unlink_regions=True)
-    assert name not in groups(env)
-    assert kept is None or kept not in shm.list_names(env["daemon"].prefix)
 
 
-def test_connector_options_are_validated():
+def test_connector_options_are_validated(monkeypatch):
     from ghostserve.config import ConfigError
     from ghostserve.integrations.vllm import ConnectorOptions
 
+    monkeypatch.delenv("GHOSTSERVE_SOCKET", raising=False)
     ok = ConnectorOptions.from_extra({"socket": "/run/gs.sock", "parity": 2})
     assert (ok.parity, ok.resume, ok.shm_prefix) == (2, True, "gs-vllm-")
     bad = {
@@ -200,6 +233,10 @@ def test_connector_options_are_validated():
         assert info.value.field == field
     with pytest.raises(ConfigError):
         ConnectorOptions.from_extra({"socket": "s", "parity": True})
+    # the sidecar's variable, as deploy/kubernetes/vllm-pod-sidecar.yaml sets it
+    monkeypatch.setenv("GHOSTSERVE_SOCKET", "/run/ghostserve/gs.sock")
+    assert ConnectorOptions.from_extra({"parity": 2}).socket == "/run/ghostserve/gs.sock"
+    assert ConnectorOptions.from_extra({"socket": "/x.sock"}).socket == "/x.sock"
 
 
 def test_resume_request_asks_only_for_the_rest():

@@ -46,7 +46,9 @@ seeded) for a resumed request to continue as it would have.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +65,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from ghostserve import shm
 from ghostserve.client import WorkerClient, channel, worker_stub
 from ghostserve.config import ConfigError
-from ghostserve.errors import DaemonUnavailable, Unsupported
+from ghostserve.errors import DaemonUnavailable, ResourceExhausted, Unsupported
 from ghostserve.v1 import ghostserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -86,8 +88,9 @@ class ConnectorOptions:
     def __post_init__(self) -> None:
         if not isinstance(self.socket, str) or not self.socket:
             raise ConfigError("socket", "give the ghostserve daemon's socket path")
-        if not isinstance(self.parity, int) or isinstance(self.parity, bool) or not 1 <= self.parity <= 16:
-            raise ConfigError("parity", f"{self.parity!r}: an integer from 1 to 16")
+        # the upper bound depends on the TP size: checked by the connector (shards + parity <= 255)
+        if not isinstance(self.parity, int) or isinstance(self.parity, bool) or not 1 <= self.parity <= 254:
+            raise ConfigError("parity", f"{self.parity!r}: an integer from 1 to 254")
         if self.group and not isinstance(self.group, str):
             raise ConfigError("group", f"{self.group!r}: a string")
         if not isinstance(self.resume, bool):
@@ -104,8 +107,11 @@ class ConnectorOptions:
         unknown = sorted(set(extra) - known)
         if unknown:
             raise ConfigError(unknown[0], f"unknown option; known: {', '.join(sorted(known))}")
-        if "socket" not in extra:
-            raise ConfigError("socket", "missing: give the ghostserve daemon's socket path")
+        if "socket" not in extra:  # the sidecar's own variable, as in deploy/kubernetes
+            if not os.environ.get("GHOSTSERVE_SOCKET"):
+                raise ConfigError("socket", "missing: give the ghostserve daemon's socket path "
+                                  "(kv_connector_extra_config or GHOSTSERVE_SOCKET)")
+            extra["socket"] = os.environ["GHOSTSERVE_SOCKET"]
         return cls(**extra)
 
 
@@ -216,8 +222,13 @@ class GhostServeConnector(KVConnectorBase_V1):
         # ranks r and r' hold the same KV when r // replicas == r' // replicas
         self.replicas = self.tp // heads if heads < self.tp else 1
         self.shards = self.tp // self.replicas
+        if self.shards + self.options.parity > 255:  # GF(2^8): at most 255 shards per stripe
+            raise ConfigError("parity", f"{self.options.parity}: with {self.shards} data shards "
+                              f"(TP {self.tp}) at most {255 - self.shards} parity shards fit")
         self._primary: shm.Segment | None = None  # a replica's view of its primary's KV
         # worker side
+        if role == KVConnectorRole.WORKER:
+            request_amx_permission()  # before this process's first AMX attention (resume: 1-token steps)
         self._client: WorkerClient | None = None
         self._segment: shm.Segment | None = None
         self._first_layer = ""
@@ -273,7 +284,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         region = self._region(rank)
         size = storage.nbytes()
         try:
-            self._segment = shm.Segment.create(region, size)
+            self._segment = self._allocate(region, size)
         except FileExistsError:
             raise Unsupported(f"shared memory {region!r} exists: an engine with the same engine_id left it "
                               "(ghostserve drop its group with --unlink-regions, or use a new engine_id)") from None
@@ -316,6 +327,25 @@ class GhostServeConnector(KVConnectorBase_V1):
             raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
         log.info("ghostserve: rank %d registered %d MiB of KV as group %s (%s)", rank, size >> 20,
                  self.group, region)
+
+    def _allocate(self, region: str, size: int) -> shm.Segment:
+        """The rank's KV segment, its pages allocated now: a full ``/dev/shm`` is a
+        clear error here, not a SIGBUS in the copy. When it is short, the daemon
+        first drops engines that ended by failure longer ago (oldest first)."""
+        if shm.free_bytes() < size:
+            try:
+                resp = worker_stub(channel(self.options.socket)).Reclaim(
+                    pb.ReclaimRequest(bytes=size), timeout=30)
+                log.info("ghostserve: /dev/shm was short; the daemon dropped %s", list(resp.dropped_groups))
+            except grpc.RpcError as exc:
+                raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
+        try:
+            return shm.Segment.create(region, size, reserve=True)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ResourceExhausted(f"/dev/shm for this rank's KV ({size} bytes): "
+                                        f"{shm.free_bytes()} free") from None
+            raise
 
     def _region(self, rank: int) -> str:
         return f"{self.options.shm_prefix}{self.group}-{self._engine_tag}-r{rank}"
@@ -454,8 +484,10 @@ class GhostServeConnector(KVConnectorBase_V1):
         return errors
 
     def shutdown(self) -> None:
+        """vLLM's worker shutdown: a clean end, so the daemon drops the group and
+        unlinks this rank's segment (a death never gets here: its group is kept)."""
         if self._client is not None:
-            self._client.close()
+            self._client.goodbye(release_region=True)
             self._client = None
 
     def _meta(self) -> GhostServeMetadata | None:
@@ -582,6 +614,30 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._finished.append(rid)
 
 
+def request_amx_permission() -> bool:
+    """Ask Linux for this process's AMX tile permission (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XTILEDATA)``, via torch); True if granted. A no-op returning False on CPUs without AMX.
+
+    Why: on a CPU with AMX, vLLM's bf16 CPU attention runs AMX tile instructions
+    (``isa="amx"``) but vLLM (0.32) never asks for the permission; it is granted only
+    as a side effect of an AMX GEMM: building a oneDNN linear (layers over 1 MiB of
+    weights per rank, at load) or vLLM's packed GEMM taking its brgemm path (more
+    than 4 tokens in the step). A small model, all packed GEMMs, whose worker's
+    first steps have at most 4 tokens, runs AMX attention without it and the
+    kernel kills the worker with SIGILL ("Illegal instruction" in
+    ``cpu_attention_with_kv_cache``). A resumed engine is that case: a resumed
+    request computes one token, so up to 4 of them never make a step big enough.
+    Any shape is fine once granted; plain vLLM dies the same way on a first batch
+    of at most 4 prompt tokens. Asking at start-up makes resume behave the same
+    on CPUs with and without AMX.
+    """
+    try:
+        return bool(torch.cpu._is_amx_tile_supported() and torch.cpu._init_amx())
+    except (AttributeError, RuntimeError) as exc:  # private torch API: absent or refused
+        log.warning("ghostserve: could not request AMX permission (%s)", exc)
+        return False
+
+
 def plain_tokens(request: Any) -> bool:
     """Does the request's KV depend on its token ids alone? (Not with an adapter,
     images or other features behind placeholder tokens, prompt embeddings, or a
@@ -616,4 +672,4 @@ def resume_request(prompt_token_ids: list[int], output_token_ids: list[int], sam
 
 
 __all__ = ["ConnectorOptions", "GhostServeConnector", "GhostServeMetadata", "GhostServeStats", "Load",
-           "model_namespace", "plain_tokens", "probe_slot_map", "resume_request"]
+           "model_namespace", "plain_tokens", "probe_slot_map", "request_amx_permission", "resume_request"]
