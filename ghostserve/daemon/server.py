@@ -179,22 +179,24 @@ class Daemon:
         and the ranks' regions (those that said goodbye with ``release_region``;
         all of them for an engine that ended by failure and is given up on, unless
         ``unlink_regions`` says otherwise). Returns the bytes released. Idempotent."""
+        if unlink_regions is None:
+            unlink_regions = reason in (DropReason.TTL, DropReason.SPACE)
+        # under the registry's lock throughout: no registration can reach the group
+        # half dropped, and once it is out of the registry its memory is given back
         with self.lock:
             if self.groups.get(g.name) is not g:
                 return 0
+            regions = [(r.region, r.ident) for r in g.ranks.values() if unlink_regions or r.release_region]
+            held = g.store.nbytes()
+            g.close()
+            with g.io_lock:  # after a restore, fetch or scrub in flight
+                g.store.close()
+                ParityStore.destroy(self.config.shm_prefix, g.name)
+            for name, ident in regions:
+                size = shm.used_bytes(name)
+                if shm.unlink_if(name, ident):
+                    held += size
             self.groups.pop(g.name)
-        if unlink_regions is None:
-            unlink_regions = reason in (DropReason.TTL, DropReason.SPACE)
-        regions = [(r.region, r.ident) for r in g.ranks.values() if unlink_regions or r.release_region]
-        held = g.store.nbytes()
-        g.close()
-        with g.io_lock:  # after a restore, fetch or scrub in flight
-            g.store.close()
-            ParityStore.destroy(self.config.shm_prefix, g.name)
-        for name, ident in regions:
-            size = shm.used_bytes(name)
-            if shm.unlink_if(name, ident):
-                held += size
         self.metrics.forget_group(g.name)
         self.metrics.groups_dropped.labels(reason).inc()
         self.metrics.dropped_bytes.labels(reason).inc(held)
