@@ -256,18 +256,18 @@ def test_a_daemon_bug_in_commit_is_internal_and_not_a_lost_rank(daemon, region, 
 def test_a_failing_step_is_reported_and_the_group_goes_on(daemon, region, monkeypatch):
     """Fault injection: encoding one step raises. The step's writers lose their
     watermark for good, others keep theirs, and later steps are protected."""
-    from ghostserve.daemon.group import Group
+    from ghostserve.daemon.datapath.host import HostDataPath
 
     rng = np.random.default_rng(8)
     ranks = _one_request(daemon, region, "enc", 2, 1, rng)   # "q" protected at 13 tokens
-    real = Group._encode_range
-    monkeypatch.setattr(Group, "_encode_range", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
+    real = HostDataPath._encode_range
+    monkeypatch.setattr(HostDataPath, "_encode_range", lambda *a: (_ for _ in ()).throw(RuntimeError("injected")))
     fill(ranks, rng, 1, {2: (0, 3)}, {"q": 13, "v": 3},
          [pb.RequestRecord(request_id="v", tokens=[1, 2, 3], blocks=[2], reset=True)])
     assert ranks[0].client.wait_protected(1)  # the step is done with, not pending forever
     event = ranks[0].client.events.get(timeout=5)
     assert event.kind == pb.GroupEvent.STEP_FAILED
-    monkeypatch.setattr(Group, "_encode_range", real)
+    monkeypatch.setattr(HostDataPath, "_encode_range", real)
     fill(ranks, rng, 2, {2: (3, 4), 3: (0, 1)}, {"q": 13, "v": 4, "w": 1},
          [pb.RequestRecord(request_id="w", tokens=[5], blocks=[3], reset=True)])
     assert ranks[0].client.wait_protected(2)

@@ -39,8 +39,10 @@ from prometheus_client import CollectorRegistry, start_http_server
 import ghostserve
 from ghostserve import shm
 from ghostserve.config import Config
-from ghostserve.daemon.group import CommitRecord, EndReason, Group
+from ghostserve.daemon.commits import CommitRecord
+from ghostserve.daemon.group import EndReason, Group
 from ghostserve.daemon.index import Record
+from ghostserve.daemon.messages import STREAM_END, SUPERSEDED, Ack, Event
 from ghostserve.daemon.status_codes import status_for
 from ghostserve.daemon.store import Layout, ParityStore
 from ghostserve.errors import (
@@ -208,7 +210,7 @@ class Daemon:
         """Shared memory ``g`` holds: its store, and for an ended engine the kept regions."""
         held = g.store.nbytes()
         if g.ended():
-            held += sum(shm.used_bytes(r.region) for r in list(g.ranks.values()) if r.view is not None)
+            held += sum(shm.used_bytes(r.region) for r in list(g.ranks.values()) if r.mapped)
         return held
 
     def _alive(self, pid: int) -> bool:
@@ -315,7 +317,7 @@ class Daemon:
         for g in list(self.groups.values()):
             with g.lock:
                 for r in g.ranks.values():
-                    if r.view is not None and r.ident == ident and (g.name, r.rank) != (group, rank):
+                    if r.mapped and r.ident == ident and (g.name, r.rank) != (group, rank):
                         return g.name, r.rank
         return None
 
@@ -570,15 +572,15 @@ class Services:
                 except Exception as exc:  # noqa: BLE001 - a daemon bug, not the worker's failure
                     end.bug = exc
                     break
-            outbox.put(("eof",))
+            outbox.put(STREAM_END)
 
-        context.add_callback(lambda: outbox.put(("eof",)))
+        context.add_callback(lambda: outbox.put(STREAM_END))
         threading.Thread(target=read, name=f"gs-stream-{group.name}-{rank}", daemon=True).start()
         while True:
             item = outbox.get()
-            if item is None:  # a newer stream of this rank took over, or the group was dropped
+            if item is SUPERSEDED:  # a newer stream of this rank took over, or the group was dropped
                 return
-            if item[0] == "eof":
+            if item is STREAM_END:
                 if end.goodbye:
                     return
                 lost = end.refused is None and end.bug is None and not self.d.draining
@@ -588,15 +590,13 @@ class Services:
                 elif end.bug is not None:
                     self._internal("Stream", end.bug, context)
                 return
-            if item[0] == "ack":
-                _, step, marks = item
+            if isinstance(item, Ack):
                 yield pb.DaemonMessage(ack=pb.Ack(
-                    protected_step=step,
-                    watermarks=[pb.RequestTokens(request_id=k, tokens=v) for k, v in marks.items()]))
-            elif item[0] == "event":
-                _, kind, who, detail = item
+                    protected_step=item.step,
+                    watermarks=[pb.RequestTokens(request_id=k, tokens=v) for k, v in item.watermarks.items()]))
+            elif isinstance(item, Event):
                 yield pb.DaemonMessage(event=pb.GroupEvent(
-                    kind=pb.GroupEvent.Kind.Value(kind), rank=who, detail=detail))
+                    kind=pb.GroupEvent.Kind.Value(item.kind), rank=item.rank, detail=item.detail))
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def unary(name, fn, req, resp):

@@ -1,0 +1,67 @@
+"""A group's ranks: their states, registration roles, and what the daemon holds of each.
+
+States (``RankStatus.state`` on the wire):
+
+* ``alive``: registered, its stream open (or about to be);
+* ``replacing``: fresh memory for a lost rank, registered, not yet restored;
+* ``lost``: failed (stream broken, pid gone); its memory is unmapped and never read;
+* ``detached``: known and mapped, no stream: from before a daemon restart (its
+  worker will rejoin), or kept after its engine ended by failure (a source for Fetch);
+* ``left``: said goodbye (a clean shutdown); still mapped until the group's end is known.
+"""
+
+from __future__ import annotations
+
+import queue
+from dataclasses import dataclass
+from enum import StrEnum
+
+from ghostserve.daemon.datapath import RankMemory
+
+
+class RankState(StrEnum):
+    """A rank's state; compares equal to its wire name."""
+
+    ALIVE = "alive"
+    LOST = "lost"
+    DETACHED = "detached"
+    REPLACING = "replacing"
+    LEFT = "left"
+
+
+class Role(StrEnum):
+    """What a registration was (``RegisterResponse.Role``)."""
+
+    NEW = "NEW"                  # first registration of this rank
+    REJOINED = "REJOINED"        # same memory again (worker reconnect, daemon restart)
+    REPLACEMENT = "REPLACEMENT"  # fresh memory for a lost rank: restore next
+
+
+@dataclass
+class Rank:
+    """One rank as the group knows it. Guarded by the group's ``lock``."""
+
+    rank: int
+    state: RankState
+    pid: int
+    region: str
+    session: str = ""
+    memory: RankMemory | None = None       # mapped by the group's data path
+    ident: tuple[int, int] | None = None   # identity of the region when mapped (kept after unmap)
+    committed: int = -1
+    outbox: queue.Queue | None = None      # items of ghostserve.daemon.messages
+    release_region: bool = False           # said goodbye: unlink the region when the group is dropped
+
+    @property
+    def mapped(self) -> bool:
+        return self.memory is not None
+
+    def unmap(self) -> None:
+        """Forget the memory: a lost rank's bytes must never feed a restore (work
+        already in flight holds its own reference and checks ``memory`` after)."""
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+
+__all__ = ["Rank", "RankState", "Role"]
