@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -86,15 +86,19 @@ def operator_stub(ch: grpc.Channel) -> Any:
 
 class WorkerClient:
     """One TP rank's connection. ``layout`` has the fields of ``KVLayout``;
-    ``keep_survivors`` is RegisterRequest's (engines that tear all ranks down)."""
+    ``keep_survivors`` is RegisterRequest's (engines that tear all ranks down).
+    A rank whose KV lies in several regions (``layout["extents"]`` name them by
+    index) passes them all as ``regions`` [(name, size), ...]; ``region`` and
+    ``region_size`` are then the first."""
 
     def __init__(self, socket: str, group: str, rank: int, world_size: int, parity: int,
                  layout: Mapping[str, Any], region: str, region_size: int, pid: int | None = None,
                  reconnect: bool = True, timeout: float = 10.0, keep_survivors: bool = False,
-                 namespace: str = ""):
+                 namespace: str = "", regions: Sequence[tuple[str, int]] = ()):
         self.socket, self.group, self.rank = socket, group, rank
         self.world_size, self.parity = world_size, parity
         self.layout, self.region, self.region_size = dict(layout), region, region_size
+        self.regions = list(regions)
         self.pid = pid or os.getpid()
         self.reconnect, self.timeout = reconnect, timeout
         self.keep_survivors, self.namespace = keep_survivors, namespace
@@ -120,7 +124,8 @@ class WorkerClient:
             group=self.group, rank=self.rank, world_size=self.world_size, parity=self.parity,
             layout=pb.KVLayout(**self.layout),
             region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
-            keep_survivors=self.keep_survivors, namespace=self.namespace)
+            keep_survivors=self.keep_survivors, namespace=self.namespace,
+            regions=[pb.Region(shm_name=name, size=size) for name, size in self.regions])
 
     def register(self) -> pb.RegisterResponse:
         """Register (or re-register) this rank and open the commit stream."""

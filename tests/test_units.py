@@ -52,7 +52,7 @@ def test_records_survive_a_torn_write(shm_prefix):
 
 def test_store_reopens_with_everything(shm_prefix):
     layout = Layout(2, 4, 512, 128, 2048, 512)
-    manifest = {"world_size": 3, "parity": 2, "layout": layout.__dict__, "ranks": {"0": {"region": "a", "pid": 1}}}
+    manifest = {"world_size": 3, "parity": 2, "layout": layout.to_dict(), "ranks": {"0": {"regions": ["a"], "pid": 1}}}
     store = ParityStore.create(shm_prefix, "grp", manifest)
     store.parity[1, 1, 2, :] = 7
     store.chunk_step[3, 1] = 42

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ghostserve.daemon.index import Record
-from ghostserve.daemon.store import Layout
+from ghostserve.daemon.layout import Layout
 from ghostserve.errors import BlockOutOfRange, InvalidRequest
 
 

@@ -41,9 +41,10 @@ from ghostserve.daemon import datapath, recovery
 from ghostserve.daemon.commits import CommitRecord, validate
 from ghostserve.daemon.encoder import StepEncoder
 from ghostserve.daemon.index import StepNews
+from ghostserve.daemon.layout import Layout
 from ghostserve.daemon.messages import SUPERSEDED, Ack, Event, EventKind, OutboxItem
 from ghostserve.daemon.ranks import Rank, RankState, Role
-from ghostserve.daemon.store import Layout, ParityStore
+from ghostserve.daemon.store import ParityStore
 from ghostserve.errors import (
     BlockOutOfRange,
     DuplicateRank,
@@ -131,8 +132,9 @@ class Group:
         manifest = dict(self.store.manifest)
         manifest["ended"] = self._ended
         manifest["ended_at"], manifest["end_reason"] = self.ended_at, self.end_reason
-        manifest["ranks"] = {str(r.rank): {"region": r.region, "pid": r.pid, "state": r.state,
-                                           "ident": r.ident, "release_region": r.release_region}
+        manifest["ranks"] = {str(r.rank): {"regions": list(r.regions), "pid": r.pid, "state": str(r.state),
+                                           "idents": [list(i) for i in r.idents],
+                                           "release_region": r.release_region}
                              for r in self.ranks.values()}
         self.store.write_manifest(manifest)
 
@@ -152,7 +154,11 @@ class Group:
         self.ended_at = time.time()
         log.info("group %s: engine ended (%s)", self.name, self.end_reason)
 
-    def register(self, rank: int, pid: int, region: str, region_size: int) -> tuple[Role, str]:
+    def region_sizes(self, regions: tuple[str, ...]) -> list[tuple[str, int]]:
+        """(name, bytes the layout needs there) of each of a rank's regions."""
+        return [(name, self.layout.region_bytes(i)) for i, name in enumerate(regions)]
+
+    def register(self, rank: int, pid: int, regions: tuple[str, ...]) -> tuple[Role, str]:
         """Add or re-admit ``rank``; returns (role, session). Caller validated layout/code."""
         if not 0 <= rank < self.n:
             raise UnknownRank(self.name, rank, f"is outside 0..{self.n - 1}")
@@ -164,7 +170,7 @@ class Group:
             old = self.ranks.get(rank)
             if old is None:
                 role = Role.NEW
-            elif old.state in (ALIVE, DETACHED, LEFT) and old.region == region:
+            elif old.state in (ALIVE, DETACHED, LEFT) and old.regions == regions:
                 if old.state == ALIVE and old.pid != pid:
                     raise DuplicateRank(self.name, rank)
                 role = Role.REJOINED
@@ -172,12 +178,12 @@ class Group:
                 raise DuplicateRank(self.name, rank)
             else:  # LOST or REPLACING: fresh memory for a lost rank
                 role = Role.REPLACEMENT
-            new = Rank(rank, ALIVE if role != Role.REPLACEMENT else REPLACING, pid, region)
+            new = Rank(rank, ALIVE if role != Role.REPLACEMENT else REPLACING, pid, regions)
             try:
-                new.memory = self.data.attach(region, region_size)
-                new.ident = new.memory.ident
-            except FileNotFoundError:
-                raise InvalidRequest(f"shared memory region {region!r} does not exist") from None
+                new.memory = self.data.attach(self.region_sizes(regions))
+                new.idents = tuple(new.memory.idents)
+            except FileNotFoundError as exc:
+                raise InvalidRequest(f"shared memory region {exc.filename or regions[0]!r} does not exist") from None
             except ValueError as exc:
                 raise InvalidRequest(str(exc)) from None
             if old is not None:
@@ -197,22 +203,22 @@ class Group:
             self.cond.notify_all()
             return role, new.session
 
-    def attach_detached(self, manifest_ranks: dict[str, Any], region_size: int) -> None:
+    def attach_detached(self, manifest_ranks: dict[str, Any]) -> None:
         """After a daemon restart: map every known rank's region again, detached
         until its worker reconnects; a rank whose region is gone is lost."""
         with self.lock:
             for key, info in manifest_ranks.items():
-                r = Rank(int(key), DETACHED, int(info["pid"]), info["region"], committed=self.protected_step,
-                         release_region=bool(info.get("release_region")))
-                r.ident = tuple(info["ident"]) if info.get("ident") else None
+                r = Rank(int(key), DETACHED, int(info["pid"]), tuple(info["regions"]),
+                         committed=self.protected_step, release_region=bool(info.get("release_region")))
+                r.idents = tuple(tuple(x) for x in info.get("idents", ()))
                 if info.get("state") in (LOST, REPLACING):
                     r.state = LOST
                 elif info.get("state") == LEFT:
                     r.state = LEFT
                 if r.state != LOST:
                     try:
-                        r.memory = self.data.attach(r.region, region_size)
-                        r.ident = r.memory.ident
+                        r.memory = self.data.attach(self.region_sizes(r.regions))
+                        r.idents = tuple(r.memory.idents)
                     except (FileNotFoundError, ValueError):
                         r.state = LOST
                 self.ranks[r.rank] = r

@@ -44,13 +44,18 @@ class Rank:
     rank: int
     state: RankState
     pid: int
-    region: str
+    regions: tuple[str, ...]               # in the layout's region order
     session: str = ""
     memory: RankMemory | None = None       # mapped by the group's data path
-    ident: tuple[int, int] | None = None   # identity of the region when mapped (kept after unmap)
+    idents: tuple[tuple[int, int], ...] = ()  # identity of each region when mapped (kept after unmap)
     committed: int = -1
     outbox: queue.Queue | None = None      # items of ghostserve.daemon.messages
     release_region: bool = False           # said goodbye: unlink the region when the group is dropped
+
+    @property
+    def region(self) -> str:
+        """The first region's name (the only one of a simple layout)."""
+        return self.regions[0]
 
     @property
     def mapped(self) -> bool:

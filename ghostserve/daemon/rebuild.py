@@ -46,7 +46,7 @@ import numpy as np
 
 from ghostserve.codec import crcfold
 from ghostserve.codec.isal import _crc_fn, library
-from ghostserve.daemon.store import Layout
+from ghostserve.daemon.layout import Layout
 
 PARALLEL_BYTES = 2 << 20  # fewer rebuilt bytes than this run on the caller's thread
 

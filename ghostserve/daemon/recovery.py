@@ -116,9 +116,6 @@ class Placement:
     memory: RankMemory
     blocks: Mapping[int, int]
 
-    def addrs(self, block: int, chunk: int) -> list[int]:
-        return self.data.chunk_addrs(self.memory, self.blocks[block], chunk)
-
 
 def rebuild_verified(g: Group, rank: int, target: RankMemory | None, survivors: Mapping[int, RankMemory],
                      base_erased: set[int], segments: list[Segment], place: Placement | None = None
@@ -149,8 +146,8 @@ def rebuild_verified(g: Group, rank: int, target: RankMemory | None, survivors: 
             for j in mine:
                 seg = rebuilt[j][0]
                 f = int(fill[seg.block]) if fill is not None else 0
-                if any(data.checksum_at(place.addrs(seg.block, c), f) != store.crc[seg.block, c, w]
-                       for c in range(seg.c0, seg.c1)):
+                if any(place.data.checksum(place.memory, place.blocks[seg.block], c, fill=f)
+                       != store.crc[seg.block, c, w] for c in range(seg.c0, seg.c1)):
                     failed.add(j)
             continue
         ok = data.intact(mems[w], w, [(rebuilt[j][0].block, rebuilt[j][0].c0, rebuilt[j][0].c1) for j in mine])
@@ -334,7 +331,7 @@ def fetch(g: Group, rank: int, blocks: list[int], tokens: int, dst: Group, dst_r
             src = held.get(rank)
             if src is not None and all(data.checksum(src, b, c) == store.crc[b, c, rank] for c in range(lay.chunks)):
                 for c in range(lay.chunks):  # the kept bytes are good: copy them
-                    data.copy(src, b, c, dst.data.chunk_addrs(tmem, db, c))
+                    data.copy(src, b, c, dst.data, tmem, db)
                 out.fetched_bytes += lay.block_bytes * lay.num_layers
                 continue
             others = {q: mem for q, mem in held.items() if q != rank}

@@ -42,9 +42,10 @@ from ghostserve.config import Config
 from ghostserve.daemon.commits import CommitRecord
 from ghostserve.daemon.group import EndReason, Group
 from ghostserve.daemon.index import Record
+from ghostserve.daemon.layout import Layout
 from ghostserve.daemon.messages import STREAM_END, SUPERSEDED, Ack, Event
 from ghostserve.daemon.status_codes import status_for
-from ghostserve.daemon.store import Layout, ParityStore
+from ghostserve.daemon.store import ParityStore
 from ghostserve.errors import (
     ForeignStore,
     GhostServeError,
@@ -118,7 +119,7 @@ class Daemon:
                 log.warning("skipping incomplete group %s: %s", name, exc)
                 continue
             group = self._new_group(name, store)
-            group.attach_detached(store.manifest.get("ranks", {}), store.layout.region_bytes())
+            group.attach_detached(store.manifest.get("ranks", {}))
             log.info("re-attached group %s at protected step %d", name, store.protected_step)
         self._expire()  # a crash between an engine's goodbye and its drop
 
@@ -188,7 +189,8 @@ class Daemon:
         with self.lock:
             if self.groups.get(g.name) is not g:
                 return 0
-            regions = [(r.region, r.ident) for r in g.ranks.values() if unlink_regions or r.release_region]
+            regions = [(name, ident) for r in g.ranks.values() if unlink_regions or r.release_region
+                       for name, ident in zip(r.regions, r.idents or [None] * len(r.regions), strict=True)]
             held = g.store.nbytes()
             g.close()
             with g.io_lock:  # after a restore, fetch or scrub in flight
@@ -210,7 +212,7 @@ class Daemon:
         """Shared memory ``g`` holds: its store, and for an ended engine the kept regions."""
         held = g.store.nbytes()
         if g.ended():
-            held += sum(shm.used_bytes(r.region) for r in list(g.ranks.values()) if r.mapped)
+            held += sum(shm.used_bytes(name) for r in list(g.ranks.values()) if r.mapped for name in r.regions)
         return held
 
     def _alive(self, pid: int) -> bool:
@@ -236,40 +238,51 @@ class Daemon:
         if req.rank >= n:
             raise InvalidRequest(f"rank {req.rank} is outside 0..{n - 1}")
         lay = req.layout
-        layout = Layout(lay.num_layers, lay.num_blocks, lay.block_bytes, lay.chunk_bytes,
-                        lay.layer_stride, lay.block_stride, lay.offset, lay.block_slots)
+        layout = Layout.from_proto(lay)
         problems = layout.problems() or layout.slot_map_problems(lay.slot_map)
         if problems:
             raise InvalidRequest("layout: " + "; ".join(problems))
-        kind = req.region.WhichOneof("kind")
-        if kind == "cuda_ipc_handle":
-            raise Unsupported("CUDA IPC regions need the GPU build of the daemon (not available here)")
-        if kind != "shm_name":
-            raise InvalidRequest("region: give shm_name")
-        region = req.region.shm_name
-        try:
-            shm.check_name(region)
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from None
-        self._check_region_name(region)
-        if req.region.size < layout.region_bytes():
-            raise InvalidRequest(f"region of {req.region.size} bytes is smaller than the layout "
-                                 f"needs ({layout.region_bytes()})")
+        regions = list(req.regions) or [req.region]
+        if len(regions) != layout.regions:
+            raise InvalidRequest(f"{len(regions)} regions given, the layout's extents name {layout.regions}")
+        names = []
+        for i, region in enumerate(regions):
+            kind = region.WhichOneof("kind")
+            if kind == "cuda_ipc_handle":
+                raise Unsupported("CUDA IPC regions need the GPU build of the daemon (not available here)")
+            if kind != "shm_name":
+                raise InvalidRequest(f"region {i}: give shm_name")
+            try:
+                shm.check_name(region.shm_name)
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from None
+            self._check_region_name(region.shm_name)
+            if region.size < layout.region_bytes(i):
+                raise InvalidRequest(f"region {i} of {region.size} bytes is smaller than the layout "
+                                     f"needs ({layout.region_bytes(i)})")
+            names.append(region.shm_name)
+        if len(set(names)) != len(names):
+            raise InvalidRequest("a region is named twice")
         if req.pid <= 0 or not self._alive(req.pid):
             raise InvalidRequest(f"pid {req.pid} is not a running process")
         if len(req.namespace) > 256:
             raise InvalidRequest("namespace: at most 256 characters")
-        manifest = {"world_size": n, "parity": m, "layout": layout.__dict__,
+        manifest = {"world_size": n, "parity": m, "layout": layout.to_dict(),
                     "keep_survivors": req.keep_survivors, "namespace": req.namespace,
                     "shm_prefix": self.config.shm_prefix}
         with self.lock:
-            try:
-                ident = shm.identity(region)
-            except FileNotFoundError:
-                raise InvalidRequest(f"shared memory region {region!r} does not exist") from None
-            holder = self._holder(ident, req.group, req.rank)
-            if holder is not None:
-                raise RegionInUse(region, *holder)
+            idents = set()
+            for name in names:
+                try:
+                    ident = shm.identity(name)
+                except FileNotFoundError:
+                    raise InvalidRequest(f"shared memory region {name!r} does not exist") from None
+                holder = self._holder(ident, req.group, req.rank)
+                if holder is not None:
+                    raise RegionInUse(name, *holder)
+                if ident in idents:
+                    raise InvalidRequest(f"region {name!r} is another name of a region given before")
+                idents.add(ident)
             group = self.groups.get(req.group)
             created = group is None
             if created:
@@ -289,7 +302,7 @@ class Daemon:
                 if layout.block_slots and bytes(group.store.slot_map.tobytes()) != lay.slot_map:
                     raise InvalidRequest(f"group {req.group!r} is registered with another slot_map")
             try:
-                role, session = group.register(req.rank, req.pid, req.region.shm_name, layout.region_bytes())
+                role, session = group.register(req.rank, req.pid, tuple(names))
             except GhostServeError:
                 if created:  # leave nothing behind for a refused first registration
                     self.groups.pop(req.group).stop()
@@ -317,7 +330,7 @@ class Daemon:
         for g in list(self.groups.values()):
             with g.lock:
                 for r in g.ranks.values():
-                    if r.mapped and r.ident == ident and (g.name, r.rank) != (group, rank):
+                    if r.mapped and ident in r.idents and (g.name, r.rank) != (group, rank):
                         return g.name, r.rank
         return None
 
@@ -396,7 +409,7 @@ class Daemon:
                     lag_steps=g.newest_step() - g.protected_step,
                     kv_bytes=lay.kv_bytes() * g.n, protected_bytes=chunks * per_chunk * g.n,
                     parity_bytes=chunks * per_chunk * g.m, parity_arena_bytes=lay.kv_bytes() * g.m,
-                    layout=pb.KVLayout(**lay.__dict__),
+                    layout=pb.KVLayout(**lay.to_dict()),
                 )
                 for r in sorted(g.ranks.values(), key=lambda r: r.rank):
                     gs.ranks.add(rank=r.rank, state=r.state, pid=r.pid,

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ghostserve import shm
 from ghostserve.daemon import index
+from ghostserve.daemon.layout import Layout
 from ghostserve.errors import ForeignStore
 
 MAGIC = b"GSMETA03"
@@ -45,73 +45,6 @@ _HDR = 64  # [magic 8][manifest slot bytes u64]
 def manifest_slot(n: int) -> int:
     """Bytes of one manifest copy: room for every rank's region name and pid."""
     return (16 << 10) + 512 * n
-
-
-@dataclass(frozen=True)
-class Layout:
-    """A rank's KV layout (see ``KVLayout`` in the proto)."""
-
-    num_layers: int
-    num_blocks: int
-    block_bytes: int
-    chunk_bytes: int
-    layer_stride: int
-    block_stride: int
-    offset: int = 0
-    block_slots: int = 0  # > 0: slot-addressed (see KVLayout.slot_map)
-
-    @property
-    def chunks(self) -> int:
-        return self.block_bytes // self.chunk_bytes
-
-    def region_bytes(self) -> int:
-        """Smallest region that holds every shard."""
-        return (
-            self.offset + (self.num_layers - 1) * self.layer_stride
-            + (self.num_blocks - 1) * self.block_stride + self.block_bytes
-        )
-
-    def kv_bytes(self) -> int:
-        return self.num_layers * self.num_blocks * self.block_bytes
-
-    def _disjoint(self) -> bool:
-        """Shards may not overlap: blocks nested in layers, or layers nested in blocks."""
-        ls = self.layer_stride if self.num_layers > 1 else 1 << 62
-        bs = self.block_stride if self.num_blocks > 1 else 1 << 62
-        if self.num_layers == 1 and self.num_blocks == 1:
-            return True
-        return (bs >= self.block_bytes and ls >= bs * self.num_blocks) or (
-            ls >= self.block_bytes and bs >= ls * self.num_layers
-        ) or (self.num_layers == 1 and bs >= self.block_bytes) or (
-            self.num_blocks == 1 and ls >= self.block_bytes
-        )
-
-    def problems(self) -> list[str]:
-        p = []
-        if min(self.num_layers, self.num_blocks, self.block_bytes, self.chunk_bytes) < 1:
-            p.append("num_layers, num_blocks, block_bytes and chunk_bytes must be >= 1")
-        elif self.block_bytes % self.chunk_bytes:
-            p.append(f"chunk_bytes {self.chunk_bytes} does not divide block_bytes {self.block_bytes}")
-        elif not self._disjoint():
-            p.append("layer_stride/block_stride make shards overlap")
-        if self.chunks > 4096:
-            p.append("more than 4096 chunks per block; use a larger chunk_bytes")
-        if self.block_slots and self.chunk_bytes != self.block_bytes:
-            p.append("a slot-addressed layout needs chunk_bytes == block_bytes")
-        if not 0 <= self.block_slots < 1 << 16:
-            p.append("block_slots must be below 65536")
-        return p
-
-    def slot_map_problems(self, slot_map: bytes) -> list[str]:
-        """Check a KVLayout.slot_map against this layout."""
-        if not self.block_slots:
-            return ["slot_map given without block_slots"] if slot_map else []
-        if len(slot_map) != 2 * self.block_bytes:
-            return [f"slot_map has {len(slot_map)} bytes, not 2 per block byte ({2 * self.block_bytes})"]
-        slots = np.frombuffer(slot_map, dtype="<u2")
-        if int(slots.max()) >= self.block_slots:
-            return [f"slot_map names slot {int(slots.max())} of a {self.block_slots}-slot block"]
-        return []
 
 
 def names(prefix: str, group: str) -> tuple[str, str]:
@@ -125,7 +58,7 @@ class ParityStore:
         self.meta, self.parity_seg = meta, parity
         self.manifest = manifest
         self.index: index.RequestIndex | None = None  # set by create() and open()
-        self.layout = Layout(**manifest["layout"])
+        self.layout = Layout.from_dict(manifest["layout"])
         n, m = manifest["world_size"], manifest["parity"]
         lay = self.layout
         self.k, self.m = n, m
@@ -154,7 +87,7 @@ class ParityStore:
 
     @classmethod
     def create(cls, prefix: str, group: str, manifest: dict[str, Any], slot_map: bytes = b"") -> ParityStore:
-        layout = Layout(**manifest["layout"])
+        layout = Layout.from_dict(manifest["layout"])
         meta_size, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
         meta_name, parity_name = names(prefix, group)
         cls.destroy(prefix, group)  # leftovers of a group never completed
@@ -193,7 +126,7 @@ class ParityStore:
                 raise ValueError(f"{meta_name}: no valid manifest")
             if manifest.get("shm_prefix", prefix) != prefix:
                 raise ForeignStore(f"{meta_name} belongs to the daemon of prefix {manifest['shm_prefix']!r}")
-            layout = Layout(**manifest["layout"])
+            layout = Layout.from_dict(manifest["layout"])
             _, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
             parity = shm.Segment.attach(parity_name, parity_size)
         except BaseException:

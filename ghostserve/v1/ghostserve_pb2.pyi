@@ -7,8 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Extent(_message.Message):
+    __slots__ = ("region", "first_layer", "layers", "offset", "layer_stride", "block_stride", "bytes", "at")
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LAYER_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LAYER_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    region: int
+    first_layer: int
+    layers: int
+    offset: int
+    layer_stride: int
+    block_stride: int
+    bytes: int
+    at: int
+    def __init__(self, region: _Optional[int] = ..., first_layer: _Optional[int] = ..., layers: _Optional[int] = ..., offset: _Optional[int] = ..., layer_stride: _Optional[int] = ..., block_stride: _Optional[int] = ..., bytes: _Optional[int] = ..., at: _Optional[int] = ...) -> None: ...
+
 class KVLayout(_message.Message):
-    __slots__ = ("num_layers", "num_blocks", "block_bytes", "chunk_bytes", "layer_stride", "block_stride", "offset", "block_slots", "slot_map")
+    __slots__ = ("num_layers", "num_blocks", "block_bytes", "chunk_bytes", "layer_stride", "block_stride", "offset", "block_slots", "slot_map", "extents")
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -18,6 +38,7 @@ class KVLayout(_message.Message):
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SLOTS_FIELD_NUMBER: _ClassVar[int]
     SLOT_MAP_FIELD_NUMBER: _ClassVar[int]
+    EXTENTS_FIELD_NUMBER: _ClassVar[int]
     num_layers: int
     num_blocks: int
     block_bytes: int
@@ -27,7 +48,8 @@ class KVLayout(_message.Message):
     offset: int
     block_slots: int
     slot_map: bytes
-    def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., layer_stride: _Optional[int] = ..., block_stride: _Optional[int] = ..., offset: _Optional[int] = ..., block_slots: _Optional[int] = ..., slot_map: _Optional[bytes] = ...) -> None: ...
+    extents: _containers.RepeatedCompositeFieldContainer[Extent]
+    def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., layer_stride: _Optional[int] = ..., block_stride: _Optional[int] = ..., offset: _Optional[int] = ..., block_slots: _Optional[int] = ..., slot_map: _Optional[bytes] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
 
 class Region(_message.Message):
     __slots__ = ("shm_name", "cuda_ipc_handle", "size", "device")
@@ -42,7 +64,7 @@ class Region(_message.Message):
     def __init__(self, shm_name: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid", "keep_survivors", "namespace")
+    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid", "keep_survivors", "namespace", "regions")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +74,7 @@ class RegisterRequest(_message.Message):
     PID_FIELD_NUMBER: _ClassVar[int]
     KEEP_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     group: str
     rank: int
     world_size: int
@@ -61,7 +84,8 @@ class RegisterRequest(_message.Message):
     pid: int
     keep_survivors: bool
     namespace: str
-    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ..., keep_survivors: _Optional[bool] = ..., namespace: _Optional[str] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ..., keep_survivors: _Optional[bool] = ..., namespace: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("role", "session", "protected_step", "next_step")

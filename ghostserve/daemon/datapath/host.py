@@ -33,29 +33,56 @@ PARALLEL_BYTES = 4 << 20  # less native work than this runs on one thread: Pytho
 
 @dataclass
 class HostMemory:
-    """A rank's region mapped into the daemon (page tables filled: the daemon reads
-    or writes all of it, and a fault per page would dominate a restore)."""
+    """A rank's regions mapped into the daemon (page tables filled: the daemon reads
+    or writes all of it, and a fault per page would dominate a restore).
+    ``bases[i]`` is the address of region i (``KVLayout.extents`` name regions by index)."""
 
-    region: str
-    segment: shm.Segment | None = None
-    view: np.ndarray | None = None
-    addr: int = 0
-    ident: tuple[int, int] | None = None
+    regions: list[str]
+    segments: list[shm.Segment] = field(default_factory=list)
+    views: list[np.ndarray] = field(default_factory=list)
+    bases: list[int] = field(default_factory=list)
+    idents: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
-    def attach(cls, region: str, size: int) -> HostMemory:
-        ident = shm.identity(region)
-        seg = shm.Segment.attach(region, size, populate=True)
-        view = seg.array()
-        return cls(region, seg, view, view.ctypes.data, ident)
+    def attach(cls, regions: Sequence[tuple[str, int]]) -> HostMemory:
+        mem = cls([name for name, _ in regions])
+        try:
+            for name, size in regions:
+                ident = shm.identity(name)
+                seg = shm.Segment.attach(name, size, populate=True)
+                mem.segments.append(seg)
+                mem.views.append(seg.array())
+                mem.bases.append(mem.views[-1].ctypes.data)
+                mem.idents.append(ident)
+        except BaseException:
+            mem.close()
+            raise
+        return mem
+
+    @property
+    def region(self) -> str:
+        return self.regions[0]
+
+    @property
+    def addr(self) -> int:
+        """Base of region 0 (the only one of a simple layout)."""
+        return self.bases[0]
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.views[0]
+
+    @property
+    def ident(self) -> tuple[int, int] | None:
+        return self.idents[0] if self.idents else None
 
     def close(self) -> None:
         """The owner lets go. Work in flight that still holds this object keeps
-        reading valid memory (its view keeps the mapping); the mapping goes with
-        the last reference."""
-        if self.segment is not None:
-            self.segment.close()  # unmaps now only if no view is left
-            self.segment = None
+        reading valid memory (its views keep the mappings); they go with the
+        last reference."""
+        for seg in self.segments:
+            seg.close()  # unmaps now only if no view is left
+        self.segments = []
 
 
 @dataclass
@@ -70,7 +97,13 @@ class _Done:
 
 class HostDataPath:
     """Shared memory + ISA-L for one group. Thread-safe: every method reads the
-    store's layout and writes only the bytes and checksums it is asked to."""
+    store's layout and writes only the bytes and checksums it is asked to.
+
+    Byte ranges of a shard are logical (0..block_bytes); where a layout has
+    several extents (K and V apart, layers in their own regions) a range is cut
+    into pieces at the extents' edges (:meth:`pieces`), and a call that reads
+    one layout and writes another (a fetch into a differently laid out engine)
+    is cut at the edges of both."""
 
     kind = "host"
 
@@ -86,12 +119,14 @@ class HostDataPath:
 
     # ------------------------------------------------------------------ memory
 
-    def attach(self, region: str, size: int) -> HostMemory:
-        """Map ``region``. Raises FileNotFoundError or ValueError (too small, empty)."""
-        return HostMemory.attach(region, size)
+    def attach(self, regions: Sequence[tuple[str, int]]) -> HostMemory:
+        """Map a rank's regions ((name, at least this many bytes), in the layout's
+        region order). Raises FileNotFoundError or ValueError (too small, empty)."""
+        return HostMemory.attach(regions)
 
     def addr(self, base: int, layer: int, block: int, start: int) -> int:
-        """Address of byte ``start`` of the (layer, block) shard in a region at ``base``."""
+        """Address of byte ``start`` of the (layer, block) shard in a region at
+        ``base``: simple layouts only (one strided extent)."""
         lay = self.layout
         return int(base + lay.offset + layer * lay.layer_stride + block * lay.block_stride + start)
 
@@ -100,47 +135,64 @@ class HostDataPath:
         return int(self._parity_addr + ((layer * self.m + j) * self.layout.num_blocks + block)
                    * self.layout.block_bytes + start)
 
-    def shard(self, mem: HostMemory, layer: int, block: int, start: int, end: int) -> np.ndarray:
-        """A view of bytes [start, end) of ``mem``'s (layer, block) shard."""
-        base = self.layout.offset + layer * self.layout.layer_stride + block * self.layout.block_stride
-        return mem.view[base + start : base + end]
+    def pieces(self, mem: HostMemory, layer: int, block: int, start: int, end: int) -> list[tuple[int, int, int]]:
+        """Bytes [start, end) of ``mem``'s (layer, block) shard as (logical start,
+        logical end, address) pieces, in order."""
+        if self.layout.simple:
+            return [(start, end, self.addr(mem.bases[0], layer, block, start))]
+        return [(e.at + off, e.at + off + n, int(e.address(mem.bases[e.region], layer, block, off)))
+                for e, off, n in self.layout.spans(layer, int(start), int(end))]
 
-    def source(self, mems: Mapping[int, HostMemory], q: int, layer: int, block: int, start: int) -> int:
-        """Address of shard ``q`` (a rank < N, or parity row q - N) of a stripe."""
-        if q >= self.n:
-            return self.paddr(layer, block, q - self.n, start)
-        return self.addr(mems[q].addr, layer, block, start)
+    def shard(self, mem: HostMemory, layer: int, block: int, start: int, end: int) -> np.ndarray:
+        """Bytes [start, end) of ``mem``'s (layer, block) shard: a view for a
+        simple layout, else a copy gathered from its pieces."""
+        if self.layout.simple:
+            base = self.layout.offset + layer * self.layout.layer_stride + block * self.layout.block_stride
+            return mem.views[0][base + start : base + end]
+        return np.concatenate([_at(a, hi - lo) for lo, hi, a in self.pieces(mem, layer, block, start, end)])
 
     # ------------------------------------------------------------------ encode
 
     def encode(self, ranges: Sequence[tuple[int, int, int]], mems: Mapping[int, HostMemory]) -> _Done:
         """Parity of every range (all layers) and the checksums of the chunks it
         covers, one pool task per range. The caller publishes after ``result()``."""
-        addrs = {q: mems[q].addr for q in range(self.n)}
-        return _Done([self.pool.submit(self._encode_range, b, s, e, addrs) for b, s, e in ranges])
+        own = {q: mems[q] for q in range(self.n)}
+        return _Done([self.pool.submit(self._encode_range, b, s, e, own) for b, s, e in ranges])
 
-    def _encode_range(self, block: int, start: int, end: int, addrs: Mapping[int, int]) -> int:
+    def _encode_range(self, block: int, start: int, end: int, mems: Mapping[int, HostMemory]) -> int:
         lay, store = self.layout, self.store
         tables = self._tables(self.code.parity_matrix)
         for layer in range(lay.num_layers):
-            encode_raw(tables, end - start, [self.addr(addrs[q], layer, block, start) for q in range(self.n)],
-                       [self.paddr(layer, block, j, start) for j in range(self.m)])
+            cuts = [self.pieces(mems[q], layer, block, start, end) for q in range(self.n)]
+            for i, (lo, hi, _) in enumerate(cuts[0]):  # every rank has the same layout: the same cuts
+                encode_raw(tables, hi - lo, [cuts[q][i][2] for q in range(self.n)],
+                           [self.paddr(layer, block, j, lo) for j in range(self.m)])
         for c in range(start // lay.chunk_bytes, end // lay.chunk_bytes):
             for q in range(self.n):
-                store.crc[block, c, q] = self._crc(addrs[q], block, c)
+                store.crc[block, c, q] = self.checksum(mems[q], block, c)
         return (end - start) * lay.num_layers * self.n
 
     # ------------------------------------------------------------------ checksums
 
-    def checksum(self, mem: HostMemory, block: int, chunk: int) -> int:
-        """The CRC32C of ``mem``'s chunk, chained over layers (filled slots only)."""
-        return self._crc(mem.addr, block, chunk)
-
-    def _crc(self, addr: int, block: int, chunk: int) -> int:
-        lay = self.layout
-        at = int(addr + lay.offset + block * lay.block_stride + chunk * lay.chunk_bytes)
-        return self.checksum_at([at + layer * lay.layer_stride for layer in range(lay.num_layers)],
-                                int(self.store.fill[block]) if self.slotted else 0)
+    def checksum(self, mem: HostMemory, block: int, chunk: int, fill: int | None = None) -> int:
+        """The CRC32C of ``mem``'s chunk, chained over layers (and pieces). In a
+        slot-addressed layout only the first ``fill`` slots count (default: the
+        block's stored fill; the rest read as zero): those bytes may keep changing
+        after the chunk was encoded."""
+        lay, cb = self.layout, self.layout.chunk_bytes
+        if fill is None:
+            fill = int(self.store.fill[block]) if self.slotted else 0
+        masked = self.slotted and fill < lay.block_slots
+        keep = self._keep(fill) if masked else None
+        crc = 0
+        for layer in range(lay.num_layers):
+            for lo, hi, at in self.pieces(mem, layer, block, chunk * cb, (chunk + 1) * cb):
+                if keep is None:
+                    crc = crc32c(at, hi - lo, crc)
+                else:  # per call: encode threads run this in parallel
+                    covered = np.bitwise_and(_at(at, hi - lo), keep[lo - chunk * cb : hi - chunk * cb])
+                    crc = crc32c(covered.ctypes.data, hi - lo, crc)
+        return crc
 
     def unfilled(self, fill: int) -> np.ndarray:
         """Bytes of a slot-addressed block that lie in slots >= ``fill`` (not covered)."""
@@ -155,38 +207,23 @@ class HostDataPath:
             keep = self._masks[fill] = np.where(self.store.slot_map < fill, 0xFF, 0).astype(np.uint8)
         return keep
 
-    def checksum_at(self, addrs: Sequence[int], fill: int = 0) -> int:
-        """CRC32C chained over one chunk per layer at ``addrs``. In a slot-addressed
-        layout only the first ``fill`` slots count (the rest read as zero): those
-        bytes may keep changing after the chunk was encoded."""
-        cb, crc = self.layout.chunk_bytes, 0
-        if not self.slotted or fill >= self.layout.block_slots:
-            for at in addrs:
-                crc = crc32c(at, cb, crc)
-            return crc
-        keep = self._keep(fill)
-        covered = np.empty(cb, dtype=np.uint8)  # per call: encode threads run this in parallel
-        for at in addrs:
-            np.bitwise_and(np.ctypeslib.as_array((ctypes.c_uint8 * cb).from_address(at)), keep, out=covered)
-            crc = crc32c(covered.ctypes.data, cb, crc)
-        return crc
-
     def intact(self, mem: HostMemory, q: int, runs: Sequence[tuple[int, int, int]]) -> np.ndarray:
         """For each (block, c0, c1) run: do ``mem``'s bytes match rank ``q``'s stored
-        chunk checksums? One CRC pass per layer and run, folded
-        (:mod:`ghostserve.codec.crcfold`)."""
+        chunk checksums? One CRC pass per layer and run (chained over its pieces),
+        folded (:mod:`ghostserve.codec.crcfold`)."""
         if not runs:
             return np.ones(0, dtype=bool)
         lay, store, cb = self.layout, self.store, self.layout.chunk_bytes
         passes = np.empty((len(runs), lay.num_layers), dtype=np.uint32)
-        base = mem.addr
 
         def crc_passes(part: list[int]) -> None:
             for j in part:
                 b, c0, c1 = runs[j]
-                at = self.addr(base, 0, b, c0 * cb)
                 for layer in range(lay.num_layers):
-                    passes[j, layer] = crc32c(at + layer * lay.layer_stride, (c1 - c0) * cb, 0)
+                    crc = 0
+                    for lo, hi, at in self.pieces(mem, layer, b, c0 * cb, c1 * cb):
+                        crc = crc32c(at, hi - lo, crc)
+                    passes[j, layer] = crc
 
         self.in_slices(crc_passes, list(range(len(runs))), sum(c1 - c0 for _, c0, c1 in runs) * cb * lay.num_layers)
         width = max(c1 - c0 for _, c0, c1 in runs)
@@ -207,55 +244,72 @@ class HostDataPath:
                       erased: tuple[int, ...], runs: Sequence[tuple[int, int, int]]
                       ) -> tuple[int, list[tuple[int, int, int]]]:
         """The fused pass (:mod:`ghostserve.daemon.rebuild`): (chunks rebuilt and
-        verified, runs whose tiles failed a check: redo them chunk by chunk)."""
+        verified, runs whose tiles failed a check: redo them chunk by chunk).
+        Simple layouts only: others go chunk by chunk."""
+        if not self.layout.simple:
+            return 0, list(runs)
         plan = rebuild.TilePlan(self.layout, rank, target.addr, {q: x.addr for q, x in survivors.items()},
                                 self._parity_addr, self.m, *self.rebuild_plan(erased, (rank,)),
                                 self.store.crc, self.n)
         return rebuild.rebuild_runs(plan, runs, self.tile_bytes, self.pool, self.threads)
 
+    def _cuts(self, sources: Sequence[int], mems: Mapping[int, HostMemory], outs: Sequence[tuple],
+              layer: int, block: int, start: int, end: int) -> list[tuple[int, list[int], list[int]]]:
+        """Bytes [start, end) of a stripe as pieces every party can take in one
+        call: (length, source addresses, output addresses). ``outs`` are
+        (data path, memory, block) of each output."""
+        parties = [[(start, end, self.paddr(layer, block, q - self.n, start))] if q >= self.n else
+                   self.pieces(mems[q], layer, block, start, end) for q in sources]
+        parties += [dp.pieces(mem, layer, b, start, end) for dp, mem, b in outs]
+        if all(len(p) == 1 for p in parties):
+            return [(end - start, [p[0][2] for p in parties[: len(sources)]],
+                     [p[0][2] for p in parties[len(sources):]])]
+        edges = sorted({start, end} | {x for p in parties for lo, hi, _ in p for x in (lo, hi)})
+        out = []
+        for lo, hi in zip(edges, edges[1:], strict=False):
+            addrs = [next(a + (lo - plo) for plo, phi, a in p if plo <= lo < phi) for p in parties]
+            out.append((hi - lo, addrs[: len(sources)], addrs[len(sources):]))
+        return out
+
     def decode(self, plans: Sequence[tuple], mems: Mapping[int, HostMemory],
                place: Mapping[int, Any] | None = None) -> None:
         """For each plan (block, c0, c1, want, sources, tables): rebuild the ``want``
         ranks' chunks [c0, c1) of every layer into their own memory in ``mems``,
-        or, for a rank in ``place``, where its placement says (another group's
-        blocks: ``place[w].addrs(block, chunk)``, chunk by chunk)."""
+        or, for a rank in ``place``, into the block and memory its placement names
+        (``place[w].data``, ``.memory``, ``.blocks``: another group's rank)."""
         cb, lay = self.layout.chunk_bytes, self.layout
         place = place or {}
 
         def run(part: list) -> None:
             for b, c0, c1, want, sources, tables in part:
-                s, e = c0 * cb, c1 * cb
-                if any(w in place for w in want):
-                    for c in range(c0, c1):
-                        outs = [place[w].addrs(b, c) if w in place else
-                                [self.addr(mems[w].addr, layer, b, c * cb) for layer in range(lay.num_layers)]
-                                for w in want]
-                        for layer in range(lay.num_layers):
-                            encode_raw(tables, cb, [self.source(mems, q, layer, b, c * cb) for q in sources],
-                                       [o[layer] for o in outs])
-                    continue
+                outs = [(place[w].data, place[w].memory, place[w].blocks[b]) if w in place else (self, mems[w], b)
+                        for w in want]
                 for layer in range(lay.num_layers):
-                    encode_raw(tables, e - s, [self.source(mems, q, layer, b, s) for q in sources],
-                               [self.addr(mems[w].addr, layer, b, s) for w in want])
+                    for n, src, dst in self._cuts(sources, mems, outs, layer, b, c0 * cb, c1 * cb):
+                        encode_raw(tables, n, src, dst)
 
         self.in_slices(run, list(plans), sum(c1 - c0 for _, c0, c1, *_ in plans) * cb * lay.num_layers)
 
-    def chunk_addrs(self, mem: HostMemory, block: int, chunk: int) -> list[int]:
-        """The address of a chunk in every layer of ``mem``."""
-        return [self.addr(mem.addr, layer, block, chunk * self.layout.chunk_bytes)
-                for layer in range(self.layout.num_layers)]
-
-    def copy(self, src: HostMemory, block: int, chunk: int, dst_addrs: Sequence[int]) -> None:
-        """Copy one chunk (every layer) of ``src`` to ``dst_addrs``."""
+    def copy(self, src: HostMemory, block: int, chunk: int, dst_path: HostDataPath, dst: HostMemory,
+             dst_block: int) -> None:
+        """Copy one chunk (every layer) of ``src`` into ``dst_block`` of ``dst``
+        (laid out by ``dst_path``)."""
         cb = self.layout.chunk_bytes
-        for layer, at in enumerate(dst_addrs):
-            ctypes.memmove(at, self.addr(src.addr, layer, block, chunk * cb), cb)
+        for layer in range(self.layout.num_layers):
+            a = self.pieces(src, layer, block, chunk * cb, (chunk + 1) * cb)
+            b = dst_path.pieces(dst, layer, dst_block, chunk * cb, (chunk + 1) * cb)
+            edges = sorted({x for p in (a, b) for lo, hi, _ in p for x in (lo, hi)})
+            for lo, hi in zip(edges, edges[1:], strict=False):
+                s = next(at + (lo - plo) for plo, phi, at in a if plo <= lo < phi)
+                d = next(at + (lo - plo) for plo, phi, at in b if plo <= lo < phi)
+                ctypes.memmove(d, s, hi - lo)
 
     def zero(self, mem: HostMemory, block: int, c0: int, c1: int) -> None:
         """Zero chunks [c0, c1) of a block in every layer (bytes that did not verify)."""
         cb = self.layout.chunk_bytes
         for layer in range(self.layout.num_layers):
-            self.shard(mem, layer, block, c0 * cb, c1 * cb)[:] = 0
+            for lo, hi, at in self.pieces(mem, layer, block, c0 * cb, c1 * cb):
+                ctypes.memset(at, 0, hi - lo)
 
     def parity_mismatch(self, mems: Mapping[int, HostMemory], block: int, chunk: int) -> bool:
         """Does the stored parity of a chunk differ from a fresh encode of ``mems``
@@ -280,6 +334,11 @@ class HostDataPath:
         step = -(-len(items) // parts)
         for f in [self.pool.submit(fn, items[i : i + step]) for i in range(0, len(items), step)]:
             f.result()
+
+
+def _at(addr: int, n: int) -> np.ndarray:
+    """The ``n`` bytes at ``addr`` as a numpy array (no copy)."""
+    return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(addr))
 
 
 __all__ = ["HostDataPath", "HostMemory"]
