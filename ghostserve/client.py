@@ -94,7 +94,7 @@ class WorkerClient:
     def __init__(self, socket: str, group: str, rank: int, world_size: int, parity: int,
                  layout: Mapping[str, Any], region: str, region_size: int, pid: int | None = None,
                  reconnect: bool = True, timeout: float = 10.0, keep_survivors: bool = False,
-                 namespace: str = "", regions: Sequence[tuple[str, int]] = ()):
+                 namespace: str = "", regions: Sequence[tuple[str, int] | pb.Region] = ()):
         self.socket, self.group, self.rank = socket, group, rank
         self.world_size, self.parity = world_size, parity
         self.layout, self.region, self.region_size = dict(layout), region, region_size
@@ -125,7 +125,7 @@ class WorkerClient:
             layout=pb.KVLayout(**self.layout),
             region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
             keep_survivors=self.keep_survivors, namespace=self.namespace,
-            regions=[pb.Region(shm_name=name, size=size) for name, size in self.regions])
+            regions=[r if isinstance(r, pb.Region) else pb.Region(shm_name=r[0], size=r[1]) for r in self.regions])
 
     def register(self) -> pb.RegisterResponse:
         """Register (or re-register) this rank and open the commit stream."""
@@ -144,7 +144,8 @@ class WorkerClient:
     def commit(self, step: int, dirty: Iterable[tuple[int, int, int]] = (),
                requests: Mapping[str, int] | None = None, freed: Iterable[int] = (),
                finished: Iterable[str] = (), fills: Mapping[int, int] | None = None,
-               released: Iterable[int] = (), records: Iterable[pb.RequestRecord] = ()) -> None:
+               released: Iterable[int] = (), records: Iterable[pb.RequestRecord] = (),
+               cuda_event: bytes = b"") -> None:
         """Queue step ``step``'s writes: ``dirty`` (block, start, end) byte ranges,
         request lengths after the step, freed blocks, finished requests; for
         slot-addressed layouts also ``fills`` (block -> filled slots), blocks
@@ -158,7 +159,7 @@ class WorkerClient:
             request_ids=requests.keys(), request_tokens=requests.values(),
             freed_blocks=freed, finished_requests=finished,
             fills=np.asarray(list((fills or {}).items()), dtype="<u4").tobytes(),
-            released_blocks=released, records=records))
+            released_blocks=released, records=records, cuda_event=cuda_event))
         item = (step, msg)
         with self._send_lock:
             self._unacked.append(item)

@@ -168,8 +168,14 @@ class ResourceExhausted(DaemonError):
 
 
 class Unsupported(DaemonError):
-    """The request needs something this daemon does not have (a CUDA device for
-    CUDA IPC regions). Raised by registration."""
+    """The request needs something this build does not have (a data path that
+    does not exist, a layout it cannot handle). Raised by registration."""
+
+
+class GpuUnavailable(DaemonError):
+    """A CUDA region came to a daemon without CuPy or without a CUDA device (or
+    without the device the region is on). The message says what to install or
+    where to run. Raised by the CUDA data path when a group is created."""
 
 
 class ForeignStore(GhostServeError):
@@ -182,3 +188,51 @@ class ForeignStore(GhostServeError):
 class DaemonUnavailable(GhostServeError):
     """The client found no daemon on the socket (or it went away). Raised by
     ``ghostserve.client`` and ``ghostserve status``."""
+
+
+# --------------------------------------------------------------------------- front
+
+
+class FrontError(GhostServeError):
+    """Base of the errors of ``ghostserve front`` and ``ghostserve vllm``
+    (:mod:`ghostserve.front`)."""
+
+
+class UpstreamUnavailable(FrontError):
+    """The upstream OpenAI server does not answer, or answers that its engine is
+    dead. ``url`` names it. Raised by ``ghostserve.front.upstream``; the front
+    answers a new request with 503 and ``Retry-After``, and an accepted one waits
+    for the upstream to come back (``--resume-wait``)."""
+
+    def __init__(self, url: str, reason: str):
+        self.url, self.reason = url, reason
+        super().__init__(f"upstream {url}: {reason}")
+
+
+class ResumeRefused(FrontError):
+    """The upstream failed mid-request and the request cannot be continued
+    faithfully (``reason`` says why: n > 1, structured output, a penalty that
+    counts generated tokens, ...). Raised by ``ghostserve.front.resume``; the
+    client's response ends with an error, never with a wrong continuation."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(f"the engine failed mid-request and this request cannot be continued "
+                         f"faithfully: {reason}")
+
+
+class ResumeFailed(FrontError):
+    """A request could not be resumed: the upstream did not come back within
+    ``--resume-wait``, the continuation was refused by the new engine (its
+    context limit), or the request was resumed too often. ``reason`` is the
+    metrics label (``resume_timeout``, ``upstream_error``, ``resume_limit``)."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason = reason
+        super().__init__(message)
+
+
+class EngineFailed(FrontError):
+    """``ghostserve vllm`` could not keep an engine up: it did not start within
+    ``--startup-timeout``, or the restart budget is spent. Raised by
+    ``ghostserve.front.supervisor``; the command exits 1."""

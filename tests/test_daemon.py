@@ -160,8 +160,11 @@ def test_bad_registrations_get_specific_codes_and_the_daemon_keeps_serving(daemo
         "region too small": (reg_req(other.name, group="h", region=pb.Region(shm_name=other.name, size=100)), INVALID),
         "bad shm name": (reg_req("../etc/passwd", group="h"), INVALID),
         "no region": (reg_req(other.name, group="h", region=pb.Region(size=SIZE)), INVALID),
-        "cuda region": (reg_req(other.name, group="h", region=pb.Region(cuda_ipc_handle=b"x" * 64, size=SIZE)),
-                        grpc.StatusCode.UNIMPLEMENTED),
+        # no CuPy here: the daemon says what to install (tests/test_cuda_datapath.py runs the path)
+        "cuda region": (reg_req(other.name, group="h", region=pb.Region(
+            cuda_ipc_handle=b"x" * 64, size=SIZE, device_uuid=b"u" * 16)), grpc.StatusCode.FAILED_PRECONDITION),
+        "cuda region without its device": (reg_req(other.name, group="h", region=pb.Region(
+            cuda_ipc_handle=b"x" * 64, size=SIZE)), INVALID),
         "dead pid": (reg_req(other.name, group="h", pid=dead.pid), INVALID),
         "mismatched code": (reg_req(other.name, parity=1), INVALID),
         "duplicate live rank": (reg_req(other.name, rank=1, pid=1), grpc.StatusCode.ALREADY_EXISTS),

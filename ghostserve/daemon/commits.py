@@ -23,6 +23,7 @@ class CommitRecord:
     fills: dict[int, int] = field(default_factory=dict)   # block -> filled slots (slot layouts)
     released: list[int] = field(default_factory=list)     # dropped before this step's writes
     records: list[Record] = field(default_factory=list)
+    event: bytes = b""  # CUDA ranks: IPC handle of the event after the step's KV writes
 
 
 def validate(rec: CommitRecord, layout: Layout, group: str, rank: int) -> None:

@@ -125,7 +125,8 @@ class StepEncoder:
                     store.fill[b] = fills.get(b, lay.block_slots)
             for b, s, e in ranges:
                 store.chunk_step[b, s // cb : e // cb] = -1  # unprotected while their parity changes
-            nbytes = g.data.encode(ranges, mems).result()
+            ready = {q: c.event for q, c in commits.items() if c.event}
+            nbytes = g.data.encode(ranges, mems, ready).result()
             with g.lock:
                 if any(g.ranks[q].memory is not mems[q] for q in range(g.n)):
                     # a rank was lost while we read it: this parity may cover bytes

@@ -39,6 +39,7 @@ import numpy as np
 from ghostserve.config import Config
 from ghostserve.daemon import datapath, recovery
 from ghostserve.daemon.commits import CommitRecord, validate
+from ghostserve.daemon.datapath import RegionSpec
 from ghostserve.daemon.encoder import StepEncoder
 from ghostserve.daemon.index import StepNews
 from ghostserve.daemon.layout import Layout
@@ -71,13 +72,15 @@ class Group:
     """One TP group; see the module doc for its parts, threads and locks."""
 
     def __init__(self, name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor,
-                 config: Config, kind: str = "host"):
+                 config: Config, kind: str = "host", cuda_runtime: Any = None):
         self.name, self.store, self.metrics = name, store, metrics
         self.layout: Layout = store.layout
         self.n, self.m = store.k, store.m
         self.slotted = self.layout.block_slots > 0
         self.tile_bytes = config.restore_tile_bytes  # restore's fused tiles (0: chunk by chunk)
-        self.data = datapath.load(kind)(store, pool, config.threads, self.tile_bytes)
+        self.kind = kind
+        extra = {"runtime": cuda_runtime} if kind == "cuda" else {}
+        self.data = datapath.load(kind)(store, pool, config.threads, self.tile_bytes, **extra)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
         self.io_lock = threading.Lock()
@@ -115,6 +118,7 @@ class Group:
                 if r.outbox is not None:
                     r.outbox.put(SUPERSEDED)
                 r.unmap()
+        self.data.close()
 
     # ------------------------------------------------------------------ ranks
 
@@ -132,7 +136,8 @@ class Group:
         manifest = dict(self.store.manifest)
         manifest["ended"] = self._ended
         manifest["ended_at"], manifest["end_reason"] = self.ended_at, self.end_reason
-        manifest["ranks"] = {str(r.rank): {"regions": list(r.regions), "pid": r.pid, "state": str(r.state),
+        manifest["ranks"] = {str(r.rank): {"regions": [s.to_dict() for s in r.specs], "pid": r.pid,
+                                           "state": str(r.state),
                                            "idents": [list(i) for i in r.idents],
                                            "release_region": r.release_region}
                              for r in self.ranks.values()}
@@ -154,11 +159,11 @@ class Group:
         self.ended_at = time.time()
         log.info("group %s: engine ended (%s)", self.name, self.end_reason)
 
-    def region_sizes(self, regions: tuple[str, ...]) -> list[tuple[str, int]]:
-        """(name, bytes the layout needs there) of each of a rank's regions."""
-        return [(name, self.layout.region_bytes(i)) for i, name in enumerate(regions)]
+    def region_sizes(self, specs: tuple[RegionSpec, ...]) -> list[RegionSpec]:
+        """Each of a rank's regions, sized to the bytes the layout uses there."""
+        return [s.sized(self.layout.region_bytes(i)) for i, s in enumerate(specs)]
 
-    def register(self, rank: int, pid: int, regions: tuple[str, ...]) -> tuple[Role, str]:
+    def register(self, rank: int, pid: int, regions: tuple[RegionSpec, ...]) -> tuple[Role, str]:
         """Add or re-admit ``rank``; returns (role, session). Caller validated layout/code."""
         if not 0 <= rank < self.n:
             raise UnknownRank(self.name, rank, f"is outside 0..{self.n - 1}")
@@ -170,7 +175,7 @@ class Group:
             old = self.ranks.get(rank)
             if old is None:
                 role = Role.NEW
-            elif old.state in (ALIVE, DETACHED, LEFT) and old.regions == regions:
+            elif old.state in (ALIVE, DETACHED, LEFT) and old.specs == regions:
                 if old.state == ALIVE and old.pid != pid:
                     raise DuplicateRank(self.name, rank)
                 role = Role.REJOINED
@@ -183,7 +188,7 @@ class Group:
                 new.memory = self.data.attach(self.region_sizes(regions))
                 new.idents = tuple(new.memory.idents)
             except FileNotFoundError as exc:
-                raise InvalidRequest(f"shared memory region {exc.filename or regions[0]!r} does not exist") from None
+                raise InvalidRequest(f"region {exc.filename or regions[0].name!r} does not exist") from None
             except ValueError as exc:
                 raise InvalidRequest(str(exc)) from None
             if old is not None:
@@ -208,7 +213,7 @@ class Group:
         until its worker reconnects; a rank whose region is gone is lost."""
         with self.lock:
             for key, info in manifest_ranks.items():
-                r = Rank(int(key), DETACHED, int(info["pid"]), tuple(info["regions"]),
+                r = Rank(int(key), DETACHED, int(info["pid"]), tuple(RegionSpec.from_dict(s) for s in info["regions"]),
                          committed=self.protected_step, release_region=bool(info.get("release_region")))
                 r.idents = tuple(tuple(x) for x in info.get("idents", ()))
                 if info.get("state") in (LOST, REPLACING):
@@ -217,7 +222,7 @@ class Group:
                     r.state = LEFT
                 if r.state != LOST:
                     try:
-                        r.memory = self.data.attach(self.region_sizes(r.regions))
+                        r.memory = self.data.attach(self.region_sizes(r.specs))
                         r.idents = tuple(r.memory.idents)
                     except (FileNotFoundError, ValueError):
                         r.state = LOST

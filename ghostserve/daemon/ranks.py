@@ -16,7 +16,7 @@ import queue
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ghostserve.daemon.datapath import RankMemory
+from ghostserve.daemon.datapath import RankMemory, RegionSpec
 
 
 class RankState(StrEnum):
@@ -44,13 +44,17 @@ class Rank:
     rank: int
     state: RankState
     pid: int
-    regions: tuple[str, ...]               # in the layout's region order
+    specs: tuple[RegionSpec, ...]          # its regions, in the layout's region order
     session: str = ""
     memory: RankMemory | None = None       # mapped by the group's data path
     idents: tuple[tuple[int, int], ...] = ()  # identity of each region when mapped (kept after unmap)
     committed: int = -1
     outbox: queue.Queue | None = None      # items of ghostserve.daemon.messages
     release_region: bool = False           # said goodbye: unlink the region when the group is dropped
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.specs)
 
     @property
     def region(self) -> str:

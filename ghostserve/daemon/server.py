@@ -16,6 +16,7 @@ expires ended groups.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import re
@@ -40,6 +41,7 @@ import ghostserve
 from ghostserve import shm
 from ghostserve.config import Config
 from ghostserve.daemon.commits import CommitRecord
+from ghostserve.daemon.datapath import RegionSpec
 from ghostserve.daemon.group import EndReason, Group
 from ghostserve.daemon.index import Record
 from ghostserve.daemon.layout import Layout
@@ -54,7 +56,6 @@ from ghostserve.errors import (
     RegionRefused,
     ResourceExhausted,
     UnknownGroup,
-    Unsupported,
     WrongState,
 )
 from ghostserve.metrics import Metrics
@@ -66,6 +67,16 @@ _GROUP_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 SERVICES = ("ghostserve.v1.Worker", "ghostserve.v1.Operator")
 # names of the daemon's own segments under its prefix (ParityStore, RequestIndex, PrefixLock)
 _OWN_SUFFIXES = (".meta", ".parity", ".index", ".index-wal", ".index-shm", ".index-journal", ".lock")
+
+
+def region_identity(spec: RegionSpec) -> tuple[int, int]:
+    """What makes two regions the same memory: the (device, inode) of a shared
+    memory object; the device and IPC allocation, and the offset, of a CUDA one.
+    Raises FileNotFoundError for a shared-memory name that does not exist."""
+    if spec.kind == "cuda":
+        digest = hashlib.sha256(spec.device_uuid + spec.ipc_handle).digest()
+        return int.from_bytes(digest[:8], "little"), spec.offset
+    return shm.identity(spec.name)
 
 
 class DaemonStartError(GhostServeError):
@@ -89,8 +100,9 @@ class Daemon:
     which cannot fill the real one)."""
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None,
-                 shm_free: Callable[[], int] = shm.free_bytes):
+                 shm_free: Callable[[], int] = shm.free_bytes, cuda_runtime: Any = None):
         self.config = config
+        self.cuda_runtime = cuda_runtime  # None: the real one (CuPy), loaded on the first CUDA region
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
         self.pool = ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="gs-encode")
@@ -118,13 +130,19 @@ class Daemon:
             except (ValueError, FileNotFoundError, KeyError, sqlite3.Error) as exc:
                 log.warning("skipping incomplete group %s: %s", name, exc)
                 continue
-            group = self._new_group(name, store)
+            try:
+                group = self._new_group(name, store)
+            except GhostServeError as exc:  # a CUDA group on a daemon that has no GPU now
+                log.warning("cannot re-attach group %s: %s", name, exc)
+                store.close()
+                continue
             group.attach_detached(store.manifest.get("ranks", {}))
             log.info("re-attached group %s at protected step %d", name, store.protected_step)
         self._expire()  # a crash between an engine's goodbye and its drop
 
     def _new_group(self, name: str, store: ParityStore) -> Group:
-        group = Group(name, store, self.metrics, self.pool, self.config)
+        group = Group(name, store, self.metrics, self.pool, self.config, store.manifest.get("kind", "host"),
+                      self.cuda_runtime)
         self.groups[name] = group
         group.start()
         return group
@@ -189,8 +207,9 @@ class Daemon:
         with self.lock:
             if self.groups.get(g.name) is not g:
                 return 0
-            regions = [(name, ident) for r in g.ranks.values() if unlink_regions or r.release_region
-                       for name, ident in zip(r.regions, r.idents or [None] * len(r.regions), strict=True)]
+            regions = [(s.name, ident) for r in g.ranks.values() if unlink_regions or r.release_region
+                       for s, ident in zip(r.specs, r.idents or [None] * len(r.specs), strict=True)
+                       if s.kind == "host"]  # a GPU's memory goes with its process
             held = g.store.nbytes()
             g.close()
             with g.io_lock:  # after a restore, fetch or scrub in flight
@@ -212,7 +231,8 @@ class Daemon:
         """Shared memory ``g`` holds: its store, and for an ended engine the kept regions."""
         held = g.store.nbytes()
         if g.ended():
-            held += sum(shm.used_bytes(name) for r in list(g.ranks.values()) if r.mapped for name in r.regions)
+            held += sum(shm.used_bytes(s.name) for r in list(g.ranks.values()) if r.mapped
+                        for s in r.specs if s.kind == "host")
         return held
 
     def _alive(self, pid: int) -> bool:
@@ -245,23 +265,12 @@ class Daemon:
         regions = list(req.regions) or [req.region]
         if len(regions) != layout.regions:
             raise InvalidRequest(f"{len(regions)} regions given, the layout's extents name {layout.regions}")
-        names = []
-        for i, region in enumerate(regions):
-            kind = region.WhichOneof("kind")
-            if kind == "cuda_ipc_handle":
-                raise Unsupported("CUDA IPC regions need the GPU build of the daemon (not available here)")
-            if kind != "shm_name":
-                raise InvalidRequest(f"region {i}: give shm_name")
-            try:
-                shm.check_name(region.shm_name)
-            except ValueError as exc:
-                raise InvalidRequest(str(exc)) from None
-            self._check_region_name(region.shm_name)
-            if region.size < layout.region_bytes(i):
-                raise InvalidRequest(f"region {i} of {region.size} bytes is smaller than the layout "
-                                     f"needs ({layout.region_bytes(i)})")
-            names.append(region.shm_name)
-        if len(set(names)) != len(names):
+        specs = [self._region_spec(i, region, layout) for i, region in enumerate(regions)]
+        kinds = {s.kind for s in specs}
+        if len(kinds) > 1:
+            raise InvalidRequest("a rank's regions are all shared memory or all CUDA IPC, not both")
+        kind = kinds.pop()
+        if len({s.name for s in specs}) != len(specs):
             raise InvalidRequest("a region is named twice")
         if req.pid <= 0 or not self._alive(req.pid):
             raise InvalidRequest(f"pid {req.pid} is not a running process")
@@ -269,40 +278,46 @@ class Daemon:
             raise InvalidRequest("namespace: at most 256 characters")
         manifest = {"world_size": n, "parity": m, "layout": layout.to_dict(),
                     "keep_survivors": req.keep_survivors, "namespace": req.namespace,
-                    "shm_prefix": self.config.shm_prefix}
+                    "shm_prefix": self.config.shm_prefix, "kind": kind}
         with self.lock:
             idents = set()
-            for name in names:
+            for spec in specs:
                 try:
-                    ident = shm.identity(name)
+                    ident = region_identity(spec)
                 except FileNotFoundError:
-                    raise InvalidRequest(f"shared memory region {name!r} does not exist") from None
+                    raise InvalidRequest(f"shared memory region {spec.name!r} does not exist") from None
                 holder = self._holder(ident, req.group, req.rank)
                 if holder is not None:
-                    raise RegionInUse(name, *holder)
+                    raise RegionInUse(spec.name, *holder)
                 if ident in idents:
-                    raise InvalidRequest(f"region {name!r} is another name of a region given before")
+                    raise InvalidRequest(f"region {spec.name!r} is another name of a region given before")
                 idents.add(ident)
             group = self.groups.get(req.group)
             created = group is None
             if created:
-                need = sum(ParityStore.sizes(layout, n, m))
+                need = sum(ParityStore.sizes(layout, n, m, 8 if kind == "cuda" else 4))
                 self.make_room(need)
                 try:
                     store = ParityStore.create(self.config.shm_prefix, req.group, {**manifest, "ranks": {}},
                                                lay.slot_map)
                 except OSError as exc:
                     raise ResourceExhausted(f"shared memory for parity: {need} bytes ({exc})") from None
-                group = self._new_group(req.group, store)
+                try:
+                    group = self._new_group(req.group, store)
+                except BaseException:  # e.g. no GPU runtime for a CUDA group: leave nothing
+                    store.close()
+                    ParityStore.destroy(self.config.shm_prefix, req.group)
+                    self.metrics.forget_group(req.group)
+                    raise
             else:
-                have = {k: group.store.manifest.get(k, "" if k == "namespace" else False) for k in manifest}
-                have["shm_prefix"] = manifest["shm_prefix"]
+                defaults = {"namespace": "", "kind": "host", "shm_prefix": manifest["shm_prefix"]}
+                have = {k: group.store.manifest.get(k, defaults.get(k, False)) for k in manifest}
                 if have != manifest:
                     raise InvalidRequest(f"group {req.group!r} is registered with {have}, not {manifest}")
                 if layout.block_slots and bytes(group.store.slot_map.tobytes()) != lay.slot_map:
                     raise InvalidRequest(f"group {req.group!r} is registered with another slot_map")
             try:
-                role, session = group.register(req.rank, req.pid, tuple(names))
+                role, session = group.register(req.rank, req.pid, tuple(specs))
             except GhostServeError:
                 if created:  # leave nothing behind for a refused first registration
                     self.groups.pop(req.group).stop()
@@ -313,6 +328,28 @@ class Daemon:
         return pb.RegisterResponse(role=pb.RegisterResponse.Role.Value(role), session=session,
                                    protected_step=group.protected_step,
                                    next_step=group.protected_step + 1)
+
+    def _region_spec(self, i: int, region: pb.Region, layout: Layout) -> RegionSpec:
+        """Region ``i`` of a Register, checked: a shared-memory name the daemon may
+        map, or a CUDA IPC handle with its device; big enough for the layout."""
+        kind = region.WhichOneof("kind")
+        if region.size < layout.region_bytes(i):
+            raise InvalidRequest(f"region {i} of {region.size} bytes is smaller than the layout "
+                                 f"needs ({layout.region_bytes(i)})")
+        if kind == "cuda_ipc_handle":
+            if len(region.cuda_ipc_handle) != 64 or len(region.device_uuid) != 16:
+                raise InvalidRequest(f"region {i}: a CUDA IPC handle is 64 bytes and a device UUID 16")
+            digest = hashlib.sha256(region.cuda_ipc_handle).hexdigest()[:16]
+            return RegionSpec(f"cuda:{region.device_uuid.hex()}:{digest}+{region.offset}", region.size,
+                              region.cuda_ipc_handle, region.offset, region.device_uuid)
+        if kind != "shm_name":
+            raise InvalidRequest(f"region {i}: give shm_name or cuda_ipc_handle")
+        try:
+            shm.check_name(region.shm_name)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        self._check_region_name(region.shm_name)
+        return RegionSpec(region.shm_name, region.size)
 
     def _check_region_name(self, region: str) -> None:
         """A region must be the engine's KV: not a segment of the daemon's own
@@ -468,6 +505,7 @@ def _commit_record(c: pb.Commit) -> CommitRecord:
         freed=list(c.freed_blocks), finished=list(c.finished_requests),
         fills={int(b): int(f) for b, f in fills}, released=list(c.released_blocks),
         records=[Record(r.request_id, list(r.tokens), list(r.blocks), r.reset) for r in c.records],
+        event=bytes(c.cuda_event),
     )
 
 
@@ -699,9 +737,9 @@ class Server:
     shared-memory prefix, and leaves nothing behind when it fails."""
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None,
-                 shm_free: Callable[[], int] = shm.free_bytes):
+                 shm_free: Callable[[], int] = shm.free_bytes, cuda_runtime: Any = None):
         self.config = config
-        self.daemon = Daemon(config, registry, shm_free)
+        self.daemon = Daemon(config, registry, shm_free, cuda_runtime)
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="gs-rpc"),
                                 options=[("grpc.so_reuseport", 0)])
         self.health = health.HealthServicer()

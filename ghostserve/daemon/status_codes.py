@@ -18,6 +18,7 @@ GRPC_STATUS: dict[type[errors.GhostServeError], grpc.StatusCode] = {
     errors.RegionInUse: grpc.StatusCode.ALREADY_EXISTS,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unsupported: grpc.StatusCode.UNIMPLEMENTED,
+    errors.GpuUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
     errors.DaemonUnavailable: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -47,6 +47,11 @@ def manifest_slot(n: int) -> int:
     return (16 << 10) + 512 * n
 
 
+def checksum_width(manifest: dict[str, Any]) -> int:
+    """Bytes of one chunk checksum: 4 (CRC32C, host groups) or 8 (sum64, CUDA groups)."""
+    return 8 if manifest.get("kind") == "cuda" else 4
+
+
 def names(prefix: str, group: str) -> tuple[str, str]:
     return f"{prefix}{group}.meta", f"{prefix}{group}.parity"
 
@@ -69,8 +74,10 @@ class ParityStore:
         cs = lay.num_blocks * lay.chunks
         self.chunk_step = meta.array(np.int64, off, cs).reshape(lay.num_blocks, lay.chunks)
         off += 8 * cs
-        self.crc = meta.array(np.uint32, off, cs * n).reshape(lay.num_blocks, lay.chunks, n)
-        off += 4 * cs * n
+        # CRC32C (host groups) or sum64 (CUDA groups: ghostserve.codec.gpu_checksum)
+        dtype = np.uint64 if checksum_width(manifest) == 8 else np.uint32
+        self.crc = meta.array(dtype, off, cs * n).reshape(lay.num_blocks, lay.chunks, n)
+        off += self.crc.nbytes
         # slot-addressed layouts only (zero-length otherwise)
         self.fill = meta.array(np.int32, off, lay.num_blocks if lay.block_slots else 0)
         off += self.fill.nbytes
@@ -78,9 +85,10 @@ class ParityStore:
         self.parity = parity.array().reshape(lay.num_layers, m, lay.num_blocks, lay.block_bytes)
 
     @staticmethod
-    def sizes(layout: Layout, n: int, m: int) -> tuple[int, int]:
+    def sizes(layout: Layout, n: int, m: int, width: int = 4) -> tuple[int, int]:
+        """(metadata, parity) bytes of a store; ``width``: bytes of one checksum."""
         cs = layout.num_blocks * layout.chunks
-        meta = _HDR + 2 * manifest_slot(n) + 8 + 8 * cs + 4 * cs * n
+        meta = _HDR + 2 * manifest_slot(n) + 8 + 8 * cs + width * cs * n
         if layout.block_slots:
             meta += 4 * layout.num_blocks + 2 * layout.block_bytes
         return meta, layout.kv_bytes() * m
@@ -88,7 +96,8 @@ class ParityStore:
     @classmethod
     def create(cls, prefix: str, group: str, manifest: dict[str, Any], slot_map: bytes = b"") -> ParityStore:
         layout = Layout.from_dict(manifest["layout"])
-        meta_size, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"])
+        meta_size, parity_size = cls.sizes(layout, manifest["world_size"], manifest["parity"],
+                                           checksum_width(manifest))
         meta_name, parity_name = names(prefix, group)
         cls.destroy(prefix, group)  # leftovers of a group never completed
         parity = meta = None

@@ -52,16 +52,20 @@ class KVLayout(_message.Message):
     def __init__(self, num_layers: _Optional[int] = ..., num_blocks: _Optional[int] = ..., block_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., layer_stride: _Optional[int] = ..., block_stride: _Optional[int] = ..., offset: _Optional[int] = ..., block_slots: _Optional[int] = ..., slot_map: _Optional[bytes] = ..., extents: _Optional[_Iterable[_Union[Extent, _Mapping]]] = ...) -> None: ...
 
 class Region(_message.Message):
-    __slots__ = ("shm_name", "cuda_ipc_handle", "size", "device")
+    __slots__ = ("shm_name", "cuda_ipc_handle", "size", "device", "offset", "device_uuid")
     SHM_NAME_FIELD_NUMBER: _ClassVar[int]
     CUDA_IPC_HANDLE_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
     shm_name: str
     cuda_ipc_handle: bytes
     size: int
     device: int
-    def __init__(self, shm_name: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device: _Optional[int] = ...) -> None: ...
+    offset: int
+    device_uuid: bytes
+    def __init__(self, shm_name: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device: _Optional[int] = ..., offset: _Optional[int] = ..., device_uuid: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid", "keep_survivors", "namespace", "regions")
@@ -116,7 +120,7 @@ class RequestTokens(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Commit(_message.Message):
-    __slots__ = ("step", "dirty", "request_ids", "request_tokens", "freed_blocks", "finished_requests", "fills", "released_blocks", "records")
+    __slots__ = ("step", "dirty", "request_ids", "request_tokens", "freed_blocks", "finished_requests", "fills", "released_blocks", "records", "cuda_event")
     STEP_FIELD_NUMBER: _ClassVar[int]
     DIRTY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +130,7 @@ class Commit(_message.Message):
     FILLS_FIELD_NUMBER: _ClassVar[int]
     RELEASED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
+    CUDA_EVENT_FIELD_NUMBER: _ClassVar[int]
     step: int
     dirty: bytes
     request_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -135,7 +140,8 @@ class Commit(_message.Message):
     fills: bytes
     released_blocks: _containers.RepeatedScalarFieldContainer[int]
     records: _containers.RepeatedCompositeFieldContainer[RequestRecord]
-    def __init__(self, step: _Optional[int] = ..., dirty: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., request_tokens: _Optional[_Iterable[int]] = ..., freed_blocks: _Optional[_Iterable[int]] = ..., finished_requests: _Optional[_Iterable[str]] = ..., fills: _Optional[bytes] = ..., released_blocks: _Optional[_Iterable[int]] = ..., records: _Optional[_Iterable[_Union[RequestRecord, _Mapping]]] = ...) -> None: ...
+    cuda_event: bytes
+    def __init__(self, step: _Optional[int] = ..., dirty: _Optional[bytes] = ..., request_ids: _Optional[_Iterable[str]] = ..., request_tokens: _Optional[_Iterable[int]] = ..., freed_blocks: _Optional[_Iterable[int]] = ..., finished_requests: _Optional[_Iterable[str]] = ..., fills: _Optional[bytes] = ..., released_blocks: _Optional[_Iterable[int]] = ..., records: _Optional[_Iterable[_Union[RequestRecord, _Mapping]]] = ..., cuda_event: _Optional[bytes] = ...) -> None: ...
 
 class RequestRecord(_message.Message):
     __slots__ = ("request_id", "tokens", "blocks", "reset")

@@ -30,13 +30,47 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from ghostserve.errors import Unsupported
 
-IMPLEMENTATIONS = {"host": "ghostserve.daemon.datapath.host:HostDataPath"}
+IMPLEMENTATIONS = {"host": "ghostserve.daemon.datapath.host:HostDataPath",
+                   "cuda": "ghostserve.daemon.datapath.cuda:CudaDataPath"}
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """One region a rank registered, as a data path needs it to map it.
+
+    ``name`` identifies it in status, logs and refusals: the shared-memory name
+    (host), or ``cuda:<uuid>:<handle digest>+<offset>`` (CUDA). ``size`` is the
+    bytes the layout uses there."""
+
+    name: str
+    size: int
+    ipc_handle: bytes = b""    # CUDA: cudaIpcMemHandle_t of the allocation's base
+    offset: int = 0            # CUDA: where the region starts in that allocation
+    device_uuid: bytes = b""   # CUDA: the device, by UUID
+
+    @property
+    def kind(self) -> str:
+        return "cuda" if self.ipc_handle else "host"
+
+    def sized(self, size: int) -> RegionSpec:
+        return RegionSpec(self.name, size, self.ipc_handle, self.offset, self.device_uuid)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ipc_handle"], d["device_uuid"] = self.ipc_handle.hex(), self.device_uuid.hex()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RegionSpec:
+        return cls(d["name"], int(d["size"]), bytes.fromhex(d.get("ipc_handle", "")), int(d.get("offset", 0)),
+                   bytes.fromhex(d.get("device_uuid", "")))
 
 Runs = Sequence[tuple[int, int, int]]      # (block, first chunk, end chunk)
 
@@ -63,12 +97,15 @@ class DataPath(Protocol):
 
     kind: str
 
-    def attach(self, region: str, size: int) -> RankMemory:
-        """Map ``region`` (at least ``size`` bytes). Raises FileNotFoundError or ValueError."""
+    def attach(self, regions: Sequence[RegionSpec]) -> RankMemory:
+        """Map a rank's regions (in the layout's region order). Raises
+        FileNotFoundError or ValueError (the region is not there, or too small)."""
 
-    def encode(self, ranges: Runs, mems: Mapping[int, RankMemory]) -> Completion:
+    def encode(self, ranges: Runs, mems: Mapping[int, RankMemory],
+               ready: Mapping[int, bytes] | None = None) -> Completion:
         """Encode parity of every (block, start, end) byte range of every layer from
-        ``mems`` (all N ranks) and record each touched chunk's checksums."""
+        ``mems`` (all N ranks) and record each touched chunk's checksums. ``ready``:
+        per rank, the handle of an event after which its writes are complete."""
 
     def checksum(self, mem: RankMemory, block: int, chunk: int) -> int:
         """The chunk's CRC32C, chained over layers (masked to the filled slots)."""
@@ -84,8 +121,12 @@ class DataPath(Protocol):
                dest: Mapping[int, tuple[RankMemory, Any]] | None = None) -> None:
         """Rebuild the wanted shards of every planned chunk range from survivors and parity."""
 
-    def copy(self, src: RankMemory, block: int, chunk: int, dst: RankMemory, dst_block: int) -> None:
+    def copy(self, src: RankMemory, block: int, chunk: int, dst_path: DataPath, dst: RankMemory,
+             dst_block: int) -> None:
         """Copy one chunk (every layer) of ``src`` into ``dst_block`` of ``dst``."""
+
+    def close(self) -> None:
+        """The group is dropped: give back what the data path holds itself."""
 
 
 def load(kind: str) -> type:
@@ -96,4 +137,4 @@ def load(kind: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["Completion", "DataPath", "RankMemory", "load"]
+__all__ = ["Completion", "DataPath", "RankMemory", "RegionSpec", "load"]

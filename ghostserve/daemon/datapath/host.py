@@ -26,6 +26,7 @@ from ghostserve import shm
 from ghostserve.codec import RSCode, crcfold
 from ghostserve.codec.isal import crc32c, encode_raw
 from ghostserve.daemon import rebuild
+from ghostserve.daemon.datapath import RegionSpec
 from ghostserve.daemon.store import ParityStore
 
 PARALLEL_BYTES = 4 << 20  # less native work than this runs on one thread: Python-bound
@@ -44,10 +45,10 @@ class HostMemory:
     idents: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
-    def attach(cls, regions: Sequence[tuple[str, int]]) -> HostMemory:
-        mem = cls([name for name, _ in regions])
+    def attach(cls, regions: Sequence[RegionSpec]) -> HostMemory:
+        mem = cls([r.name for r in regions])
         try:
-            for name, size in regions:
+            for name, size in ((r.name, r.size) for r in regions):
                 ident = shm.identity(name)
                 seg = shm.Segment.attach(name, size, populate=True)
                 mem.segments.append(seg)
@@ -117,11 +118,14 @@ class HostDataPath:
         self._parity_addr = store.parity.ctypes.data
         self._masks: dict[int, np.ndarray] = {}
 
+    def close(self) -> None:
+        """Nothing to give back: the mappings go with the ranks' memories."""
+
     # ------------------------------------------------------------------ memory
 
-    def attach(self, regions: Sequence[tuple[str, int]]) -> HostMemory:
-        """Map a rank's regions ((name, at least this many bytes), in the layout's
-        region order). Raises FileNotFoundError or ValueError (too small, empty)."""
+    def attach(self, regions: Sequence[RegionSpec]) -> HostMemory:
+        """Map a rank's shared-memory regions (in the layout's region order; each
+        at least ``size`` bytes). Raises FileNotFoundError or ValueError."""
         return HostMemory.attach(regions)
 
     def addr(self, base: int, layer: int, block: int, start: int) -> int:
@@ -153,9 +157,12 @@ class HostDataPath:
 
     # ------------------------------------------------------------------ encode
 
-    def encode(self, ranges: Sequence[tuple[int, int, int]], mems: Mapping[int, HostMemory]) -> _Done:
+    def encode(self, ranges: Sequence[tuple[int, int, int]], mems: Mapping[int, HostMemory],
+               ready: Mapping[int, bytes] | None = None) -> _Done:
         """Parity of every range (all layers) and the checksums of the chunks it
-        covers, one pool task per range. The caller publishes after ``result()``."""
+        covers, one pool task per range. The caller publishes after ``result()``.
+        ``ready`` (CUDA event handles) has no meaning here: host writes are done
+        when a worker commits."""
         own = {q: mems[q] for q in range(self.n)}
         return _Done([self.pool.submit(self._encode_range, b, s, e, own) for b, s, e in ranges])
 
