@@ -177,3 +177,13 @@ def test_gpu_tests_that_all_skip_fail_the_check(tmp_path):
     row = run.stages[-1]
     assert row["status"] == "fail" and row["pytest"]["passed"] == 0 and row["pytest"]["skipped"] >= 1
     assert "no gpu test ran" in row["detail"]
+
+
+def test_gpu_benchmark_says_what_it_needs_without_a_gpu():
+    """benchmarks/gpu.py is run by bin/gpu-check on a GPU machine; here (no CuPy, no
+    device) it must refuse in one line, and with --json still print one object."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--json", "--quick"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    result = json.loads(out.stdout)
+    assert result["ok"] is False and ("CuPy" in result["error"] or "CUDA device" in result["error"])
