@@ -1,4 +1,4 @@
-"""The ``ghostserve`` command: serve, demo, chaos, status, drop, bench.
+"""The ``ghostserve`` command: serve, demo, chaos, status, drop, bench, front, vllm.
 
 Commands that report results accept ``--json`` and then print exactly one JSON
 object on stdout, errors included (progress and tables go to stderr or are
@@ -7,7 +7,8 @@ suppressed). Exit status: 0 success, 1 a failed run or an error at run time,
 
 Building the parser imports no command's implementation: ``serve``, ``status``,
 ``drop``, ``chaos`` and ``--help`` work on a plain ``pip install ghostserve``;
-only ``demo`` and the engine benchmarks need the ``engine`` extra (torch).
+only ``demo`` and the engine benchmarks need the ``engine`` extra (torch),
+``front`` the ``front`` extra (aiohttp) and ``vllm`` both ``front`` and ``vllm``.
 """
 
 from __future__ import annotations
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The whole command line. Imports only the options modules of the commands."""
     from ghostserve.chaos.options import add_chaos_args  # noqa: PLC0415
     from ghostserve.demo_options import add_demo_args  # noqa: PLC0415
+    from ghostserve.front import cli as front_cli  # noqa: PLC0415
 
     parser = ArgumentParser(prog="ghostserve", description=__doc__.split("\n\n")[0],
                             formatter_class=HelpFormatter)
@@ -206,7 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_args(command("demo", "a TP engine survives SIGKILLed ranks: recompute vs replicate vs ec "
                                   "(needs the engine extra)", cmd_demo))
 
-    p = command("bench", "run a benchmark from benchmarks/ (codec, checkpoint, serving, vllm_resume)", cmd_bench)
+    front_cli.add_front_args(command(
+        "front", "an OpenAI-compatible front for a vLLM server: requests survive engine failures "
+                 "(needs the front extra)", front_cli.cmd_front))
+    front_cli.add_vllm_args(command(
+        "vllm", "vLLM's OpenAI server with ghostserve, restarted when it dies, behind the front: "
+                "ghostserve vllm [OPTIONS] -- VLLM_ARGS (needs the front and vllm extras)", front_cli.cmd_vllm))
+
+    p = command("bench", "run a benchmark from benchmarks/ (codec, checkpoint, serving, vllm_resume, "
+                         "front_resume)", cmd_bench)
     p.add_argument("name", help="the benchmark: a file name in benchmarks/ without .py")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --json)")
     return parser

@@ -3,7 +3,8 @@
 ``pip install ghostserve`` (no extras) is the daemon, its clients, the codec,
 ``status``, ``drop`` and ``chaos``: none of them imports torch. The reference
 engine (``demo``, ``bench serving``) needs the ``engine`` extra and
-``bench vllm_resume`` the ``vllm`` one; they call :func:`require` before
+``bench vllm_resume`` the ``vllm`` one, ``front`` the ``front`` one (aiohttp)
+and ``vllm`` both; they call :func:`require` before
 importing anything heavy, so a missing extra is a one-line message (exit status 2
 from the CLI), not a traceback.
 """
@@ -20,6 +21,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "vllm": ("vllm", "torch"),
     "gpu": ("cupy",),
     "bench": ("matplotlib",),
+    "front": ("aiohttp",),
 }
 
 

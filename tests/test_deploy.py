@@ -371,6 +371,32 @@ def test_sidecar_pod_shares_socket_shm_pids_and_uid():
     assert "nvidia.com/gpu" in engine["resources"]["limits"]
 
 
+def test_api_service_points_at_the_front_which_outlives_engine_restarts():
+    docs = _load(K8S / "vllm-pod-sidecar.yaml")
+    (wl,) = [d for d in docs if d["kind"] == "Deployment"]
+    (api,) = [d for d in docs if d["kind"] == "Service"]
+    pod = wl["spec"]["template"]["spec"]
+    assert api["spec"]["selector"].items() <= wl["spec"]["template"]["metadata"]["labels"].items()
+    (front,) = [c for c in pod["initContainers"] if c["name"] == "front"]
+    (engine,) = pod["containers"]
+    assert front["restartPolicy"] == "Always", "a native sidecar: up before vLLM, alive across its restarts"
+    assert front["command"] == ["ghostserve", "front"]
+    (port,) = api["spec"]["ports"]
+    front_ports = {p["name"]: p["containerPort"] for p in front["ports"]}
+    assert port["targetPort"] in front_ports, "the Service targets the front, not vLLM"
+    assert int(_flag(front, "port")) == front_ports[port["targetPort"]]
+    engine_port = int(_flag(engine, "port"))
+    assert _flag(front, "upstream") == f"http://127.0.0.1:{engine_port}"
+    # startup and liveness on the front's own page (vLLM starts after it and restarts under it);
+    # readiness follows the upstream
+    for probe in ("startupProbe", "livenessProbe"):
+        assert front[probe]["httpGet"]["path"] == "/metrics", probe
+    assert front["readinessProbe"]["httpGet"]["path"] == "/health"
+    # a server whose engine died stays up failing /health: liveness restarts it
+    assert engine["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert float(_flag(front, "drain-seconds")) < pod["terminationGracePeriodSeconds"]
+
+
 def test_daemonset_uses_host_socket_shm_and_pids():
     (ds,) = _kind("DaemonSet")
     pod = ds["spec"]["template"]["spec"]
@@ -383,7 +409,7 @@ def test_daemonset_uses_host_socket_shm_and_pids():
 
 
 def test_metrics_service_and_servicemonitor_select_the_pods():
-    (svc,) = _kind("Service")
+    (svc,) = [s for s in _kind("Service") if s["metadata"]["name"] == "ghostserve-metrics"]
     (sm,) = _kind("ServiceMonitor")
     (port,) = svc["spec"]["ports"]
     selected = [wl for wl in _workloads()

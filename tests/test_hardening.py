@@ -158,6 +158,24 @@ def test_a_failure_is_not_a_goodbye_even_when_survivors_say_it(server_with, regi
     assert (hit.group, hit.tokens) == ("f", 13)
 
 
+def test_a_dropped_group_s_ranks_are_not_lost_afterwards(server_with, region):
+    """The pid watcher works from a snapshot of the groups: one it still holds after a
+    Drop must not report (log, count) a loss for a rank whose process ended since."""
+    s = server_with()
+    rng = np.random.default_rng(5)
+    ranks = _one_request(s, region, "d", 2, 1, rng)
+    end_engine(ranks, 1)
+    wait(lambda: groups(s.sock)["d"].state == "ended", what="end")
+    group = s.daemon.groups["d"]
+    before = s.registry.get_sample_value("ghostserve_failures_total", {"group": "d", "kind": "pid_gone"}) or 0
+    OperatorClient(s.sock).drop("d", unlink_regions=True)
+    assert group.closed and group.watched_pids() == []
+    assert group.mark_lost(0, "pid_gone") is False
+    assert {r.state for r in group.ranks.values()} == {"detached", "lost"}
+    after = s.registry.get_sample_value("ghostserve_failures_total", {"group": "d", "kind": "pid_gone"}) or 0
+    assert after == before
+
+
 def test_failure_ended_group_expires_after_the_ttl(server_with, region, shm_prefix):
     s = server_with(ended_ttl=1.0)
     rng = np.random.default_rng(4)

@@ -99,6 +99,7 @@ class Group:
         # (block, chunk) found unrecoverable by a restore; guarded by io_lock
         self.broken: set[tuple[int, int]] = set()
         self.rejoin_wait = config.rejoin_wait_seconds  # a restore waits this long for detached survivors
+        self.closed = False  # dropped: the pid watcher may still hold it for one pass
         lay = self.layout
         self.metrics.kv_bytes.labels(name).set(lay.kv_bytes() * self.n)
         self.metrics.parity_arena_bytes.labels(name).set(lay.kv_bytes() * self.m)
@@ -114,6 +115,7 @@ class Group:
         """Stop and forget every mapping (Drop)."""
         self.stop()
         with self.lock:
+            self.closed = True
             for r in self.ranks.values():
                 if r.outbox is not None:
                     r.outbox.put(SUPERSEDED)
@@ -291,8 +293,8 @@ class Group:
         """Rank ``rank`` failed: unmap its memory, drop its unencoded commits. Idempotent."""
         with self.lock:
             r = self.ranks.get(rank)
-            if r is None or r.state in (LOST, LEFT):
-                return False  # a rank that said goodbye may end its process
+            if r is None or r.state in (LOST, LEFT) or self.closed:
+                return False  # a rank that said goodbye may end its process; a dropped group is gone
             if self.keep_survivors and r.mapped and (
                     r.state == DETACHED or any(x.state == LOST for x in self.ranks.values())):
                 # the engine tears down every rank after one fails; this one's
@@ -336,6 +338,8 @@ class Group:
 
     def watched_pids(self) -> list[tuple[int, int]]:
         with self.lock:
+            if self.closed:
+                return []
             return [(r.rank, r.pid) for r in self.ranks.values() if r.state not in (LOST, LEFT) and r.pid > 0]
 
     # ------------------------------------------------------------------ commits

@@ -38,6 +38,85 @@ def make_model(path: str, **config: Any) -> str:
     return path
 
 
+# a chat template for the test tokenizer: role-tagged turns, the assistant's turn opened
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def make_tokenizer(path: str, vocab_size: int = 1024) -> str:
+    """A byte-level BPE tokenizer of exactly ``vocab_size`` tokens, trained here
+    (the ``tokenizers`` library, a fraction of a second) on seeded made-up words
+    with accents and CJK, so any token id decodes (multi-byte characters split over
+    tokens included). ``<unk>``, ``<s>``, ``</s>`` are ids 0, 1, 2 (the models'
+    bos and eos); ``tokenizer_config.json`` carries :data:`CHAT_TEMPLATE`."""
+    import random  # noqa: PLC0415
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # noqa: PLC0415
+
+    rng = random.Random(0)
+    syllables = [a + b for a in "bcdfghklmnprstvwz" for b in "aeiouéü"] + ["日", "本", "語", "🙂"]
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randrange(1, 4))) for _ in range(3000)]
+    corpus = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(3000)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    if tok.get_vocab_size() != vocab_size:
+        raise ValueError(f"the tokenizer came out with {tok.get_vocab_size()} tokens, not {vocab_size}")
+    os.makedirs(path, exist_ok=True)
+    tok.save(os.path.join(path, "tokenizer.json"))
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "model_max_length": 1 << 20, "chat_template": CHAT_TEMPLATE}, f)
+    return path
+
+
+def make_weights(path: str, std: float = 0.5, seed: int = 0) -> str:
+    """Seeded random weights for the Llama of ``path``/config.json, as
+    model.safetensors. Why not vLLM's dummy load: its tiny uniform weights make
+    greedy decoding fall into a two-token loop, where a continuation that went
+    wrong could still look right; these give varied tokens, so comparisons mean
+    something."""
+    import torch  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415
+
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    h, inter, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    heads, kv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen) * std).to(torch.bfloat16)
+
+    def ones() -> torch.Tensor:
+        return torch.ones(h, dtype=torch.bfloat16)
+
+    w = {"model.embed_tokens.weight": rand(vocab, h), "model.norm.weight": ones(), "lm_head.weight": rand(vocab, h)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w.update({p + "self_attn.q_proj.weight": rand(heads * hd, h), p + "self_attn.k_proj.weight": rand(kv * hd, h),
+                  p + "self_attn.v_proj.weight": rand(kv * hd, h), p + "self_attn.o_proj.weight": rand(h, heads * hd),
+                  p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+                  p + "mlp.down_proj.weight": rand(h, inter), p + "input_layernorm.weight": ones(),
+                  p + "post_attention_layernorm.weight": ones()})
+    save_file(w, os.path.join(path, "model.safetensors"))
+    return path
+
+
+def make_served_model(path: str, **config: Any) -> str:
+    """A model directory an OpenAI server can serve with text and chat prompts:
+    config.json (:func:`make_model`), a tokenizer of the model's vocabulary
+    (:func:`make_tokenizer`) and random weights (:func:`make_weights`). Nothing is downloaded."""
+    make_model(path, **config)
+    with open(os.path.join(path, "config.json")) as f:
+        vocab = json.load(f)["vocab_size"]
+    make_tokenizer(path, vocab)
+    return make_weights(path)
+
+
 def engine_env(tmp: str, **extra: str) -> dict[str, str]:
     """Environment for vLLM's CPU build on a small machine (two cores, TP 2): threads
     pinned one core per rank, 1 GiB of KV per rank, no torch.compile (seconds, not
@@ -54,6 +133,68 @@ def start(spec: dict, spec_path: str, out_path: str, env: dict[str, str]) -> sub
         json.dump(spec, f)
     return subprocess.Popen([sys.executable, "-m", "ghostserve.integrations.vllm_run", spec_path, out_path],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+class Supervised:
+    """A long-running ghostserve command (``ghostserve vllm``, ``ghostserve front``)
+    in its own session: stdout lines go to a queue that :meth:`expect` reads,
+    stderr to ``log_path``. For tests and benchmarks."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], log_path: str):
+        import queue  # noqa: PLC0415
+        import threading  # noqa: PLC0415
+
+        self.log_path = log_path
+        self.log = open(log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, env=env, text=True,
+                                     start_new_session=True)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)  # EOF
+
+    def expect(self, pattern: str, timeout: float):
+        """The match of the first stdout line matching ``pattern``; AssertionError
+        (with the log's tail) if none comes within ``timeout`` s or the process ends."""
+        import queue  # noqa: PLC0415
+        import re  # noqa: PLC0415
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                self.lines.put(None)  # later calls see the end too
+                break
+            if m := re.match(pattern, line):
+                return m
+        raise AssertionError(f"no line {pattern!r} within {timeout} s; log:\n{self.tail()}")
+
+    def tail(self, n: int = 60) -> str:
+        with open(self.log_path) as f:
+            return "".join(f.readlines()[-n:])
+
+    def stop(self, timeout: float = 90) -> int | None:
+        """SIGTERM, then SIGKILL of its whole session after ``timeout``; the exit status."""
+        import signal  # noqa: PLC0415
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
 
 
 def tp_worker(engine_pid: int, rank: int):
