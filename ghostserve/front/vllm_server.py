@@ -14,7 +14,7 @@ free loopback port with a fresh engine id (so a fresh ghostserve group,
 The first of them is the death and its cause. :meth:`kill` then ends every
 process of the engine (after the daemon has marked a dead worker's rank lost,
 so that the survivors' KV is kept as the rebuild source, not lost with them)
-and removes the ``/dev/shm/vllm_dist_*`` segments vLLM leaves behind.
+and removes the segments vLLM leaves in ``/dev/shm`` (:data:`VLLM_SHM`).
 """
 
 from __future__ import annotations
@@ -64,6 +64,11 @@ class Death:
 
     def __str__(self) -> str:
         return self.detail
+
+
+# /dev/shm names vLLM's processes create and leave behind when killed: its message
+# queues, multiprocessing shared memory and semaphores (never ghostserve's KV segments)
+VLLM_SHM = ("vllm_dist_", "psm_", "sem.mp-")
 
 
 def worker_rank(name: str) -> int | None:
@@ -173,7 +178,7 @@ class VllmServer:
         return None if self.healthy_at is None else self.healthy_at - self.started_at
 
     def _watch(self) -> None:
-        """pidfds on vLLM's engine-core and worker processes; note their vllm_dist segments."""
+        """pidfds on vLLM's engine-core and worker processes; note their /dev/shm segments."""
         loop = asyncio.get_running_loop()
         try:
             procs = psutil.Process(self.proc.pid).children(recursive=True)
@@ -203,8 +208,8 @@ class VllmServer:
         try:
             with open(f"/proc/{pid}/maps") as f:
                 for line in f:
-                    path = line.rsplit(None, 1)[-1] if "/dev/shm/vllm_dist_" in line else ""
-                    if path.startswith("/dev/shm/vllm_dist_"):
+                    path = line.rsplit(None, 1)[-1] if "/dev/shm/" in line else ""
+                    if path.startswith("/dev/shm/") and os.path.basename(path).startswith(VLLM_SHM):
                         self._shm.add(path)
         except OSError:
             pass
@@ -258,6 +263,8 @@ class VllmServer:
                 pass
         self._pidfds.clear()
         members = self._members()
+        for p in members:  # segments made since the engine became healthy
+            self._note_shm(p.pid)
         if self.proc is not None and signal_first:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
