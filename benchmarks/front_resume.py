@@ -101,6 +101,8 @@ def bench_mode(vr, args, mode: str, root: str, env: dict, prompts: dict[int, lis
             def kill() -> None:
                 vr.tp_worker(gv.proc.pid, 1).send_signal(signal.SIGKILL)
 
+            for rank in (0, 1):  # or, on 2 cores, the kill lands after the client's tokens (see lower_priority)
+                vr.lower_priority(vr.tp_worker(gv.proc.pid, rank))
             run = stream(base, args.model_dir, prompt, args.new_tokens, kill, args.kill_after)
             engine += 1
             m = gv.expect(rf"engine {engine} url=\S+ group=\S+ start_seconds=(\S+)", 900)

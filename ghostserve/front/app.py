@@ -117,6 +117,7 @@ class Front:
 
     async def metrics_page(self, request: web.Request) -> web.Response:
         self.metrics.upstream_up.set(1 if self.upstream.accepting() else 0)
+        self.metrics.upstream_streams.set(self.upstream.open_streams)
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -206,14 +207,15 @@ class Front:
                                                               "Cache-Control": "no-cache"})
                 await out.prepare(request)
                 decoder = SSEDecoder()
-                async for chunk in resp.content.iter_any():
-                    for data in decoder.feed(chunk):
-                        if data.strip() == "[DONE]":
-                            await out.write(DONE)
-                            return out
-                        if '"error"' in data[:20] and not await self.upstream.healthy(url):
-                            raise ConnectionError("the engine died")
-                        await out.write(b"data: " + data.encode() + b"\n\n")
+                with self.upstream.streaming():
+                    async for chunk in resp.content.iter_any():
+                        for data in decoder.feed(chunk):
+                            if data.strip() == "[DONE]":
+                                await out.write(DONE)
+                                return out
+                            if '"error"' in data[:20] and not await self.upstream.healthy(url):
+                                raise ConnectionError("the engine died")
+                            await out.write(b"data: " + data.encode() + b"\n\n")
                 raise ConnectionError("the stream ended early")
         except CONNECTION_ERRORS:
             self.metrics.failed.labels("unresumable").inc()

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from ghostserve.errors import ResumeFailed, ResumeRefused
 from ghostserve.front import resume
+from ghostserve.front.boundary import Boundary, Repair
 from ghostserve.front.config import FrontConfig
 from ghostserve.front.metrics import FrontMetrics
 from ghostserve.front.output import Logprobs, Shape
@@ -68,6 +69,10 @@ class Job:
         self.text = TextStream(stops, bool(body.get("include_stop_str_in_output")), int(body.get("min_tokens") or 0),
                                forced_include=bool(stops) and not body.get("include_stop_str_in_output"))
         self.logprobs = Logprobs()
+        self.boundary = Boundary()
+        self.repair: Repair | None = None     # a continuation whose first text the front rebuilds
+        self.again = False                    # resubmit at once: the upstream stopped on text it misdecoded
+        self.refused: str | None = None       # why this request cannot go on faithfully (found mid-stream)
         self.prompt_ids: list[int] | None = None
         self.tokens: list[int] = []
         self.extra: dict[str, Any] = {}       # chat delta fields other than content, accumulated
@@ -100,8 +105,15 @@ class Job:
                 async with contextlib.aclosing(self.upstream.events(path, body, self.headers)) as events:
                     async for obj in events:
                         await self._absorb(obj, generation, continuation=submissions > 1)
-                        if self.cut:  # a stop string across the resume: this engine does not know it stopped
-                            break
+                        if self.cut or self.again or self.refused:
+                            break  # the front ended it (a stop string across the resume), or goes on elsewhere
+                if self.refused:
+                    return await self._fail("unresumable", str(ResumeRefused(self.refused)))
+                if self.again:
+                    self.again = False
+                    self.text.resumed()
+                    self.logprobs.resumed()
+                    continue
                 return await self._done()
             except UpstreamRejected as exc:
                 return await self._rejected(exc, continuation=submissions > 1)
@@ -132,6 +144,7 @@ class Job:
                 if self.tokens:
                     self.text.resumed()
                     self.logprobs.resumed()
+                    self.repair = self.boundary.resumed(self.prompt_ids or [], self.tokens)
 
     async def _continuation(self) -> dict[str, Any]:
         model_len = None
@@ -173,7 +186,14 @@ class Job:
         fr, sr = choice.get("finish_reason"), choice.get("stop_reason")
         if self.text.finished:
             return
+        if self.repair is not None:
+            self.repair.new += new
+            if text:
+                text, fr, sr = await self._repaired(text, fr, sr)
+                if self.refused:
+                    return
         self.tokens += new
+        self.boundary.sent(len(self.tokens), text)
         delta = self.text.add(text, len(new), fr, sr)
         if delta.finish_reason is not None:
             self.finish = (delta.finish_reason, delta.stop_reason)
@@ -185,6 +205,27 @@ class Job:
             self.sent_prompt_ids, prompt_ids = True, self.prompt_ids
         await self._emit(self.shape.chunk(delta.text, new, lp, delta.finish_reason, delta.stop_reason,
                                           extra, prompt_ids=prompt_ids))
+
+    async def _repaired(self, text: str, fr: str | None, sr: Any) -> tuple[str, str | None, Any]:
+        """The continuation's first text, rebuilt (:mod:`ghostserve.front.boundary`),
+        with its finish: a stop string the upstream found only in its misdecoded
+        text is no stop, so the request is resubmitted from here (the tokens are right)."""
+        repair, self.repair = self.repair, None
+        before, after = repair.windows()
+        model = self.body.get("model")
+        a = await self.upstream.detokenize(before, model, self.headers)
+        b = await self.upstream.detokenize(after, model, self.headers) if a is not None else None
+        fixed = Boundary.text(a, b) if a is not None and b is not None else None
+        if fixed is None:
+            self.refused = ("the engine died inside a character and the upstream could not detokenize "
+                            "the tokens around it (/detokenize)")
+            return text, fr, sr
+        if fr == "stop" and isinstance(sr, str):
+            seen = self.text.text
+            if sr not in seen[max(0, len(seen) - len(sr) + 1):] + fixed:
+                self.again = True
+                return fixed, None, None
+        return fixed, fr, sr
 
     def _usage(self, usage: dict[str, Any] | None, continuation: bool) -> None:
         if not usage:

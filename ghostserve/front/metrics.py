@@ -41,6 +41,9 @@ class FrontMetrics:
             "Of those, tokens the new engine reported as cached (loaded, not prefilled)", registry=registry)
         self.in_flight = Gauge(
             "ghostserve_front_requests_in_flight", "Generation requests being served", registry=registry)
+        self.upstream_streams = Gauge(
+            "ghostserve_front_upstream_streams",
+            "Requests the upstream has accepted (answered 200) and is still streaming", registry=registry)
         self.upstream_up = Gauge(
             "ghostserve_front_upstream_up", "1 while the upstream takes requests", registry=registry)
         # ghostserve vllm

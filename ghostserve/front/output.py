@@ -81,6 +81,10 @@ class Shape:
         """The stream's last chunk, no choices: ``usage`` and/or ghostserve's ``info``."""
         out = self._head("chat.completion.chunk" if self.chat else "text_completion")
         out["choices"] = []
+        return self._tail(out, usage, info)
+
+    def _tail(self, out: dict[str, Any], usage: dict[str, Any], info: dict[str, Any] | None) -> dict[str, Any]:
+        """What a response ends with: ``usage`` (if any), the fingerprint, ghostserve's ``info``."""
         if usage:
             out["usage"] = usage
         if self.system_fingerprint:
@@ -111,12 +115,7 @@ class Shape:
                 choice["token_ids"] = list(token_ids)
             out = self._head("text_completion")
         out["choices"] = [choice]
-        out["usage"] = usage
-        if self.system_fingerprint:
-            out["system_fingerprint"] = self.system_fingerprint
-        if info:
-            out["ghostserve"] = info
-        return out
+        return self._tail(out, usage, info)
 
 
 class Logprobs:

@@ -15,8 +15,9 @@ while the upstream is healthy) is :class:`UpstreamRejected`: the client gets it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -70,6 +71,7 @@ class Upstream:
         self.url: str | None = None
         self.generation = 0
         self.closed = False
+        self.open_streams = 0  # requests the upstream answered 200 whose stream has not ended
         self._model_len: dict[int, int | None] = {}
 
     async def start(self) -> None:
@@ -82,6 +84,15 @@ class Upstream:
         self.closed = True
         if self.session is not None:
             await self.session.close()
+
+    @contextlib.contextmanager
+    def streaming(self) -> Iterator[None]:
+        """Counts, in ``open_streams``, a generation the upstream is streaming."""
+        self.open_streams += 1
+        try:
+            yield
+        finally:
+            self.open_streams -= 1
 
     def accepting(self) -> bool:
         """May a new request be sent now? (False: answer 503 without trying.)"""
@@ -116,6 +127,24 @@ class Upstream:
                 return None
         return self._model_len[gen]
 
+    async def detokenize(self, tokens: list[int], model: str | None, headers: dict[str, str]) -> str | None:
+        """The text of ``tokens`` (vLLM's /detokenize); None if the upstream refuses
+        (it has no such endpoint). Raises :class:`UpstreamFailure` if it cannot
+        answer at all (it died again: the request resumes again)."""
+        url = self.url
+        if url is None or self.session is None:
+            raise UpstreamFailure("no upstream is up", accepted=True)
+        body: dict[str, Any] = {"tokens": tokens}
+        if model is not None:
+            body["model"] = model
+        try:
+            async with self.session.post(url + "/detokenize", json=body, headers=headers) as resp:
+                if resp.status != 200:
+                    return None
+                return str((await resp.json(content_type=None))["prompt"])
+        except (*CONNECTION_ERRORS, ValueError, KeyError, TypeError) as exc:
+            raise UpstreamFailure(f"/detokenize: {type(exc).__name__}: {exc}", accepted=True) from exc
+
     async def events(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> AsyncIterator[dict]:
         """POST ``body`` to ``path`` (a streaming request) and yield each event's
         JSON until ``[DONE]``. Raises :class:`UpstreamFailure` or
@@ -133,25 +162,26 @@ class Upstream:
                         raise UpstreamFailure(f"HTTP {resp.status} from an unhealthy upstream", accepted=False)
                     raise UpstreamRejected(resp.status, data, resp.content_type)
                 accepted = True
-                decoder = SSEDecoder()
-                async for chunk in resp.content.iter_any():
-                    for data in decoder.feed(chunk):
-                        if data.strip() == "[DONE]":
-                            return
-                        try:
-                            obj = json.loads(data)
-                        except ValueError:
-                            raise UpstreamFailure(f"malformed event {data[:80]!r}", accepted=True) from None
-                        if isinstance(obj, dict) and "error" in obj and not obj.get("choices"):
-                            if not await self.healthy(url):
-                                message = str((obj.get("error") or {}).get("message", ""))[:200]
-                                raise UpstreamFailure(f"error event from a dead engine: {message}", accepted=True)
-                            err = obj["error"] if isinstance(obj["error"], dict) else {}
-                            code = err.get("code")
-                            raise UpstreamRejected(code if isinstance(code, int) else 500,
-                                                   json.dumps(obj).encode(), streamed=True)
-                        yield obj
-                raise UpstreamFailure("the stream ended without [DONE]", accepted=True)
+                with self.streaming():
+                    decoder = SSEDecoder()
+                    async for chunk in resp.content.iter_any():
+                        for data in decoder.feed(chunk):
+                            if data.strip() == "[DONE]":
+                                return
+                            try:
+                                obj = json.loads(data)
+                            except ValueError:
+                                raise UpstreamFailure(f"malformed event {data[:80]!r}", accepted=True) from None
+                            if isinstance(obj, dict) and "error" in obj and not obj.get("choices"):
+                                if not await self.healthy(url):
+                                    message = str((obj.get("error") or {}).get("message", ""))[:200]
+                                    raise UpstreamFailure(f"error event from a dead engine: {message}", accepted=True)
+                                err = obj["error"] if isinstance(obj["error"], dict) else {}
+                                code = err.get("code")
+                                raise UpstreamRejected(code if isinstance(code, int) else 500,
+                                                       json.dumps(obj).encode(), streamed=True)
+                            yield obj
+                    raise UpstreamFailure("the stream ended without [DONE]", accepted=True)
         except CONNECTION_ERRORS as exc:
             raise UpstreamFailure(f"{type(exc).__name__}: {exc}".rstrip(": "), accepted=accepted) from None
 

@@ -14,7 +14,10 @@ free loopback port with a fresh engine id (so a fresh ghostserve group,
 The first of them is the death and its cause. :meth:`kill` then ends every
 process of the engine (after the daemon has marked a dead worker's rank lost,
 so that the survivors' KV is kept as the rebuild source, not lost with them)
-and removes the segments vLLM leaves in ``/dev/shm`` (:data:`VLLM_SHM`).
+and removes the segments vLLM leaves in ``/dev/shm`` (:data:`VLLM_SHM`): those
+made since the engine started that no live process has mapped. (A named
+semaphore or segment in use is mapped by its users; vLLM's spawn-context
+semaphores stay named until their creator cleans up, which SIGKILL prevents.)
 """
 
 from __future__ import annotations
@@ -69,6 +72,31 @@ class Death:
 # /dev/shm names vLLM's processes create and leave behind when killed: its message
 # queues, multiprocessing shared memory and semaphores (never ghostserve's KV segments)
 VLLM_SHM = ("vllm_dist_", "psm_", "sem.mp-")
+SHM_DIR = "/dev/shm"
+
+
+def vllm_shm() -> set[str]:
+    """The names in /dev/shm that vLLM's processes make, owned by this user."""
+    uid = os.getuid()
+    try:
+        with os.scandir(SHM_DIR) as it:
+            return {e.name for e in it if e.name.startswith(VLLM_SHM) and e.stat().st_uid == uid}
+    except OSError:
+        return set()
+
+
+def mapped_shm() -> set[str]:
+    """The /dev/shm names some live process has mapped. A process whose maps
+    cannot be read (another user's, or a non-dumpable one such as a sandbox's
+    init) is skipped: vLLM's processes run as this user and are dumpable."""
+    found: set[str] = set()
+    for pid in (d for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                found |= {os.path.basename(ln.rsplit(None, 1)[-1]) for ln in f if f" {SHM_DIR}/" in ln}
+        except OSError:
+            continue  # it ended, or it is not vLLM's
+    return found
 
 
 def worker_rank(name: str) -> int | None:
@@ -102,7 +130,7 @@ class VllmServer:
         self.healthy_at: float | None = None
         self._death: asyncio.Future[Death] | None = None
         self._pidfds: dict[int, tuple[int, str]] = {}
-        self._shm: set[str] = set()
+        self._shm_before: set[str] = set()
         self._tasks: list[asyncio.Task] = []
 
     def command(self) -> list[str]:
@@ -121,6 +149,7 @@ class VllmServer:
         loop = asyncio.get_running_loop()
         self._death = loop.create_future()
         self.started_at = time.monotonic()
+        self._shm_before = vllm_shm()
         self.proc = await asyncio.create_subprocess_exec(
             *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT, start_new_session=True)  # its own group: killed as one
@@ -178,7 +207,7 @@ class VllmServer:
         return None if self.healthy_at is None else self.healthy_at - self.started_at
 
     def _watch(self) -> None:
-        """pidfds on vLLM's engine-core and worker processes; note their /dev/shm segments."""
+        """pidfds on vLLM's engine-core and worker processes."""
         loop = asyncio.get_running_loop()
         try:
             procs = psutil.Process(self.proc.pid).children(recursive=True)
@@ -187,7 +216,6 @@ class VllmServer:
         for p in procs:
             try:
                 name = " ".join(p.cmdline()) or p.name()
-                self._note_shm(p.pid)
                 if "VLLM::" not in name:
                     continue
                 fd = os.pidfd_open(p.pid)
@@ -196,23 +224,12 @@ class VllmServer:
                 return
             self._pidfds[fd] = (p.pid, name.strip())
             loop.add_reader(fd, self._on_pidfd, fd)
-        self._note_shm(self.proc.pid)
         log.info("engine %d: watching %s", self.index, ", ".join(f"{n} ({pid})" for pid, n in self._pidfds.values()))
 
     def _on_pidfd(self, fd: int) -> None:
         pid, name = self._pidfds.get(fd, (0, "?"))
         asyncio.get_running_loop().remove_reader(fd)
         self._died(Death(DeathKind.PROCESS_EXIT, f"{name} (pid {pid}) exited", worker_rank(name)))
-
-    def _note_shm(self, pid: int) -> None:
-        try:
-            with open(f"/proc/{pid}/maps") as f:
-                for line in f:
-                    path = line.rsplit(None, 1)[-1] if "/dev/shm/" in line else ""
-                    if path.startswith("/dev/shm/") and os.path.basename(path).startswith(VLLM_SHM):
-                        self._shm.add(path)
-        except OSError:
-            pass
 
     async def _monitor(self, session: aiohttp.ClientSession) -> None:
         """/health every health_interval; health_failures failures in a row are a death."""
@@ -263,8 +280,6 @@ class VllmServer:
                 pass
         self._pidfds.clear()
         members = self._members()
-        for p in members:  # segments made since the engine became healthy
-            self._note_shm(p.pid)
         if self.proc is not None and signal_first:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
@@ -283,9 +298,14 @@ class VllmServer:
         for t in self._tasks:
             if not t.done():
                 t.cancel()
-        for path in self._shm:
+        await asyncio.to_thread(self._remove_leftovers)
+
+    def _remove_leftovers(self) -> None:
+        """Unlink what vLLM made in /dev/shm since this start and nobody maps now."""
+        made = vllm_shm() - self._shm_before
+        for name in made - (mapped_shm() if made else set()):
             try:
-                os.unlink(path)
+                os.unlink(os.path.join(SHM_DIR, name))
             except FileNotFoundError:
                 pass
 

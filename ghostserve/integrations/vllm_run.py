@@ -15,6 +15,7 @@ It prints {"ready": seconds} once the engine is up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -208,6 +209,18 @@ def tp_worker(engine_pid: int, rank: int):
         except psutil.NoSuchProcess:
             continue
     raise LookupError(f"no Worker_TP{rank} under process {engine_pid}")
+
+
+def lower_priority(proc: Any, nice: int = 19) -> None:
+    """Run every thread of ``proc`` (a psutil.Process) at ``nice``; Linux nice is
+    per thread, and vLLM's CPU workers are many busy threads. On a 2-core machine
+    they otherwise starve the daemon, vLLM's server, the front and the clients,
+    which then see tokens seconds after they were made (tests, benchmarks)."""
+    import psutil  # noqa: PLC0415
+
+    for t in proc.threads():
+        with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+            os.setpriority(os.PRIO_PROCESS, t.id, nice)
 
 
 def watermarks(group_status: Any, ids: list[str]) -> dict[str, int]:
