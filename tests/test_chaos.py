@@ -27,8 +27,15 @@ def run(steps=40, **kw):
     return Chaos(Shape(steps=steps, **shape_kw), **kw).run()
 
 
+def verdict(r) -> str:
+    """What made a run not ok, short enough that pytest does not cut it off."""
+    return (f"mismatched {r.mismatched_bytes} garbage {r.garbage_bytes} final {r.final_mismatched_bytes} "
+            f"of {r.final_verified_bytes}; errors {r.errors}; unrecoverable {r.unrecoverable_ranges}; "
+            f"faults {r.faults}")
+
+
 def assert_clean(r):
-    assert r.ok, r
+    assert r.ok, verdict(r)
     assert r.errors == [] and r.mismatched_bytes == 0 and r.garbage_bytes == 0
     assert r.final_mismatched_bytes == 0 and r.final_verified_bytes > 0
     assert all(f.get("outcome") for f in r.faults), r.faults  # every fault has one

@@ -406,8 +406,12 @@ def test_front_metrics_count_resumes_and_failures(served, killed):
 
 def test_a_client_that_disconnects_cancels_its_upstream_request(served, killed):
     """vLLM counts no abort from its API server in its metrics; what shows it: the
-    engine stops running the request long before its tokens are all made."""
+    engine stops running the request long before its tokens are all made. The
+    restarted engine's workers run at nice 19: at normal priority, on 2 cores, they
+    starve the front and vLLM's server, and the abort arrives after the last token."""
     url = served["engines"][-1]["url"]
+    for rank in (0, 1):
+        vllm_run.lower_priority(vllm_run.tp_worker(served["gv"].proc.pid, rank))
 
     def engine() -> tuple[float, float]:
         text = urllib.request.urlopen(url + "/metrics", timeout=60).read().decode()
