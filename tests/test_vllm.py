@@ -113,7 +113,9 @@ def test_connector_output_identical_and_a_clean_shutdown_frees_everything(env):
 
 
 @pytest.mark.parametrize("kv_heads, victim, daemon_crash", [
-    (4, 1, False),
+    # the daemon-crash case below checks all of this one and more: the default tier runs
+    # only that one (two minutes each on 2 cores)
+    pytest.param(4, 1, False, marks=pytest.mark.slow),
     # the daemon is SIGKILLed and restarted between the engine's death and the
     # resume: parity, kept KV and the request index all live in shared memory
     (4, 1, True),
