@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     Console().print(t)
     r = Table(title="restore: a lost rank rebuilt into fresh memory, GB/s of rebuilt KV "
                     f"(median of {args.restore_runs}; {args.threads} threads, tiles of "
-                    f"{(args.tile_bytes or TILE_DEFAULT) >> 10} KiB a layer); limit = memcpy x 2/(k+1)")
+                    f"{(args.tile_bytes or TILE_DEFAULT) >> 10} KiB); limit = memcpy x 2/(k+1)")
     r.add_column("name", no_wrap=True)
     for col in ("restore GB/s", "memcpy GB/s", "limit GB/s", "/ limit"):
         r.add_column(col, justify="right")

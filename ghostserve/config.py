@@ -59,9 +59,10 @@ class Config:
     rejoin_wait_seconds: float = 10.0   # a restore waits this long for detached survivors
     drain_seconds: float = 5.0          # SIGTERM: in-flight RPCs get this long to finish
     rpc_threads: int = 256              # gRPC handler threads (each worker stream holds one)
-    # restore checks and decodes this many bytes of each layer at a time: long native
-    # calls (threads overlap) over data still in cache (benchmarks/checkpoint.py)
-    restore_tile_bytes: int = 1 << 20
+    # restore checks and decodes this many bytes of the lost rank at a time (all its
+    # layers; each restoring thread keeps a buffer this size), over data still in
+    # cache (benchmarks/checkpoint.py --tile-bytes)
+    restore_tile_bytes: int = 512 << 10
 
     def __post_init__(self) -> None:
         if not self.socket and not self.listen:

@@ -258,7 +258,7 @@ def _restore_into(g: Group, rank, target, survivors, base_erased, flux, freed_in
         g.data.tile_bytes = g.tile_bytes
         done, retry = g.data.rebuild_tiles(rank, target, survivors, erased, runs)
         result.restored_bytes += done * cb * lay.num_layers
-        # tiles that failed a check are redone chunk by chunk (one whose survivors failed wrote nothing)
+        # tiles that failed a check (they wrote nothing) are redone chunk by chunk
         runs = sorted(slow + retry)
     corrupt = [0]
     segments = find_bad(g, survivors, runs, corrupt)

@@ -110,6 +110,7 @@ class HostDataPath:
 
     def __init__(self, store: ParityStore, pool: ThreadPoolExecutor, threads: int, tile_bytes: int):
         self.store, self.pool, self.threads, self.tile_bytes = store, pool, threads, tile_bytes
+        rebuild.warm()  # restore's tile kernel, compiled off the first restore's path
         self.layout = store.layout
         self.n, self.m = store.k, store.m
         self.slotted = self.layout.block_slots > 0
