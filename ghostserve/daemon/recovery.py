@@ -83,6 +83,8 @@ def find_bad(g: Group, survivors: Mapping[int, RankMemory], runs, corrupt: list[
     """Check every run on every survivor (one folded pass per run), and chunk by
     chunk where a run fails: segments with the same bad survivors. Adds the
     number of bad (chunk, rank) pairs to ``corrupt[0]``."""
+    if not runs:  # everything went through the fused tiles
+        return []
     data, store = g.data, g.store
     suspect: set[int] = set()
     for q, mem in survivors.items():
@@ -126,6 +128,8 @@ def rebuild_verified(g: Group, rank: int, target: RankMemory | None, survivors: 
     encode-time checksums. Returns (segments rebuilt and verified, segments
     beyond the code or that did not verify). Beyond the code: nothing is
     written; did not verify: the bytes written there are zeroed."""
+    if not segments:
+        return [], []
     data, store = g.data, g.store
     mems = {**survivors, **({rank: target} if target is not None else {})}
     plans, rebuilt, lost = [], [], []
