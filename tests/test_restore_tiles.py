@@ -144,7 +144,7 @@ def test_tiles_against_the_reference_codec(lay, code, data):
                             RSCode(n, m, "isal").backend.tables(row), crc, n)
     threads = data.draw(st.sampled_from([1, 3]))
     # the compiled kernel and its own source run as plain Python: the same answers
-    kernel = rebuild.tile_kernel() if data.draw(st.booleans()) else rebuild.python_kernel()
+    kernel = rebuild.tile_kernel() if data.draw(st.booleans()) else rebuild.tile
     old = rebuild.PARALLEL_BYTES
     rebuild.PARALLEL_BYTES = 0  # tiny restores on threads too
     try:

@@ -62,15 +62,6 @@ OK, SUSPECT, REBUILT_BAD = 0, 1, 2
 log = logging.getLogger(__name__)
 
 
-@lru_cache(maxsize=64)
-def shift_bytes(nbytes: int) -> tuple[list[int], list[int], list[int], list[int]]:
-    """crcfold's shift S_nbytes as four 256-entry lists of Python ints, one per byte
-    of its argument: ``S(x) = t0[x & 255] ^ t1[x >> 8 & 255] ^ t2[x >> 16 & 255] ^ t3[x >> 24]``
-    (S is linear). Python ints: a tile's fold costs a few hundred nanoseconds."""
-    s = crcfold.shift(nbytes)
-    return s.lo[:256].tolist(), s.lo[::256].tolist(), s.hi[:256].tolist(), s.hi[::256].tolist()
-
-
 def tiles(runs: Sequence[tuple[int, int, int]], layout: Layout, tile_bytes: int) -> list[tuple[int, int]]:
     """Split runs (block, c0, c1) of chunks into tiles of at most ``tile_bytes``
     per layer (at least one chunk each; a tile covers every layer). A tile is a
@@ -136,7 +127,7 @@ def run_tiles(plan: TilePlan, units: list[tuple[int, int]], pool: ThreadPoolExec
               threads: int = 1, kernel: Any = None) -> np.ndarray:
     """Check and rebuild every tile; returns one status per tile (OK, SUSPECT,
     REBUILT_BAD). Only OK tiles wrote their bytes (the caller redoes the others). ``kernel``: the
-    compiled :func:`tile_kernel` unless given (tests pass :func:`python_kernel`)."""
+    compiled :func:`tile_kernel` unless given (tests also pass :func:`tile`, uncompiled)."""
     kernel = kernel or tile_kernel()
     status = np.zeros(len(units), dtype=np.int8)
     if not units:
@@ -197,8 +188,11 @@ def _scratch(nbytes: int) -> np.ndarray:
 
 @lru_cache(maxsize=64)
 def shift_table(nbytes: int) -> np.ndarray:
-    """:func:`shift_bytes` as one read-only (4, 256) int64 array, the kernel's form."""
-    table = np.array(shift_bytes(nbytes), dtype=np.int64)
+    """crcfold's shift S_nbytes as a read-only (4, 256) int64 array, one row per byte
+    of its argument: ``S(x) = t[0, x & 255] ^ t[1, x >> 8 & 255] ^ t[2, x >> 16 & 255]
+    ^ t[3, x >> 24]`` (S is linear; 8 KiB, where crcfold's two 16-bit tables are 512 KiB)."""
+    s = crcfold.shift(nbytes)
+    table = np.array([s.lo[:256], s.lo[::256], s.hi[:256], s.hi[::256]], dtype=np.int64)
     table.flags.writeable = False
     return table
 
@@ -254,11 +248,6 @@ def tile(crc32c, encode, memcpy, g0, g1, chunks, cb, layers, ls, bs, const, bmul
 
 
 _kernel_lock = threading.Lock()
-
-
-def python_kernel():
-    """The tile routine as plain Python: every ISA-L call takes and gives back the GIL."""
-    return tile
 
 
 def tile_kernel():
