@@ -40,11 +40,15 @@ def target_of(socket_or_target: str) -> str:
     return socket_or_target
 
 
-# Reconnect fast: on one node a restarted daemon is back within a second.
+# Reconnect fast: on one node a restarted daemon is back within a second. gRPC reads
+# min_reconnect_backoff_ms as the *minimum connect timeout*: set low, a daemon that is
+# descheduled for a moment (a busy node) fails fresh channels' calls with UNAVAILABLE
+# ("timed out before receiving SETTINGS frame") however long their deadline.
+CONNECT_TIMEOUT_MS = 20_000
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 20),
-    ("grpc.min_reconnect_backoff_ms", 20),
     ("grpc.max_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
 ]
 
 

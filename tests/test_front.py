@@ -9,8 +9,7 @@ under six requests in flight at once (streaming completion, streaming chat,
 non-streaming completion, a second streaming completion, an n=2 request the
 front must refuse to continue, and one through a second front whose resume
 wait is shorter than the restart), and each test checks one outcome of it.
-About 3 minutes on 2 cores, most of it vLLM starting (twice); the kill scenario
-runs with --runslow (see KILL_SCENARIO).
+About 4 minutes on 2 cores, most of it vLLM starting (twice).
 """
 
 from __future__ import annotations
@@ -42,14 +41,6 @@ from ghostserve.integrations import vllm_run  # noqa: E402
 MAX_LEN = 4096
 NEW = 1500          # tokens per request: long enough that the kill lands mid-generation
 KILL_AFTER = 30     # tokens every request has decoded (the daemon's watermarks) before the kill
-
-
-# The kill scenario passed in most clean-clone runs of the whole suite on 2 cores, but not
-# all: twice the daemon that `ghostserve vllm` started did not complete a gRPC handshake for
-# over 20 s (once at the start of the scenario, once after it, with the new engine's workers
-# busy). Both TP engines' workers now run at nice 19 during it, and the cause is still not
-# understood, so it runs with --runslow until it is; never retried.
-KILL_SCENARIO = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -249,13 +240,6 @@ def killed(served):
         pytest.skip("needs test_failure_free_answers_through_the_front_are_vllm_s_own's baselines")
     reqs = requests_(served["model"])
     workers = [vllm_run.tp_worker(served["gv"].proc.pid, r) for r in (0, 1)]
-    # On 2 cores the engine's busy worker threads at normal priority starve the daemon, the
-    # front and the clients (see Freezer): in one clean-clone run the daemon, still encoding
-    # the baselines, did not complete a gRPC handshake for 20 s here. From now on they get
-    # what the others leave (not during the baselines: at nice 19 there, the failure-free
-    # test took 162 s in a clean-clone run, against 85-139 s at normal priority).
-    for w in workers:
-        vllm_run.lower_priority(w)
     op = OperatorClient(served["socket"], timeout=60)
     group = served["engines"][0]["group"]
     # the baselines left the daemon encoding for a while on 2 cores: let it finish, or it
@@ -321,9 +305,6 @@ def killed(served):
         workers[0].resume()  # ghostserve vllm may have killed it already
     m = served["gv"].expect(r"engine 2 url=(\S+) group=(\S+) start_seconds=(\S+)", 400)
     served["engines"].append({"url": m.group(1), "group": m.group(2), "start_seconds": float(m.group(3))})
-    for rank in (0, 1):  # the new engine's workers, like the first's (see above)
-        with contextlib.suppress(LookupError, psutil.NoSuchProcess):
-            vllm_run.lower_priority(vllm_run.tp_worker(served["gv"].proc.pid, rank))
     for t in threads.values():
         t.join(timeout=400)
     op.close()
@@ -357,7 +338,6 @@ def resumed_once(got: dict, want: dict, killed: dict) -> None:
     assert r["gap_seconds"] > 0
 
 
-@KILL_SCENARIO
 def test_streaming_completion_survives_a_killed_worker(served, killed):
     out = killed["out"]
     assert len(killed["protected"]) == 7, (served["at_kill"], served["gv"].tail(80))  # every request was in the engine (n=2 is two)
@@ -366,31 +346,26 @@ def test_streaming_completion_survives_a_killed_worker(served, killed):
     assert any(a > killed["killed_at"] for a in arrivals)  # it streamed on after the kill
 
 
-@KILL_SCENARIO
 def test_chat_completion_survives_as_chat_deltas(served, killed):
     got = killed["out"]["chat"]
     resumed_once(got, served["baselines"]["chat"], killed)
     assert got["roles"] == 1
 
 
-@KILL_SCENARIO
 def test_non_streaming_request_survives(served, killed):
     resumed_once(killed["out"]["whole"], served["baselines"]["whole"], killed)
 
 
-@KILL_SCENARIO
 def test_concurrent_requests_survive_the_same_failure(served, killed):
     resumed_once(killed["out"]["text"], served["baselines"]["text"], killed)
     assert len(served["engines"]) == 2  # one restart for all of them
 
 
-@KILL_SCENARIO
 def test_a_request_that_cannot_continue_faithfully_gets_a_clean_error(killed):
     err = killed["out"]["n2"].get("error")
     assert isinstance(err, openai.APIError) and "n > 1" in str(err), err
 
 
-@KILL_SCENARIO
 def test_upstream_gone_longer_than_the_wait_ends_the_stream_with_an_error(served, killed):
     got = killed["out"]["short"]
     err = got.get("error")
@@ -401,7 +376,6 @@ def test_upstream_gone_longer_than_the_wait_ends_the_stream_with_an_error(served
     assert 'ghostserve_front_requests_failed_total{reason="resume_timeout"} 1.0' in metrics
 
 
-@KILL_SCENARIO
 def test_the_dead_engine_s_group_is_dropped_once_its_requests_resumed(served, killed):
     old = served["engines"][0]["group"]
     op = OperatorClient(served["socket"], timeout=60)
@@ -416,7 +390,6 @@ def test_the_dead_engine_s_group_is_dropped_once_its_requests_resumed(served, ki
     assert f"dropped group {old}" in log and "Worker_TP1" in log and "died" in log  # death and its cause
 
 
-@KILL_SCENARIO
 def test_front_metrics_count_resumes_and_failures(served, killed):
     metrics = urllib.request.urlopen(served["base"] + "/metrics", timeout=60).read().decode()
     values = dict(re.findall(r"^(ghostserve_front_\S+) (\S+)$", metrics, re.M))
@@ -431,7 +404,6 @@ def test_front_metrics_count_resumes_and_failures(served, killed):
         float(values["ghostserve_front_resume_prompt_tokens_total"]) - 4
 
 
-@KILL_SCENARIO
 def test_a_client_that_disconnects_cancels_its_upstream_request(served, killed):
     """vLLM counts no abort from its API server in its metrics; what shows it: the
     engine stops running the request long before its tokens are all made. The
@@ -462,7 +434,6 @@ def test_a_client_that_disconnects_cancels_its_upstream_request(served, killed):
     assert running == 0 and 5 <= made_after - made < budget / 2
 
 
-@KILL_SCENARIO
 def test_sigterm_stops_everything_in_order(served, killed):
     gv = served["gv"]
     members = psutil.Process(gv.proc.pid).children(recursive=True)

@@ -11,8 +11,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -414,3 +416,32 @@ def test_a_daemon_leaves_a_longer_prefix_alone(tmp_path, region, shm_prefix):
         inner.stop(grace=0)
         if outer is not None:
             outer.stop(grace=0)
+
+
+# ------------------------------------------------------------------ a daemon slow to answer
+
+
+def test_a_fresh_client_waits_out_a_daemon_that_is_slow_to_answer():
+    """A daemon descheduled for a while (SIGSTOP here; CPU starvation on a busy node
+    does the same) must not fail a new channel's call within its deadline. With a
+    20 ms connect timeout it failed at once: UNAVAILABLE, no SETTINGS frame."""
+    with Sidecar() as d:
+        op = OperatorClient(d.socket, timeout=30)  # a new channel: the handshake is still to come
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                call = pool.submit(op.status)
+                time.sleep(1.0)
+                assert not call.done()  # still waiting for the stopped daemon, not failed
+                os.kill(d.proc.pid, signal.SIGCONT)
+                resp = call.result(timeout=30)
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+            op.close()
+        assert time.monotonic() - t0 >= 1.0 and list(resp.groups) == []
+        stub = worker_stub(channel(d.socket))  # and the workers' channel, from a stopped start
+        os.kill(d.proc.pid, signal.SIGSTOP)
+        threading.Timer(0.5, os.kill, (d.proc.pid, signal.SIGCONT)).start()
+        hit = stub.Lookup(pb.LookupRequest(tokens=np.asarray([1, 2, 3], dtype="<u4").tobytes()), timeout=30)
+        assert hit.tokens == 0

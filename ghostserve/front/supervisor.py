@@ -229,8 +229,8 @@ class Supervisor:
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     return  # dropped already (a clean shutdown), or never registered
-                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and attempt < 19:
-                    await asyncio.sleep(0.25)  # a rank the daemon has not yet seen end
+                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE) and attempt < 19:
+                    await asyncio.sleep(0.25)  # a rank the daemon has not yet seen end, or a daemon restarting
                     continue
                 log.warning("could not drop group %s: %s", server.group, exc.details())
                 return
