@@ -8,8 +8,14 @@ processes, and an engine whose worker is SIGKILLed must die alone):
 SPEC: {"model": dir, "tp": 2, "socket": path or null, "parity": 1,
        "requests": [{"id": str, "prompt": [ids], "max_tokens": n, "done": [ids]}]}
 ("done": tokens already generated before an engine died; the request is resubmitted
-with ghostserve.integrations.vllm.resume_request). OUT gets the tokens of every
-request (including "done" ones), timings, and "dead": true if the engine died.
+with ghostserve.integrations.vllm.resume_request). Optional: "kv", vLLM's
+KVTransferConfig fields for another connector (instead of "socket": ghostserve's);
+"phases", lists of requests run one list after another, each
+{"requests": [...], "sequential": bool (one request at a time), "announce": n (print
+{"decoded": n} once each of them has n new tokens)}; {"phase_done": i} is printed
+after each. OUT gets the tokens of every
+request (including "done" ones), timings (per request: first token after its
+submission, and each new token's time), and "dead": true if the engine died.
 It prints {"ready": seconds} once the engine is up.
 """
 
@@ -128,11 +134,13 @@ def engine_env(tmp: str, **extra: str) -> dict[str, str]:
                 VLLM_NO_USAGE_STATS="1", VLLM_LOGGING_LEVEL="WARNING", **extra)
 
 
-def start(spec: dict, spec_path: str, out_path: str, env: dict[str, str]) -> subprocess.Popen:
-    """Start an engine process on ``spec``; it writes its results to ``out_path``."""
+def start(spec: dict, spec_path: str, out_path: str, env: dict[str, str],
+          python: str = sys.executable) -> subprocess.Popen:
+    """Start an engine process on ``spec`` (with ``python``: another environment's,
+    for another connector); it writes its results to ``out_path``."""
     with open(spec_path, "w") as f:
         json.dump(spec, f)
-    return subprocess.Popen([sys.executable, "-m", "ghostserve.integrations.vllm_run", spec_path, out_path],
+    return subprocess.Popen([python, "-m", "ghostserve.integrations.vllm_run", spec_path, out_path],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -233,6 +241,22 @@ def watermarks(group_status: Any, ids: list[str]) -> dict[str, int]:
     return out
 
 
+def kv_config(spec: dict) -> Any:
+    """The engine's KVTransferConfig: ``spec["kv"]`` as given, ghostserve's connector
+    on ``spec["socket"]``, or None (no connector)."""
+    from vllm.config import KVTransferConfig  # noqa: PLC0415
+
+    if spec.get("kv"):
+        return KVTransferConfig(**spec["kv"])
+    if spec.get("socket"):
+        return KVTransferConfig(
+            kv_connector="GhostServeConnector", kv_connector_module_path="ghostserve.integrations.vllm",
+            kv_role="kv_both",
+            kv_connector_extra_config={"socket": spec["socket"], "parity": spec.get("parity", 1),
+                                       "shm_prefix": spec.get("shm_prefix", "gs-vllm-")})
+    return None
+
+
 def main() -> int:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
@@ -240,52 +264,65 @@ def main() -> int:
 
     from ghostserve.integrations.vllm import resume_request  # noqa: PLC0415
 
-    kv = None
-    if spec.get("socket"):
-        from vllm.config import KVTransferConfig  # noqa: PLC0415
-
-        kv = KVTransferConfig(
-            kv_connector="GhostServeConnector", kv_connector_module_path="ghostserve.integrations.vllm",
-            kv_role="kv_both",
-            kv_connector_extra_config={"socket": spec["socket"], "parity": spec.get("parity", 1),
-                                       "shm_prefix": spec.get("shm_prefix", "gs-vllm-")})
     started = time.perf_counter()
     llm = LLM(model=spec["model"], load_format="dummy", skip_tokenizer_init=True,
               tensor_parallel_size=spec.get("tp", 2), max_model_len=spec.get("max_model_len", 2048),
-              dtype="bfloat16", seed=0, enforce_eager=True, kv_transfer_config=kv,
+              dtype="bfloat16", seed=0, enforce_eager=True, kv_transfer_config=kv_config(spec),
               enable_prefix_caching=spec.get("prefix_caching", True))
     ready = time.perf_counter()
     engine = llm.llm_engine
-    done = {r["id"]: list(r.get("done", [])) for r in spec["requests"]}
+    phases = spec.get("phases") or [{"requests": spec["requests"]}]
+    everything = [r for ph in phases for r in ph["requests"]]
+    done = {r["id"]: list(r.get("done", [])) for r in everything}
     tokens = {rid: list(d) for rid, d in done.items()}
+    submitted: dict[str, float] = {}
     first: dict[str, float] = {}
+    arrivals: dict[str, list[float]] = {rid: [] for rid in done}
     cached: dict[str, int] = {}
     t0 = time.perf_counter()
-    for r in spec["requests"]:
+
+    def submit(r: dict) -> None:
         params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=r["max_tokens"])
         prompt: dict = {"prompt_token_ids": r["prompt"]}
         if done[r["id"]]:
             prompt, params = resume_request(r["prompt"], done[r["id"]], params)
+        submitted[r["id"]] = time.perf_counter()
         engine.add_request(r["id"], prompt, params)
-    dead = False
-    print(json.dumps({"ready": ready - started}), flush=True)
-    try:
+
+    def drain(announce: int | None, ids: list[str]) -> None:
         while engine.has_unfinished_requests():
             for out in engine.step():
                 rid = out.request_id
                 new = list(out.outputs[0].token_ids)
+                now = time.perf_counter()
                 if new and rid not in first:
-                    first[rid] = time.perf_counter() - t0
+                    first[rid] = now - submitted[rid]
+                arrivals[rid] += [now - t0] * (len(done[rid]) + len(new) - len(tokens[rid]))
                 tokens[rid] = done[rid] + new
                 if out.num_cached_tokens is not None:
                     cached[rid] = out.num_cached_tokens
+            if announce is not None and all(len(tokens[i]) - len(done[i]) >= announce for i in ids):
+                print(json.dumps({"decoded": announce}), flush=True)
+                announce = None
+
+    dead = False
+    print(json.dumps({"ready": ready - started}), flush=True)
+    try:
+        for n, ph in enumerate(phases):
+            batches = [[r] for r in ph["requests"]] if ph.get("sequential") else [ph["requests"]]
+            for batch in batches:
+                for r in batch:
+                    submit(r)
+                drain(ph.get("announce"), [r["id"] for r in batch])
+            print(json.dumps({"phase_done": n}), flush=True)
     except Exception as exc:  # EngineDeadError once a worker is killed
         dead = True
         print(json.dumps({"dead": type(exc).__name__}), flush=True)
     end = time.perf_counter()
     with open(sys.argv[2], "w") as f:
         json.dump({"tokens": tokens, "dead": dead, "startup_seconds": ready - started,
-                   "first_token_seconds": first, "cached_tokens": cached, "run_seconds": end - t0}, f)
+                   "first_token_seconds": first, "cached_tokens": cached, "arrivals": arrivals,
+                   "run_seconds": end - t0}, f)
     if not dead:
         llm.llm_engine.engine_core.shutdown()
     return 3 if dead else 0
