@@ -13,7 +13,10 @@ against a baseline measured in the same run.
    ``--restore-runs``) against ``numpy.copyto`` of the same bytes. Rebuilding L bytes
    reads k shards and writes one, (k + 1) L of traffic against a copy's 2 L, so the
    bound is ``memcpy_gbps * 2 / (k + 1)``; ``restore_vs_traffic_limit`` is the
-   fraction of it reached;
+   fraction of it reached. ``kernel``: the same pass (``ghostserve.daemon.rebuild``)
+   called in this process on the same bytes and threads, with no daemon around it:
+   what the kernel reaches alone, against which the daemon's figure shows what its
+   bookkeeping and thread scheduling cost;
 4. memory: parity bytes against the bytes full replication would hold.
 
 The daemon runs as its own process (``ghostserve serve``), as in deployment.
@@ -201,6 +204,77 @@ def bench_restore(d: Daemon, args, n: int, m: int) -> dict:
 CODES = ((4, 2), (8, 2))
 
 
+def bench_kernel(args, n: int, m: int) -> dict:
+    """Restore's fused pass alone: rank 1 of an n+m group with the layout of
+    :func:`bench_restore`, in shared memory, rebuilt ``--restore-runs`` times by
+    ``rebuild.rebuild_runs`` on ``--threads`` threads (the caller and a pool), each
+    checked byte for byte, each followed by the same memcpy baseline."""
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    from ghostserve.codec import RSCode  # noqa: PLC0415
+    from ghostserve.codec.isal import crc32c  # noqa: PLC0415
+    from ghostserve.daemon import rebuild  # noqa: PLC0415
+    from ghostserve.daemon.layout import Layout  # noqa: PLC0415
+
+    layers, blocks, bb, cb = 4, args.restore_blocks, 64 << 10, 16 << 10
+    lay = Layout(num_layers=layers, num_blocks=blocks, block_bytes=bb, chunk_bytes=cb,
+                 layer_stride=blocks * bb, block_stride=bb, offset=0)
+    size = layers * blocks * bb
+    prefix = f"gsk{uuid.uuid4().hex[:6]}-"
+    segs = [shm.Segment.create(f"{prefix}r{q}", size) for q in range(n + 1)]  # n ranks, then the target
+    pool = ThreadPoolExecutor(max(1, args.threads - 1), thread_name_prefix="bench-kernel")
+    try:
+        rng = np.random.default_rng(1)
+        mem = [x.array() for x in segs[:n]]
+        for x in mem:
+            x[:] = rng.integers(0, 256, size, dtype=np.uint8)
+        code = RSCode(n, m, "isal")
+        parity = np.zeros((layers, m, blocks, bb), dtype=np.uint8)
+        crc = np.zeros((blocks, lay.chunks, n), dtype=np.uint32)
+        for layer in range(layers):
+            for b in range(blocks):
+                at = layer * lay.layer_stride + b * bb
+                parity[layer, :, b] = code.encode([x[at : at + bb] for x in mem])
+        for q in range(n):
+            for b in range(blocks):
+                for c in range(lay.chunks):
+                    v = 0
+                    for layer in range(layers):
+                        v = crc32c(mem[q].ctypes.data + layer * lay.layer_stride + b * bb + c * cb, cb, v)
+                    crc[b, c, q] = v
+        rank, target = 1, segs[n].array()
+        sources, coeffs = code.decode_matrix([rank])
+        plan = rebuild.TilePlan(lay, rank, target.ctypes.data, {q: mem[q].ctypes.data for q in range(n) if q != rank},
+                                parity.ctypes.data, m, sources, code.backend.tables(np.ascontiguousarray(coeffs[[0]])),
+                                crc, n)
+        runs = [(b, 0, lay.chunks) for b in range(blocks)]
+        tile = args.tile_bytes or TILE_DEFAULT
+        rebuild.tile_kernel()  # compiled (or loaded) before the clock starts, as the daemon warms it
+        dst, seconds, copies = np.empty(size, dtype=np.uint8), [], []
+        for _ in range(args.restore_runs):
+            target[:] = 0
+            t0 = time.perf_counter()
+            done, retry = rebuild.rebuild_runs(plan, runs, tile, pool, args.threads)
+            seconds.append(time.perf_counter() - t0)
+            assert not retry and np.array_equal(target, mem[rank]), "the kernel's restore is not byte-exact"
+            pair = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                np.copyto(dst, mem[rank])
+                pair.append(time.perf_counter() - t0)
+            copies.append(statistics.median(pair[1:]))
+    finally:
+        pool.shutdown()
+        for x in segs:
+            x.close()
+            shm.unlink(x.name)
+    gbps, memcpy_gbps = size / statistics.median(seconds) / 1e9, size / statistics.median(copies) / 1e9
+    limit = memcpy_gbps * 2 / (n + 1)
+    return {"kernel_gbps": gbps, "memcpy_gbps": memcpy_gbps, "traffic_limit_gbps": limit,
+            "kernel_vs_traffic_limit": gbps / limit, "kernel_seconds": statistics.median(seconds),
+            "kernel_gbps_runs": [size / x / 1e9 for x in seconds]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true")
@@ -224,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             res = bench_restore(d, args, n, m)
             res["tile_bytes"] = args.tile_bytes or TILE_DEFAULT
             res["threads"] = args.threads
+            res["kernel"] = bench_kernel(args, n, m)
             result["restore"][shape_name(n, m, res["shard_bytes"])] = res
     finally:
         d.close()
@@ -257,11 +332,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"(median of {args.restore_runs}; {args.threads} threads, tiles of "
                     f"{(args.tile_bytes or TILE_DEFAULT) >> 10} KiB); limit = memcpy x 2/(k+1)")
     r.add_column("name", no_wrap=True)
-    for col in ("restore GB/s", "memcpy GB/s", "limit GB/s", "/ limit"):
+    for col in ("restore GB/s", "memcpy GB/s", "limit GB/s", "/ limit", "kernel alone / its limit"):
         r.add_column(col, justify="right")
     for name, res in result["restore"].items():
         r.add_row(name, f"{res['restore_gbps']:.2f}", f"{res['memcpy_gbps']:.2f}", f"{res['traffic_limit_gbps']:.2f}",
-                  f"{res['restore_vs_traffic_limit']:.2f}x")
+                  f"{res['restore_vs_traffic_limit']:.2f}x", f"{res['kernel']['kernel_vs_traffic_limit']:.2f}x")
     Console().print(r)
     Console().print(f"targets: {result['targets']}")
     return 0

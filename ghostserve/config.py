@@ -50,7 +50,7 @@ class Config:
     metrics_host: str = "0.0.0.0"
     shm_prefix: str = "ghostserve-"
     encode_threads: int = 0       # 0: one per CPU
-    pid_poll_seconds: float = 0.05
+    pid_poll_seconds: float = 0.05  # only where the kernel gives no pidfds (they wake the watcher)
     log_level: str = "info"
     # Register refuses regions whose name does not start with this ("": any name)
     region_prefix: str = ""

@@ -29,5 +29,8 @@ def test_checkpoint_benchmark_quick_json(capsys):
             assert res[key] > 0
         assert res["traffic_limit_gbps"] == pytest.approx(res["memcpy_gbps"] * 2 / (k + 1))
         assert res["restore_vs_traffic_limit"] == pytest.approx(res["restore_gbps"] / res["traffic_limit_gbps"])
+        kern = res["kernel"]  # the fused pass alone, checked byte for byte inside the benchmark
+        assert kern["kernel_gbps"] > 0 and kern["kernel_seconds"] > 0
+        assert kern["kernel_vs_traffic_limit"] == pytest.approx(kern["kernel_gbps"] / kern["traffic_limit_gbps"])
     assert set(d["targets"]) == {"commit_median_le_100us", "lag_le_1_step_p99",
                                  "restore_4x2_2MiB_ge_half_traffic_limit", "restore_8x2_2MiB_ge_half_traffic_limit"}

@@ -31,6 +31,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -100,6 +101,9 @@ class Group:
         self.broken: set[tuple[int, int]] = set()
         self.rejoin_wait = config.rejoin_wait_seconds  # a restore waits this long for detached survivors
         self.closed = False  # dropped: the pid watcher may still hold it for one pass
+        # called (under ``lock``, must not block) when a rank registers or the engine ends:
+        # the daemon's pid watcher sleeps until then
+        self.on_change: Callable[[], None] = lambda: None
         lay = self.layout
         self.metrics.kv_bytes.labels(name).set(lay.kv_bytes() * self.n)
         self.metrics.parity_arena_bytes.labels(name).set(lay.kv_bytes() * self.m)
@@ -160,6 +164,7 @@ class Group:
             return  # detached ranks of a daemon restart: their workers may still rejoin
         self.ended_at = time.time()
         log.info("group %s: engine ended (%s)", self.name, self.end_reason)
+        self.on_change()
 
     def region_sizes(self, specs: tuple[RegionSpec, ...]) -> list[RegionSpec]:
         """Each of a rank's regions, sized to the bytes the layout uses there."""
@@ -208,6 +213,7 @@ class Group:
             self.manifest_ranks()
             self.update_gauges()
             self.cond.notify_all()
+            self.on_change()
             return role, new.session
 
     def attach_detached(self, manifest_ranks: dict[str, Any]) -> None:

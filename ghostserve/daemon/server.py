@@ -46,6 +46,7 @@ from ghostserve.daemon.group import EndReason, Group
 from ghostserve.daemon.index import Record
 from ghostserve.daemon.layout import Layout
 from ghostserve.daemon.messages import STREAM_END, SUPERSEDED, Ack, Event
+from ghostserve.daemon.pidwatch import PidWatch
 from ghostserve.daemon.status_codes import status_for
 from ghostserve.daemon.store import ParityStore
 from ghostserve.errors import (
@@ -112,6 +113,7 @@ class Daemon:
         self.draining = False
         self._stop = threading.Event()
         self._procs: dict[int, psutil.Process] = {}
+        self._pids = PidWatch()
         self._watcher = threading.Thread(target=self._watch_pids, name="gs-pids", daemon=True)
 
     # ---------------------------------------------------------------- lifecycle
@@ -144,12 +146,14 @@ class Daemon:
         group = Group(name, store, self.metrics, self.pool, self.config, store.manifest.get("kind", "host"),
                       self.cuda_runtime)
         self.groups[name] = group
+        group.on_change = self._pids.kick  # new pids and ended engines: the watcher looks again
         group.start()
         return group
 
     def stop(self) -> None:
         self.draining = True
         self._stop.set()
+        self._pids.kick()
         for group in list(self.groups.values()):
             group.stop()
         self.pool.shutdown(wait=True)
@@ -162,13 +166,34 @@ class Daemon:
 
     def _watch_pids(self) -> None:
         """The ``gs-pids`` thread: a rank whose pid is gone is lost (its stream
-        may outlive it briefly); ended groups past their time are dropped."""
-        while not self._stop.wait(self.config.pid_poll_seconds):
-            for group in list(self.groups.values()):
-                for rank, pid in group.watched_pids():
-                    if not self._alive(pid):
-                        group.mark_lost(rank, "pid_gone")
-            self._expire()
+        may outlive it briefly); ended groups are dropped, clean ones at once,
+        failed ones when their ``ended_ttl`` runs out. It sleeps in
+        :meth:`PidWatch.wait` until a worker ends, a group changes (``on_change``)
+        or the next expiry is due; every ``pid_poll_seconds`` only where the
+        kernel gives no pidfds."""
+        try:
+            while not self._stop.is_set():
+                self._pids.sync(pid for g in list(self.groups.values()) for _, pid in g.watched_pids())
+                timeout = self._next_expiry()
+                if not self._pids.events:
+                    timeout = min(timeout, self.config.pid_poll_seconds) if timeout is not None \
+                        else self.config.pid_poll_seconds
+                gone = self._pids.wait(timeout)
+                if self._stop.is_set():
+                    break
+                for group in list(self.groups.values()):
+                    for rank, pid in group.watched_pids():
+                        if pid in gone or (not self._pids.events and not self._alive(pid)):
+                            group.mark_lost(rank, "pid_gone")
+                self._expire()
+        finally:
+            self._pids.close()
+
+    def _next_expiry(self) -> float | None:
+        """Seconds until the first failure-ended group's ``ended_ttl`` runs out (None: none)."""
+        ends = [g.ended_at for g in list(self.groups.values())
+                if g.end_reason == EndReason.FAILURE and g.ended_at is not None]
+        return max(0.0, min(ends) + self.config.ended_ttl - time.time()) if ends else None
 
     # ---------------------------------------------------------------- janitor
 
