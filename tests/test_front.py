@@ -43,6 +43,24 @@ NEW = 1500          # tokens per request: long enough that the kill lands mid-ge
 KILL_AFTER = 30     # tokens every request has decoded (the daemon's watermarks) before the kill
 
 
+def amx_attention() -> bool:
+    """Whether vLLM's CPU attention takes its AMX kernel here (bf16, blocks of 128).
+    That kernel computes a resumed request's one new prompt token on its prefill path,
+    which rounds differently from the decode path that made the token in the
+    uninterrupted run; on this random-weight model greedy decoding then leaves the
+    baseline at a near-tie hundreds of tokens later (seen at tokens 618, 761 and 1,235
+    of 1,500 on a Xeon with AMX, resumed about 30 tokens in; with the kernel forced off
+    there, all 1,500 matched, and a failure-free batch of the same requests matched
+    their solo runs)."""
+    import torch  # noqa: PLC0415
+
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
+# on AMX: tokens after the resume that must still equal the baseline's (one CPU block)
+SAME_AFTER_RESUME = 128
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("front")
@@ -187,8 +205,17 @@ def consume(base: str | openai.OpenAI, kind: str, kwargs: dict, out: dict) -> No
         out["error"] = exc
 
 
-def same_answer(got: dict, want: dict) -> None:
+def same_answer(got: dict, want: dict, exact_until: int | None = None) -> None:
+    """Same tokens, text, finish and usage; with ``exact_until``, tokens and text only
+    up to that token (see :func:`amx_attention`)."""
     assert "error" not in got, got.get("error")
+    assert len(got["tokens"]) == len(want["tokens"])
+    if exact_until is not None:
+        assert got["tokens"][:exact_until] == want["tokens"][:exact_until]
+        assert got["finish"] == want["finish"] == "length"
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            assert got["usage"][k] == want["usage"][k], k
+        return
     assert got["tokens"] == want["tokens"]
     if got["text"] != want["text"]:
         at = next((i for i, (a, b) in enumerate(zip(got["text"], want["text"], strict=False)) if a != b),
@@ -326,8 +353,8 @@ def protected_tokens(killed: dict, upstream_id: str) -> int:
 
 
 def resumed_once(got: dict, want: dict, killed: dict) -> None:
-    same_answer(got, want)
     (r,) = got["ghostserve"]["resumes"]
+    same_answer(got, want, r["after_tokens"] + SAME_AFTER_RESUME if amx_attention() else None)
     assert 0 < r["after_tokens"] < NEW  # mid-stream
     assert r["prompt_tokens"] == want["usage"]["prompt_tokens"] + r["after_tokens"]
     # the continuation was served from ghostserve's KV: vLLM loaded all the daemon had
