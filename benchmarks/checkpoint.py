@@ -142,15 +142,32 @@ def shape_name(n: int, m: int, nbytes: int) -> str:
     return f"restore_{n}x{m}_{size}"
 
 
-def bench_restore(d: Daemon, args, n: int, m: int) -> dict:
-    """A lost rank's protected KV rebuilt into fresh (touched) memory, ``--restore-runs``
-    times, each checked byte for byte; after each, three back-to-back copies of the
-    same bytes (the last two timed)."""
-    layers, blocks = 4, args.restore_blocks
-    block_bytes = 64 << 10
+def restore_layout(args) -> tuple[dict, int]:
+    """The restore benchmarks' rank layout (4 layers of ``--restore-blocks`` blocks of
+    64 KiB, 16 KiB chunks) and the bytes of one rank."""
+    layers, blocks, block_bytes = 4, args.restore_blocks, 64 << 10
     layout = dict(num_layers=layers, num_blocks=blocks, block_bytes=block_bytes, chunk_bytes=16 << 10,
                   layer_stride=blocks * block_bytes, block_stride=block_bytes, offset=0)
-    size = layers * blocks * block_bytes
+    return layout, layers * blocks * block_bytes
+
+
+def copy_seconds(dst: np.ndarray, src: np.ndarray) -> float:
+    """The memcpy baseline: three back-to-back copies, as a plain copy loop runs (the
+    first warms ``dst``); the median of the last two."""
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def bench_restore(d: Daemon, args, n: int, m: int) -> dict:
+    """A lost rank's protected KV rebuilt into fresh (touched) memory, ``--restore-runs``
+    times, each checked byte for byte, each followed by :func:`copy_seconds` of the
+    same bytes."""
+    layout, size = restore_layout(args)
+    blocks, block_bytes = layout["num_blocks"], layout["block_bytes"]
     name = f"restore{n}x{m}"
     segs, clients = make_group(d, name, n, m, layout, size)
     rng = np.random.default_rng(1)
@@ -176,12 +193,7 @@ def bench_restore(d: Daemon, args, n: int, m: int) -> dict:
         assert not resp.unrecoverable_blocks and resp.corrupt_chunks == 0
         seconds.append(resp.seconds)
         restored = resp.restored_bytes
-        pair = []
-        for _ in range(3):  # back to back, as a plain copy loop runs: the first one warms dst
-            t0 = time.perf_counter()
-            np.copyto(dst, before)
-            pair.append(time.perf_counter() - t0)
-        copies.append(statistics.median(pair[1:]))
+        copies.append(copy_seconds(dst, before))
     for x in [*clients, c]:
         x.close()
     restore_s, copy_s = statistics.median(seconds), statistics.median(copies)
@@ -208,7 +220,7 @@ def bench_kernel(args, n: int, m: int) -> dict:
     """Restore's fused pass alone: rank 1 of an n+m group with the layout of
     :func:`bench_restore`, in shared memory, rebuilt ``--restore-runs`` times by
     ``rebuild.rebuild_runs`` on ``--threads`` threads (the caller and a pool), each
-    checked byte for byte, each followed by the same memcpy baseline."""
+    checked byte for byte, each followed by :func:`copy_seconds`."""
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
 
     from ghostserve.codec import RSCode  # noqa: PLC0415
@@ -216,10 +228,9 @@ def bench_kernel(args, n: int, m: int) -> dict:
     from ghostserve.daemon import rebuild  # noqa: PLC0415
     from ghostserve.daemon.layout import Layout  # noqa: PLC0415
 
-    layers, blocks, bb, cb = 4, args.restore_blocks, 64 << 10, 16 << 10
-    lay = Layout(num_layers=layers, num_blocks=blocks, block_bytes=bb, chunk_bytes=cb,
-                 layer_stride=blocks * bb, block_stride=bb, offset=0)
-    size = layers * blocks * bb
+    spec, size = restore_layout(args)
+    lay = Layout(**spec)
+    layers, blocks, bb, cb = lay.num_layers, lay.num_blocks, lay.block_bytes, lay.chunk_bytes
     prefix = f"gsk{uuid.uuid4().hex[:6]}-"
     segs = [shm.Segment.create(f"{prefix}r{q}", size) for q in range(n + 1)]  # n ranks, then the target
     pool = ThreadPoolExecutor(max(1, args.threads - 1), thread_name_prefix="bench-kernel")
@@ -257,12 +268,7 @@ def bench_kernel(args, n: int, m: int) -> dict:
             done, retry = rebuild.rebuild_runs(plan, runs, tile, pool, args.threads)
             seconds.append(time.perf_counter() - t0)
             assert not retry and np.array_equal(target, mem[rank]), "the kernel's restore is not byte-exact"
-            pair = []
-            for _ in range(3):
-                t0 = time.perf_counter()
-                np.copyto(dst, mem[rank])
-                pair.append(time.perf_counter() - t0)
-            copies.append(statistics.median(pair[1:]))
+            copies.append(copy_seconds(dst, mem[rank]))
     finally:
         pool.shutdown()
         for x in segs:

@@ -475,13 +475,14 @@ def summarize(runs: dict[str, dict], contexts: list[int]) -> list[dict]:
     base = runs["recompute"]
     rows = []
 
+    # a round that failed is None: it drops out, and round i still pairs with round i
     def med(r: dict, key: str, field: str) -> float | None:
-        vals = [x[key][field] for x in r["failure_free_rounds"] if x[key][field]]
+        vals = [x[key][field] for x in r["failure_free_rounds"] if x and x[key][field]]
         return statistics.median(vals) if vals else None
 
     def paired(r: dict, key: str, field: str) -> list[float]:
         return [x[key][field] / b[key][field] for x, b in zip(r["failure_free_rounds"], base["failure_free_rounds"],
-                                                             strict=False) if x[key][field] and b[key][field]]
+                                                             strict=True) if x and b and x[key][field] and b[key][field]]
 
     for ctx in contexts:
         key = str(ctx)
@@ -492,17 +493,17 @@ def summarize(runs: dict[str, dict], contexts: list[int]) -> list[dict]:
             rec, b_ff = r["recovery"][key], base["failure_free"][key]
             held = r.get("held", {})
             kv = held.get("protected_kv") or r["batch_kv_bytes"]
+            ttft, step = med(r, key, "ttft_seconds"), med(r, key, "decode_step_seconds")
+            base_ttft, base_step = med(base, key, "ttft_seconds"), med(base, key, "decode_step_seconds")
             rows.append({
                 "context": ctx, "mode": name,
                 "held_bytes": held.get("used", 0), "reserved_bytes": held.get("reserved", 0),
                 "held_fraction": held.get("used", 0) / kv if kv else 0.0,
-                "rounds": len(r["failure_free_rounds"]),
-                "ttft_seconds": med(r, key, "ttft_seconds"),
-                "decode_step_seconds": med(r, key, "decode_step_seconds"),
-                "ttft_ratio": med(r, key, "ttft_seconds") / med(base, key, "ttft_seconds"),
-                "decode_step_ratio": (med(r, key, "decode_step_seconds") / med(base, key, "decode_step_seconds")
-                                      if med(r, key, "decode_step_seconds") and med(base, key, "decode_step_seconds")
-                                      else None),
+                "rounds": sum(x is not None for x in r["failure_free_rounds"]),
+                "ttft_seconds": ttft,
+                "decode_step_seconds": step,
+                "ttft_ratio": ttft / base_ttft,
+                "decode_step_ratio": step / base_step if step and base_step else None,
                 "ttft_ratio_rounds": paired(r, key, "ttft_seconds"),
                 "decode_step_ratio_rounds": paired(r, key, "decode_step_seconds"),
                 "resume_seconds": rec["resume_seconds"],
@@ -510,7 +511,7 @@ def summarize(runs: dict[str, dict], contexts: list[int]) -> list[dict]:
                 "recomputed_tokens": rec["resubmitted_tokens"] - rec["cached_tokens"],
                 "resubmitted_tokens": rec["resubmitted_tokens"],
                 "identical": rec["tokens"] == ref and rec["prefix_kept"],
-                "failure_free_identical": all(x[key]["tokens"] == b_ff["tokens"] for x in r["failure_free_rounds"]),
+                "failure_free_identical": all(x[key]["tokens"] == b_ff["tokens"] for x in r["failure_free_rounds"] if x),
             })
     return rows
 
@@ -627,10 +628,12 @@ def main(argv: list[str] | None = None) -> int:
                     if "error" in runs[m.name]:
                         continue
                     try:
-                        runs[m.name]["failure_free_rounds"].append(failure_free_round(vr, args, m, root, env, i + 1))
+                        got = failure_free_round(vr, args, m, root, env, i + 1)
                     except RuntimeError as exc:  # its other rounds still count; the run still fails
                         print(f"peers: {m.name} failed: {exc}", file=sys.stderr)
                         runs[m.name].setdefault("round_errors", []).append(str(exc)[:2000])
+                        got = None
+                    runs[m.name]["failure_free_rounds"].append(got)
     finally:
         for path in set(glob.glob("/dev/shm/vllm_dist_*")) - leftovers:  # left by the killed engines
             with contextlib.suppress(FileNotFoundError):
@@ -646,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         for r in result["runs"].values():  # token lists: for the checks above, not the report
             for part in [r.get("failure_free", {}), r.get("recovery", {}), *r.get("failure_free_rounds", [])]:
-                for v in part.values():
+                for v in (part or {}).values():
                     v.pop("tokens", None)
         print(json.dumps(result))
     else:

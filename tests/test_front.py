@@ -206,8 +206,8 @@ def consume(base: str | openai.OpenAI, kind: str, kwargs: dict, out: dict) -> No
 
 
 def same_answer(got: dict, want: dict, exact_until: int | None = None) -> None:
-    """Same tokens, text, finish and usage; with ``exact_until``, tokens and text only
-    up to that token (see :func:`amx_attention`)."""
+    """Same tokens, text, finish and usage; with ``exact_until``, the tokens only up to
+    that one and the text not at all (see :func:`amx_attention`)."""
     assert "error" not in got, got.get("error")
     assert len(got["tokens"]) == len(want["tokens"])
     if exact_until is not None:
