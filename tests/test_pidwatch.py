@@ -64,6 +64,29 @@ def test_a_pid_with_no_process_is_reported_and_a_dropped_pid_is_not():
         w.close()
 
 
+def test_an_ended_pid_still_asked_for_is_not_reported_again():
+    """The daemon keeps asking for the pids of detached ranks (a failed engine's
+    survivors, kept for a resume) after their workers end: reporting such a pid on
+    every sync made the watcher thread spin at full speed until the group was dropped."""
+    w = PidWatch()
+    a = sleeper()
+    try:
+        w.sync([a.pid])
+        a.kill()
+        a.wait()  # reaped too: a pidfd can no longer be opened for it
+        assert w.wait(30) == {a.pid}
+        for _ in range(3):
+            w.sync([a.pid])
+            t0 = time.monotonic()
+            assert w.wait(0.2) == set()
+            assert time.monotonic() - t0 >= 0.15  # it slept
+        w.sync([])
+        w.sync([a.pid])  # asked for anew after it was dropped: reported anew
+        assert w.wait(5) == {a.pid}
+    finally:
+        w.close()
+
+
 def test_kick_wakes_a_wait_without_a_deadline():
     w = PidWatch()
     out: list[set[int]] = []

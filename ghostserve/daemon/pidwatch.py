@@ -31,6 +31,7 @@ class PidWatch:
         self.events = hasattr(os, "pidfd_open")
         self._fds: dict[int, int] = {}    # pid -> pidfd
         self._gone: set[int] = set()      # pids already ended when they were first seen
+        self._reported: set[int] = set()  # pids reported ended and still asked for: never again
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -47,15 +48,17 @@ class PidWatch:
     def sync(self, pids: Iterable[int]) -> None:
         """Watch exactly ``pids``: open descriptors for new ones, close those of
         pids no longer asked for. A pid that has no process any more is reported
-        ended by the next :meth:`wait`."""
+        ended by the next :meth:`wait`, once: a caller may keep asking for a pid
+        that ended (a detached rank's worker), and it is not reported again."""
         want = set(pids)
         for pid in list(self._fds):
             if pid not in want:
                 os.close(self._fds.pop(pid))
         self._gone &= want
+        self._reported &= want
         if not self.events:
             return
-        for pid in want - self._fds.keys() - self._gone:
+        for pid in want - self._fds.keys() - self._gone - self._reported:
             try:
                 self._fds[pid] = os.pidfd_open(pid)
             except ProcessLookupError:
@@ -86,6 +89,7 @@ class PidWatch:
                 pid = by_fd[fd]
                 os.close(self._fds.pop(pid))
                 gone.add(pid)
+        self._reported |= gone
         return gone
 
     def close(self) -> None:
