@@ -40,7 +40,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -62,19 +62,21 @@ OK, SUSPECT, REBUILT_BAD = 0, 1, 2
 log = logging.getLogger(__name__)
 
 
-def tiles(runs: Sequence[tuple[int, int, int]], layout: Layout, tile_bytes: int) -> list[tuple[int, int]]:
+def tiles(runs: Sequence[tuple[int, int, int]], layout: Layout, tile_bytes: int,
+          joins: Callable[[int], bool] | None = None) -> list[tuple[int, int]]:
     """Split runs (block, c0, c1) of chunks into tiles of at most ``tile_bytes``
     per layer (at least one chunk each; a tile covers every layer). A tile is a
     range [g0, g1) of chunk numbers ``g = block * chunks + chunk``; it spans
     blocks only when a layer's blocks lie back to back in memory
     (``block_stride == block_bytes``), so that each layer of a tile is one
-    contiguous range."""
+    contiguous range, and where ``joins(block)`` allows block to follow block - 1
+    in one tile (a fetch: where their destinations lie back to back too)."""
     per = max(1, tile_bytes // layout.chunk_bytes)
     spans: list[list[int]] = []
     joined = layout.block_stride == layout.block_bytes or layout.num_blocks == 1
     for b, c0, c1 in runs:
         g0, g1 = b * layout.chunks + c0, b * layout.chunks + c1
-        if joined and spans and spans[-1][1] == g0:
+        if joined and spans and spans[-1][1] == g0 and (joins is None or c0 or joins(b)):
             spans[-1][1] = g1
         else:
             spans.append([g0, g1])
@@ -108,6 +110,27 @@ class TilePlan:
     tables: Any                    # ISA-L tables giving ``rank`` from ``sources`` (ctypes pointer)
     crc: np.ndarray                # store.crc, (blocks, chunks, n)
     n: int
+    # a fetch writes another group's memory: its layout, and source block -> its block
+    target_layout: Layout | None = None
+    target_blocks: Mapping[int, int] | None = None
+
+    def joins(self, block: int) -> bool:
+        """May ``block`` follow ``block - 1`` in one tile? (Their targets lie back to back.)"""
+        if self.target_blocks is None:
+            return True
+        t = self.target_layout
+        return (t.block_stride == t.block_bytes and block - 1 in self.target_blocks
+                and self.target_blocks[block] == self.target_blocks[block - 1] + 1)
+
+    def target_base(self, g0: int) -> int:
+        """Address that, plus a tile's offset in the source layout (``at`` in
+        :func:`tile`), is where the tile starting at chunk ``g0`` goes."""
+        lay = self.layout
+        if self.target_blocks is None:
+            return self.target + lay.offset
+        b0 = g0 // lay.chunks
+        t = self.target_layout
+        return self.target + t.offset + self.target_blocks[b0] * t.block_stride - b0 * lay.block_stride
 
 
 def rebuild_runs(plan: TilePlan, runs: Sequence[tuple[int, int, int]], tile_bytes: int,
@@ -117,7 +140,8 @@ def rebuild_runs(plan: TilePlan, runs: Sequence[tuple[int, int, int]], tile_byte
     ``tile_bytes`` is what a tile rebuilds, all layers together (each thread's
     scratch): ``tile_bytes / num_layers`` of each layer, but at least
     ``MIN_LAYER_BYTES`` and one chunk."""
-    units = tiles(runs, plan.layout, max(tile_bytes // plan.layout.num_layers, MIN_LAYER_BYTES))
+    units = tiles(runs, plan.layout, max(tile_bytes // plan.layout.num_layers, MIN_LAYER_BYTES),
+                  plan.joins if plan.target_blocks is not None else None)
     status = run_tiles(plan, units, pool, threads)
     done = sum(g1 - g0 for (g0, g1), st in zip(units, status, strict=True) if st == OK)
     return done, block_runs([u for u, st in zip(units, status, strict=True) if st != OK], plan.layout.chunks)
@@ -168,10 +192,11 @@ def _work(kernel, plan: TilePlan, units, checked, it, status) -> None:
     shifts = shift_table(lay.chunk_bytes)
     scratch = _scratch(max(g1 - g0 for g0, g1 in units) * lay.chunk_bytes * lay.num_layers)
     fns = native_fns()
+    tls = (plan.target_layout or lay).layer_stride
     for u in it:
         g0, g1 = units[u]
         status[u] = kernel(*fns, g0, g1, lay.chunks, lay.chunk_bytes, lay.num_layers, lay.layer_stride, lay.block_stride,
-                           const, bmul, loff, tables, bases, plan.target + lay.offset, crc, ranks, shifts, scratch)
+                           const, bmul, loff, tables, bases, plan.target_base(g0), tls, crc, ranks, shifts, scratch)
 
 
 _local = threading.local()
@@ -198,7 +223,7 @@ def shift_table(nbytes: int) -> np.ndarray:
 
 
 def tile(crc32c, encode, memcpy, g0, g1, chunks, cb, layers, ls, bs, const, bmul, loff, tables, bases, tbase,
-         crc, ranks, shifts, scratch):
+         tls, crc, ranks, shifts, scratch):
     """Check and rebuild one tile, chunks [g0, g1): OK, SUSPECT or REBUILT_BAD.
 
     The kernel, plain Python as written (:func:`tile_kernel` compiles it).
@@ -211,7 +236,7 @@ def tile(crc32c, encode, memcpy, g0, g1, chunks, cb, layers, ls, bs, const, bmul
     the survivors' bytes are checksummed and at once decoded (still in cache)
     into ``scratch`` (the caller's, ``layers * n`` bytes), and the rebuilt layer
     is checksummed; only a tile whose every check passed is copied into the
-    target: a tile that is not OK writes nothing."""
+    target (layer l at ``tbase + at + l * tls``): a tile that is not OK writes nothing."""
     n = (g1 - g0) * cb
     if n <= 0:
         return OK
@@ -243,7 +268,7 @@ def tile(crc32c, encode, memcpy, g0, g1, chunks, cb, layers, ls, bs, const, bmul
         if acc[i] != want:
             return SUSPECT if i < checked else REBUILT_BAD
     for layer in range(layers):
-        memcpy(tbase + at + layer * ls, out + layer * n, n)
+        memcpy(tbase + at + layer * tls, out + layer * n, n)
     return OK
 
 
@@ -277,7 +302,7 @@ def _compile():
     except RuntimeError:  # nowhere to write numba's cache (read-only install and home)
         jitted = numba.njit(nogil=True)(tile)
     z, zz = np.zeros(1, dtype=np.int64), np.zeros((1, 1), dtype=np.int64)
-    jitted(*native_fns(), 0, 0, 1, 1, 1, 0, 0, z, z, zz, 0, z, 0, np.zeros((1, 1), dtype=np.uint32), z,
+    jitted(*native_fns(), 0, 0, 1, 1, 1, 0, 0, z, z, zz, 0, z, 0, 0, np.zeros((1, 1), dtype=np.uint32), z,
            shift_table(1), np.zeros(1, dtype=np.uint8))  # compile (or load) now
     return jitted
 

@@ -117,6 +117,11 @@ class DataPath(Protocol):
                       erased: tuple[int, ...], runs: Runs) -> tuple[int, list[tuple[int, int, int]]]:
         """The fused fast path: (chunks rebuilt and verified, runs to redo chunk by chunk)."""
 
+    def fetch_tiles(self, rank: int, survivors: Mapping[int, RankMemory], erased: tuple[int, ...],
+                    runs: Runs, place: Any) -> tuple[int, list[tuple[int, int, int]]]:
+        """Like :meth:`rebuild_tiles`, into another group's blocks (a fetch); copies
+        when ``rank`` is a survivor. May do nothing (every run returned)."""
+
     def decode(self, plans: Sequence[tuple[Any, ...]], mems: Mapping[int, RankMemory],
                dest: Mapping[int, tuple[RankMemory, Any]] | None = None) -> None:
         """Rebuild the wanted shards of every planned chunk range from survivors and parity."""

@@ -323,6 +323,10 @@ class CudaDataPath:
         """No fused pass on the GPU yet: every run goes chunk by chunk."""
         return 0, list(runs)
 
+    def fetch_tiles(self, rank, survivors, erased, runs, place) -> tuple[int, list[tuple[int, int, int]]]:
+        """No fused fetch on the GPU yet: every block goes its own way."""
+        return 0, list(runs)
+
     def decode(self, plans: Sequence[tuple], mems: Mapping[int, CudaMemory], place: Mapping[int, Any] | None = None
                ) -> None:
         """For each plan (block, c0, c1, want, sources, rows): rebuild each wanted

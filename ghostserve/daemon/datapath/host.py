@@ -261,6 +261,25 @@ class HostDataPath:
                                 self.store.crc, self.n)
         return rebuild.rebuild_runs(plan, runs, self.tile_bytes, self.pool, self.threads)
 
+    def fetch_tiles(self, rank: int, survivors: Mapping[int, HostMemory], erased: tuple[int, ...],
+                    runs: Sequence[tuple[int, int, int]], place: Any) -> tuple[int, list[tuple[int, int, int]]]:
+        """The fused pass into another group's blocks (a fetch; ``place`` is the
+        destination's ``Placement``): rank ``rank``'s chunks of ``runs``, copied
+        from its own memory when ``rank`` is among ``survivors`` (checked before
+        and after), else rebuilt from them and parity. Returns what
+        :meth:`rebuild_tiles` does; tiles that failed a check wrote nothing."""
+        if not (self.layout.simple and place.data.layout.simple):
+            return 0, list(runs)
+        if rank in survivors:
+            survivors = {rank: survivors[rank]}
+            sources, tables = (rank,), self._tables(np.ones((1, 1), dtype=np.uint8))
+        else:
+            sources, tables = self.rebuild_plan(erased, (rank,))
+        plan = rebuild.TilePlan(self.layout, rank, place.memory.addr, {q: x.addr for q, x in survivors.items()},
+                                self._parity_addr, self.m, sources, tables, self.store.crc, self.n,
+                                place.data.layout, place.blocks)
+        return rebuild.rebuild_runs(plan, runs, self.tile_bytes, self.pool, self.threads)
+
     def _cuts(self, sources: Sequence[int], mems: Mapping[int, HostMemory], outs: Sequence[tuple],
               layer: int, block: int, start: int, end: int) -> list[tuple[int, list[int], list[int]]]:
         """Bytes [start, end) of a stripe as pieces every party can take in one
