@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         require("vllm", "benchmarks/front_resume.py")
         import openai  # noqa: F401, PLC0415
 
+        from ghostserve.integrations import testmodels as tm  # noqa: PLC0415
         from ghostserve.integrations import vllm_run as vr  # noqa: PLC0415
     except (MissingExtra, ImportError) as exc:
         print(f"front_resume: {exc}", file=sys.stderr)
@@ -172,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(7)
     result: dict[str, Any] = {"contexts": []}
     with tempfile.TemporaryDirectory(prefix="gs-front-bench-") as root:
-        vocab = (MODELS[args.model] or vr.TINY_LLAMA).get("vocab_size", 1024)
-        args.model_dir = vr.make_model(os.path.join(root, "model"), max_position_embeddings=args.max_model_len,
+        vocab = (MODELS[args.model] or tm.TINY_LLAMA).get("vocab_size", 1024)
+        args.model_dir = tm.make_model(os.path.join(root, "model"), max_position_embeddings=args.max_model_len,
                                        **MODELS[args.model])
-        vr.make_tokenizer(args.model_dir, vocab)
+        tm.make_tokenizer(args.model_dir, vocab)
         prompts = {ctx: [rng.randrange(3, vocab) for _ in range(ctx)] for ctx in args.contexts}
         env = vr.engine_env(os.path.join(root, "tmp"), GHOSTSERVE_SHM_PREFIX=f"gsfb{os.getpid()}-")
         runs = {mode: bench_mode(vr, args, mode, root, env, prompts) for mode in MODES}

@@ -602,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         require("vllm", "benchmarks/peers.py")
+        from ghostserve.integrations import testmodels as tm  # noqa: PLC0415
         from ghostserve.integrations import vllm_run as vr  # noqa: PLC0415
     except (MissingExtra, ImportError) as exc:
         print(f"peers: {exc}", file=sys.stderr)
@@ -614,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, dict] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="gs-peers-") as root:
-            args.model_dir = vr.make_model(os.path.join(root, "model"), max_position_embeddings=args.max_model_len,
+            args.model_dir = tm.make_model(os.path.join(root, "model"), max_position_embeddings=args.max_model_len,
                                            **MODEL)
             env = vr.engine_env(os.path.join(root, "tmp"), LMCACHE_TRACK_USAGE="false")
             for m in modes:

