@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ghostserve.config import Config
 from ghostserve.demo_options import parse_modes
+from ghostserve.integrations.sglang.options import ENV, PluginOptions
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -24,7 +25,8 @@ def test_the_count_of_things_that_must_hold_matches_its_table():
 
 def test_every_environment_variable_the_readme_names_is_read():
     config = {f"GHOSTSERVE_{f.name.upper()}" for f in fields(Config)}
-    elsewhere = {"GHOSTSERVE_BENCHMARKS", "GHOSTSERVE_CUDA_DIR"}
+    config |= {ENV} | {f"{ENV}_{f.name.upper()}" for f in fields(PluginOptions)}  # the SGLang plug-in's
+    elsewhere = {"GHOSTSERVE_BENCHMARKS", "GHOSTSERVE_CUDA_DIR", "GHOSTSERVE_PYTHON_SGLANG"}
     named = set(re.findall(r"GHOSTSERVE_[A-Z_]+[A-Z]", README))
     short = {f"GHOSTSERVE{s}" for s in re.findall(r"`(_[A-Z_]+[A-Z])`", README)}  # `_LISTEN`, ...
     assert named and short
