@@ -194,30 +194,27 @@ class SGLangServer:
         if rid:
             body["rid"] = rid
         started = time.monotonic()
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request("POST", "/generate", json.dumps(body), {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            data = resp.read()
-            if resp.status != 200:
-                raise RuntimeError(f"/generate answered {resp.status}: {data[:500]!r}")
-        finally:
-            conn.close()
-        out = json.loads(data)
+        out = json.loads(self._post("/generate", body, timeout))
         out["seconds"] = time.monotonic() - started
         return out
 
-    def flush_cache(self) -> None:
-        """Empty SGLang's radix cache (``/flush_cache``; it refuses while requests run)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+    def _post(self, path: str, body: Any = None, timeout: float = 60) -> bytes:
+        """POST ``body`` (JSON) to ``path``; the response body. RuntimeError unless 200."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
         try:
-            conn.request("POST", "/flush_cache")
+            conn.request("POST", path, json.dumps(body) if body is not None else None,
+                         {"Content-Type": "application/json"})
             resp = conn.getresponse()
-            body = resp.read()
+            data = resp.read()
             if resp.status != 200:
-                raise RuntimeError(f"/flush_cache answered {resp.status}: {body[:300]!r}")
+                raise RuntimeError(f"{path} answered {resp.status}: {data[:500]!r}")
+            return data
         finally:
             conn.close()
+
+    def flush_cache(self) -> None:
+        """Empty SGLang's radix cache (``/flush_cache``; it refuses while requests run)."""
+        self._post("/flush_cache")
 
     def stream(self, input_ids: Sequence[int], max_new_tokens: int, rid: str | None = None,
                on_tokens: Callable[[list[int]], None] | None = None, timeout: float = 600) -> tuple[list[int], bool]:
