@@ -20,6 +20,22 @@ from ghostserve.v1 import ghostserve_pb2 as pb
 log = logging.getLogger("ghostserve.integrations")
 
 
+def check_daemon(socket: str, timeout: float = 10.0) -> None:
+    """Raise :class:`DaemonUnavailable` unless the daemon on ``socket`` answers
+    (gRPC health). Before an engine makes its KV segment: if the engine then
+    fails to start, a segment made for a daemon that was never there would
+    outlive it (an engine's launcher may SIGKILL a rank mid-start)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
+
+    ch = channel(socket)
+    try:
+        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+    except grpc.RpcError as exc:
+        raise DaemonUnavailable(f"ghostserve daemon on {socket}: {exc.details()}") from exc
+    finally:
+        ch.close()
+
+
 def allocate(socket: str, name: str, size: int) -> shm.Segment:
     """Create segment ``name`` of ``size`` bytes, its pages allocated now. When
     ``/dev/shm`` is short, the daemon on ``socket`` first drops engines that ended
@@ -41,4 +57,4 @@ def allocate(socket: str, name: str, size: int) -> shm.Segment:
         raise
 
 
-__all__ = ["allocate"]
+__all__ = ["allocate", "check_daemon"]

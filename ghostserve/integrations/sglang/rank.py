@@ -124,6 +124,7 @@ class RankState:
         dtype = pool.store_dtype
         geom = PoolGeometry(layers=pool.layer_num, rows=pool.size + pool.page_size, page=pool.page_size,
                             heads=pool.head_num, head_dim=pool.head_dim, itemsize=dtype.itemsize)
+        kvsegment.check_daemon(self.options.socket)
         try:
             self.segment = kvsegment.allocate(self.options.socket, self.region, geom.size)
         except FileExistsError:
