@@ -129,10 +129,13 @@ def test_protected_server_matches_then_a_killed_one_resumes_from_ghostserve(env,
         srv.stop()
     assert scrub.chunks_checked > 0 and scrub.parity_mismatches == 0 and scrub.checksum_mismatches == 0
     for r in killed:
-        # the watermark follows the tokens: every token the client has but the newest
-        # (whose KV the next forward writes) is protected; the engine may be one ahead
+        # the watermark follows the tokens. The client's newest token n came from the
+        # forward that wrote token n - 1's KV; a rank may have been stopped after that
+        # token went out and before it sent that forward's commit (the encoder needs
+        # every rank's), so the watermark is p + n - 2 or p + n - 1; the engine may
+        # also be a step ahead of the client
         p, n = len(r["prompt"]), received[r["id"]]
-        assert p + n - 1 <= marks[r["id"]] <= p + n + 1, (marks, received)
+        assert p + n - 2 <= marks[r["id"]] <= p + n + 1, (marks, received)
 
     g = groups(env)[name]
     states = {x.rank: x.state for x in g.ranks}
@@ -161,8 +164,12 @@ def test_protected_server_matches_then_a_killed_one_resumes_from_ghostserve(env,
         out = generate_all(again, resumed)
         for r in resumed:
             assert done[r["id"]] + out[r["id"]]["output_ids"] == base[r["id"][1:]]
-            # SGLang computed one token of the resubmitted prompt; the rest was loaded
-            assert out[r["id"]]["meta_info"]["cached_tokens"] == len(r["prompt"]) - 1
+            # SGLang computed one token of the resubmitted prompt and loaded the rest (or
+            # two: the killed rank may have died between streaming the last token and
+            # sending that forward's commit, see above); the original prompt was all loaded
+            cached = out[r["id"]]["meta_info"]["cached_tokens"]
+            assert len(r["prompt"]) - 2 <= cached <= len(r["prompt"]) - 1
+            assert cached >= len(r["prompt"]) - len(done[r["id"]])
         ((new_name, _),) = ((n, x) for n, x in groups(env).items() if n != name)
         env["op"].drop(name, unlink_regions=True)
         assert not [n for n in shm.list_names(env["daemon"].prefix) if name in n]
