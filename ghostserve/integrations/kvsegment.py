@@ -13,7 +13,7 @@ import logging
 import grpc
 
 from ghostserve import shm
-from ghostserve.client import channel, worker_stub
+from ghostserve.client import OperatorClient, channel, worker_stub
 from ghostserve.errors import DaemonUnavailable, ResourceExhausted
 from ghostserve.v1 import ghostserve_pb2 as pb
 
@@ -25,15 +25,12 @@ def check_daemon(socket: str, timeout: float = 10.0) -> None:
     (gRPC health). Before an engine makes its KV segment: if the engine then
     fails to start, a segment made for a daemon that was never there would
     outlive it (an engine's launcher may SIGKILL a rank mid-start)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
-
-    ch = channel(socket)
+    op = OperatorClient(socket, timeout=timeout)
     try:
-        health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-    except grpc.RpcError as exc:
-        raise DaemonUnavailable(f"ghostserve daemon on {socket}: {exc.details()}") from exc
+        if not op.healthy():
+            raise DaemonUnavailable(f"no ghostserve daemon answers on {socket}")
     finally:
-        ch.close()
+        op.close()
 
 
 def allocate(socket: str, name: str, size: int) -> shm.Segment:

@@ -79,13 +79,18 @@ class Recorded:
     row: int
 
 
+# what makes a request's KV depend on more than its token ids (SGLang's Req and its
+# tokenized input name some of them differently; absent ones read as None)
+NOT_FROM_TOKENS = ("lora_id", "multimodal_inputs", "mm_inputs", "input_embeds", "positional_embed_overrides",
+                   "cache_salt", "extra_key", "session", "session_id", "session_params", "token_type_ids")
+
+
 def plain(req: Any) -> bool:
     """Does the request's KV follow from its token ids alone? (Not with an
     adapter, images, input embeddings, embedding overrides, a cache salt or
-    extra key, or a session: those are protected but never indexed or resumed.)"""
-    return not any(getattr(req, a, None) for a in (
-        "lora_id", "multimodal_inputs", "mm_inputs", "input_embeds", "positional_embed_overrides",
-        "cache_salt", "extra_key", "session", "session_id", "token_type_ids"))
+    extra key, or a session: those are protected but never indexed or resumed.)
+    Takes SGLang's ``Req`` or its ``TokenizedGenerateReqInput``."""
+    return not any(getattr(req, a, None) for a in NOT_FROM_TOKENS)
 
 
 class RankState:

@@ -39,9 +39,7 @@ import grpc
 import numpy as np
 
 from ghostserve import shm
-from ghostserve.client import channel, worker_stub
 from ghostserve.integrations.sglang.kvpool import pages_of
-from ghostserve.v1 import ghostserve_pb2 as pb
 
 if TYPE_CHECKING:
     from ghostserve.integrations.sglang.rank import RankState
@@ -93,18 +91,17 @@ def generate_requests(recv_reqs: list[Any]) -> list[Any]:
 
 
 def resumable(req: Any) -> bool:
-    """A request whose KV follows from its token ids alone."""
-    return req.input_ids is not None and not any(getattr(req, a, None) for a in (
-        "input_embeds", "mm_inputs", "lora_id", "positional_embed_overrides", "cache_salt", "extra_key",
-        "session_id", "session_params", "token_type_ids"))
+    """A tokenized request whose KV follows from its token ids alone."""
+    from ghostserve.integrations.sglang.rank import plain  # noqa: PLC0415
+
+    return req.input_ids is not None and plain(req)
 
 
 class Planner:
-    """Rank 0's Lookups (one channel, opened on first use)."""
+    """Rank 0's Lookups, through its own ``WorkerClient`` (rank 0 always registers)."""
 
     def __init__(self, state: RankState):
         self.state = state
-        self._stub: Any = None
 
     def plan(self, recv_reqs: list[Any]) -> ResumePlan | None:
         """Look every new resumable request up; None if none has a protected prefix."""
@@ -115,10 +112,7 @@ class Planner:
                 continue
             tokens = np.asarray(req.input_ids, dtype="<u4")
             try:
-                if self._stub is None:
-                    self._stub = worker_stub(channel(self.state.options.socket))
-                resp = self._stub.Lookup(pb.LookupRequest(tokens=tokens.tobytes(),
-                                                          namespace=self.state.namespace), timeout=5)
+                resp = self.state.client.lookup(tokens)
             except grpc.RpcError as exc:
                 log.warning("ghostserve: lookup failed (%s); %s is prefilled from scratch", exc.code().name,
                             req.rid)
@@ -222,14 +216,12 @@ def _copy_from_primary(state: RankState, slots: Any) -> None:
     geom = state.geometry
     region = f"{state.options.shm_prefix}{state.group}-r{state.primary}"
     src = shm.Segment.attach(region, geom.size)
-    try:
-        a, b = src.array(), np.frombuffer(state.segment.buf, dtype=np.uint8)
-        for p in pages_of(slots.cpu().numpy(), geom.page).tolist():
-            for at, n in geom.page_spans(p):
-                b[at : at + n] = a[at : at + n]
-    finally:
-        del a
-        src.close()
+    a, b = src.array(), np.frombuffer(state.segment.buf, dtype=np.uint8)
+    for p in pages_of(slots.cpu().numpy(), geom.page).tolist():
+        for at, n in geom.page_spans(p):
+            b[at : at + n] = a[at : at + n]
+    del a  # the mapping goes with its last view
+    src.close()
 
 
 __all__ = ["LoadResult", "Planner", "ResumeEntry", "ResumePlan", "generate_requests", "load", "resumable",
