@@ -243,7 +243,9 @@ class Store:
         op = OperatorClient(self.daemon.socket, timeout=30)
         deadline = time.monotonic() + timeout
         try:
-            while any(g.state != "ended" for g in op.status().groups) and time.monotonic() < deadline:
+            while (live := [g.group for g in op.status().groups if g.state != "ended"]):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the daemon did not see the engine end within {timeout:g} s: {live}")
                 time.sleep(0.05)
         finally:
             op.close()
@@ -333,9 +335,14 @@ class Engine:
         return "".join(hits[:10]) + "...\n" + "".join(self.text[-15:])
 
     def result(self, timeout: float = 1800) -> dict:
+        """The engine's output; RuntimeError (with its error lines) when it wrote none."""
         self.proc.wait(timeout)
-        with open(self.out) as f:
-            return json.load(f)
+        try:
+            with open(self.out) as f:
+                return json.load(f)
+        except (FileNotFoundError, ValueError):
+            raise RuntimeError(f"{self.name}: the engine exited (status {self.proc.returncode}) without its "
+                               f"output: {self.why()}") from None
 
     def kill_ranks(self, ranks: tuple[int, ...]) -> None:
         for r in ranks:
@@ -435,29 +442,38 @@ def survival(vr, args, store: Store, mode: Mode) -> dict[str, Any]:
     """At the first context: both ranks lost; rank 1 lost and the store restarted."""
     found: dict[str, Any] = {}
     for case in ("both_ranks", "store_restart"):
-        batch = requests(f"s{case[0]}", args.contexts[:1], args.new_tokens, 3 + len(found))
-        ranks = (0, 1) if case == "both_ranks" else (1,)
-        before = store.kv_segments()
-        dead = killed(vr, store, f"{mode.name}-{case}", batch, ranks, args.decoded)
-        lost = 0
-        if case == "both_ranks":
-            lost = store.lose(store.kv_segments() - before)
-            if mode.store == "ghostserve" and not lost:
-                raise RuntimeError(f"{mode.name}: no KV segments of the killed engine to overwrite")
-        else:
-            store.restart()
-        before_fetch = store.fetches()
-        res = resumed(vr, store, f"{mode.name}-{case}-B", batch, dead)
-        rid = batch[0]["id"]
-        cached = res["cached_tokens"].get(rid, 0)
-        fetched = {k: v - before_fetch.get(k, 0.0) for k, v in store.fetches().items()}
-        if store.daemon is not None and (fetched.get("partial") or not fetched.get("ok")):
-            cached = 0  # the daemon did not deliver: vLLM recomputed what it had counted cached
-        found[case] = {"cached_tokens": cached, "prompt_tokens": len(batch[0]["prompt"]),
-                       "resume_seconds": res["first_token_seconds"][rid], "overwritten_bytes": lost,
-                       "fetches": fetched,
-                       "tokens": res["tokens"][rid], "survived": cached >= len(batch[0]["prompt"]) // 2}
+        try:
+            found[case] = survival_case(vr, args, store, mode, case, 3 + len(found))
+        except Exception as exc:  # noqa: BLE001 - a failed case is a result; the others still run
+            print(f"peers: {mode.name}, survival case {case} failed: {exc}", file=sys.stderr)
+            found[case] = {"error": str(exc)[:2000], "survived": False, "cached_tokens": 0}
     return found
+
+
+def survival_case(vr, args, store: Store, mode: Mode, case: str, seed: int) -> dict[str, Any]:
+    """One survival case: the engine killed, then the resume's outcome."""
+    batch = requests(f"s{case[0]}", args.contexts[:1], args.new_tokens, seed)
+    ranks = (0, 1) if case == "both_ranks" else (1,)
+    before = store.kv_segments()
+    dead = killed(vr, store, f"{mode.name}-{case}", batch, ranks, args.decoded)
+    lost = 0
+    if case == "both_ranks":
+        lost = store.lose(store.kv_segments() - before)
+        if mode.store == "ghostserve" and not lost:
+            raise RuntimeError(f"{mode.name}: no KV segments of the killed engine to overwrite")
+    else:
+        store.restart()
+    before_fetch = store.fetches()
+    res = resumed(vr, store, f"{mode.name}-{case}-B", batch, dead)
+    rid = batch[0]["id"]
+    cached = res["cached_tokens"].get(rid, 0)
+    fetched = {k: v - before_fetch.get(k, 0.0) for k, v in store.fetches().items()}
+    if store.daemon is not None and (fetched.get("partial") or not fetched.get("ok")):
+        cached = 0  # the daemon did not deliver: vLLM recomputed what it had counted cached
+    return {"cached_tokens": cached, "prompt_tokens": len(batch[0]["prompt"]),
+            "resume_seconds": res["first_token_seconds"][rid], "overwritten_bytes": lost,
+            "fetches": fetched,
+            "tokens": res["tokens"][rid], "survived": cached >= len(batch[0]["prompt"]) // 2}
 
 
 def step_time(arrivals: list[float]) -> float | None:
@@ -544,7 +560,8 @@ def table(result: dict[str, Any]) -> None:
             console.print(f"[red]{name} failed[/red]: {r['error'][:300]}")
         sv = r.get("survives")
         if sv:
-            s.add_row(name, *(f"{'yes' if sv[c]['survived'] else 'no'} ({sv[c]['cached_tokens']:,})"
+            s.add_row(name, *("FAILED (see its error)" if "error" in sv[c] else
+                              f"{'yes' if sv[c]['survived'] else 'no'} ({sv[c]['cached_tokens']:,})"
                               for c in ("both_ranks", "store_restart")))
     console.print(s)
 

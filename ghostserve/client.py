@@ -8,6 +8,12 @@ gRPC stream, sends commits in order, and applies acknowledgements. Commits not
 yet acknowledged as protected are kept and re-sent if the daemon restarts, so a
 daemon crash loses nothing the engine committed.
 
+A daemon that goes away (SIGKILLed, restarting) never fails the engine: ``register``
+waits for it (``connect_wait`` seconds), the background thread registers again
+when it is back and resends, and a rank whose daemon stays away longer than the
+client can hold its commits (``max_unacked``) stops protecting, says so
+(:attr:`WorkerClient.link`, a warning in the log) and lets the engine run on.
+
 Thread safety: ``commit`` is meant to be called from one thread (the engine's
 step loop); the read-only properties and ``wait_protected`` from any thread.
 """
@@ -15,20 +21,37 @@ step loop); the read-only properties and ``wait_protected`` from any thread.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from enum import StrEnum
 from typing import Any
 
 import grpc
 import numpy as np
 
+from ghostserve.config import CONNECT_WAIT_SECONDS
 from ghostserve.errors import DaemonUnavailable
 from ghostserve.v1 import ghostserve_pb2 as pb
 
 _END = object()
+log = logging.getLogger("ghostserve.client")
+
+# codes of a daemon that is not there (yet): restarting, starting, descheduled
+TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class Link(StrEnum):
+    """Where a :class:`WorkerClient`'s protection stands."""
+
+    NEW = "new"              # not registered yet
+    PROTECTED = "protected"  # registered; commits flow to the daemon
+    REJOINING = "rejoining"  # the daemon went away: registering again, commits kept for the resend
+    UNPROTECTED = "unprotected"  # the daemon refused the rank, or stayed away too long: nothing is sent
+    CLOSED = "closed"
 
 
 def target_of(socket_or_target: str) -> str:
@@ -44,7 +67,8 @@ def target_of(socket_or_target: str) -> str:
 # min_reconnect_backoff_ms as the *minimum connect timeout*: set low, a daemon that is
 # descheduled for a moment (a busy node) fails fresh channels' calls with UNAVAILABLE
 # ("timed out before receiving SETTINGS frame") however long their deadline.
-CONNECT_TIMEOUT_MS = 20_000
+CONNECT_WAIT = CONNECT_WAIT_SECONDS  # how long a registration waits for a daemon to answer
+CONNECT_TIMEOUT_MS = int(CONNECT_WAIT_SECONDS * 1000)
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 20),
     ("grpc.max_reconnect_backoff_ms", 250),
@@ -93,18 +117,23 @@ class WorkerClient:
     ``keep_survivors`` is RegisterRequest's (engines that tear all ranks down).
     A rank whose KV lies in several regions (``layout["extents"]`` name them by
     index) passes them all as ``regions`` [(name, size), ...]; ``region`` and
-    ``region_size`` are then the first."""
+    ``region_size`` are then the first. ``connect_wait``: seconds a registration
+    waits for a daemon that does not answer; ``max_unacked``: commits kept for a
+    daemon that went away before the rank gives up protecting."""
 
     def __init__(self, socket: str, group: str, rank: int, world_size: int, parity: int,
                  layout: Mapping[str, Any], region: str, region_size: int, pid: int | None = None,
                  reconnect: bool = True, timeout: float = 10.0, keep_survivors: bool = False,
-                 namespace: str = "", regions: Sequence[tuple[str, int] | pb.Region] = ()):
+                 namespace: str = "", regions: Sequence[tuple[str, int] | pb.Region] = (),
+                 connect_wait: float = CONNECT_WAIT, max_unacked: int = 1 << 16):
         self.socket, self.group, self.rank = socket, group, rank
         self.world_size, self.parity = world_size, parity
         self.layout, self.region, self.region_size = dict(layout), region, region_size
         self.regions = list(regions)
         self.pid = pid or os.getpid()
         self.reconnect, self.timeout = reconnect, timeout
+        self.connect_wait, self.max_unacked = connect_wait, max_unacked
+        self.link = Link.NEW
         self.keep_survivors, self.namespace = keep_survivors, namespace
         self.role: str | None = None
         self.session = ""
@@ -119,6 +148,8 @@ class WorkerClient:
         self._sendq: queue.Queue = queue.Queue()
         self._send_lock = threading.Lock()
         self._closed = False
+        self._closing = threading.Event()  # what a waiting rejoin sleeps on
+        self._last_step = -1               # the newest step committed
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- calls
@@ -129,11 +160,35 @@ class WorkerClient:
             layout=pb.KVLayout(**self.layout),
             region=pb.Region(shm_name=self.region, size=self.region_size), pid=self.pid,
             keep_survivors=self.keep_survivors, namespace=self.namespace,
-            regions=[r if isinstance(r, pb.Region) else pb.Region(shm_name=r[0], size=r[1]) for r in self.regions])
+            regions=[r if isinstance(r, pb.Region) else pb.Region(shm_name=r[0], size=r[1]) for r in self.regions],
+            last_step=self._last_step if self._last_step >= 0 else None)
 
-    def register(self) -> pb.RegisterResponse:
-        """Register (or re-register) this rank and open the commit stream."""
-        resp = self._stub.Register(self._register_request(), timeout=self.timeout)
+    def _register_call(self, wait: float) -> pb.RegisterResponse:
+        """One Register, waiting up to ``wait`` seconds for a daemon that does not
+        answer (``wait_for_ready``: no busy loop while it restarts). Raises
+        :class:`DaemonUnavailable` when none answered, ``grpc.RpcError`` when it refused."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self._stub.Register(self._register_request(), timeout=max(0.05, min(left, self.timeout)),
+                                           wait_for_ready=True)
+            except grpc.RpcError as exc:
+                if exc.code() not in TRANSIENT:
+                    raise
+                if deadline - time.monotonic() <= 0:
+                    raise DaemonUnavailable(f"no ghostserve daemon answered on {self.socket} within "
+                                            f"{wait:g} s: {exc.details()}") from exc
+                # an RPC cut off by a daemon dying under it: again, once the channel is back
+                self._closing.wait(0.05)
+
+    def register(self, wait: float | None = None) -> pb.RegisterResponse:
+        """Register (or re-register) this rank and open the commit stream. A daemon
+        that does not answer (restarting, not started yet) is waited for up to
+        ``wait`` seconds (default ``connect_wait``), then :class:`DaemonUnavailable`;
+        a refusal is raised at once as ``grpc.RpcError`` with the daemon's code."""
+        resp = self._register_call(self.connect_wait if wait is None else wait)
+        self.link = Link.PROTECTED
         self.role = pb.RegisterResponse.Role.Name(resp.role)
         self.session = resp.session
         with self._cond:
@@ -157,6 +212,8 @@ class WorkerClient:
         waits on the network; costs building one small message."""
         # Built here, not on the sender thread: a Python-heavy sender would hold the
         # GIL for up to a switch interval (5 ms) while the engine waits to run.
+        if self.link == Link.UNPROTECTED:
+            return
         requests = requests or {}
         msg = pb.WorkerMessage(commit=pb.Commit(
             step=step, dirty=np.asarray(dirty, dtype="<u8").tobytes(),
@@ -166,8 +223,12 @@ class WorkerClient:
             released_blocks=released, records=records, cuda_event=cuda_event))
         item = (step, msg)
         with self._send_lock:
+            self._last_step = max(self._last_step, step)
             self._unacked.append(item)
             self._sendq.put(item)
+            if len(self._unacked) > self.max_unacked:
+                self._give_up(f"{len(self._unacked)} commits not acknowledged (the daemon on {self.socket} "
+                              "has been away too long)")
 
     def restore(self) -> pb.RestoreResponse:
         """Ask the daemon to rebuild this (replacement) rank's protected KV."""
@@ -236,6 +297,8 @@ class WorkerClient:
         """End the stream without a goodbye (the daemon then treats this rank as
         lost, as if the worker had died) and the channel."""
         self._closed = True
+        self.link = Link.CLOSED
+        self._closing.set()
         with self._send_lock:
             self._sendq.put(_END)
         if self._thread is not None:
@@ -275,30 +338,60 @@ class WorkerClient:
                 if self._closed:
                     return
             except grpc.RpcError as exc:
-                if self._closed:
+                if self._closed or self.link == Link.UNPROTECTED:
                     return
                 self.errors.append(exc)
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
                                       grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
-                    return  # the daemon refused something: surface it, do not loop
-            if not self.reconnect or self._closed:
+                    with self._send_lock:
+                        self._give_up(f"the daemon refused this rank's stream: {exc.code().name}: "
+                                      f"{exc.details()}")
+                    return  # surface it, do not loop
+            if not self.reconnect or self._closed or self.link == Link.UNPROTECTED:
                 return
-            self._rejoin()
+            if not self._rejoin():
+                return
 
-    def _rejoin(self) -> None:
-        """The daemon went away: re-register until it is back, then resend."""
-        while not self._closed:
+    def _rejoin(self) -> bool:
+        """The daemon went away: register again until it is back (sleeping on the
+        channel, backing off), then resend. False if it refused the rank (or the
+        client closed): protection has ended."""
+        self.link = Link.REJOINING
+        log.info("ghostserve: rank %d of %s: the daemon on %s went away; registering again", self.rank,
+                 self.group, self.socket)
+        delay = 0.02
+        while not self._closed and self.link == Link.REJOINING:
             try:
-                self._stub = worker_stub(self._channel)
-                resp = self._stub.Register(self._register_request(), timeout=self.timeout)
-            except grpc.RpcError:
-                time.sleep(0.05)
+                # short attempts: close() must not wait for one
+                resp = self._stub.Register(self._register_request(), timeout=1.0, wait_for_ready=True)
+            except grpc.RpcError as exc:
+                if exc.code() not in TRANSIENT:
+                    self.errors.append(exc)
+                    with self._send_lock:
+                        self._give_up(f"the daemon refused this rank again: {exc.code().name}: {exc.details()}")
+                    return False
+                self._closing.wait(delay)
+                delay = min(2 * delay, 1.0)
                 continue
             self.session = resp.session
             with self._cond:
                 self._protected = max(self._protected, resp.protected_step)
+            self.link = Link.PROTECTED
+            log.info("ghostserve: rank %d of %s registered again (%s) at protected step %d", self.rank, self.group,
+                     pb.RegisterResponse.Role.Name(resp.role), resp.protected_step)
             self._open_stream()
+            return True
+        return False
+
+    def _give_up(self, why: str) -> None:
+        """Stop protecting (the engine runs on): drop what is queued, end the stream.
+        Caller holds ``_send_lock``."""
+        if self.link in (Link.UNPROTECTED, Link.CLOSED):
             return
+        self.link = Link.UNPROTECTED
+        log.warning("ghostserve: rank %d of %s is no longer protected: %s", self.rank, self.group, why)
+        self._unacked.clear()
+        self._sendq.put(_END)
 
     def _apply(self, msg: pb.DaemonMessage) -> None:
         if msg.WhichOneof("msg") == "ack":
@@ -345,12 +438,14 @@ class OperatorClient:
         """Forget an ended group (no rank alive): parity, index, mappings."""
         return self._call("Drop", pb.DropRequest(group=group, unlink_regions=unlink_regions))
 
-    def healthy(self) -> bool:
+    def healthy(self, wait_for_ready: bool = False) -> bool:
+        """Does the daemon answer SERVING? With ``wait_for_ready``, one that does not
+        answer yet (restarting) is waited for up to the client's timeout."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: PLC0415
 
         try:
             resp = health_pb2_grpc.HealthStub(self._channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=self.timeout)
+                health_pb2.HealthCheckRequest(service=""), timeout=self.timeout, wait_for_ready=wait_for_ready)
         except grpc.RpcError:
             return False
         return resp.status == health_pb2.HealthCheckResponse.SERVING

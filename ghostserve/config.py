@@ -30,6 +30,10 @@ class ConfigError(GhostServeError, ValueError):
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
+# How long a worker waits for a daemon that does not answer (one restarting, or
+# descheduled on a busy node) before it runs unprotected: the clients' connect timeout.
+CONNECT_WAIT_SECONDS = 20.0
+
 
 def default_socket() -> str:
     """``$XDG_RUNTIME_DIR/ghostserve/ghostserve.sock``, else one under the temp dir per user."""
@@ -56,7 +60,9 @@ class Config:
     region_prefix: str = ""
     # a group whose engine ended by failure is kept this long for a resume, then dropped
     ended_ttl: float = 900.0
-    rejoin_wait_seconds: float = 10.0   # a restore waits this long for detached survivors
+    rejoin_wait_seconds: float = 10.0   # a restore waits this long for survivors to rejoin and resend
+    # a group whose oldest committed, unprotected step has waited longer than this shows as stalled
+    stall_seconds: float = 30.0
     drain_seconds: float = 5.0          # SIGTERM: in-flight RPCs get this long to finish
     rpc_threads: int = 256              # gRPC handler threads (each worker stream holds one)
     # restore checks and decodes this many bytes of the lost rank at a time (all its
@@ -82,6 +88,8 @@ class Config:
                 shm.check_name(self.region_prefix)
             except ValueError:
                 raise ConfigError("region_prefix", f"{self.region_prefix!r}: use letters, digits and ._-") from None
+        if self.stall_seconds <= 0:
+            raise ConfigError("stall_seconds", f"{self.stall_seconds} must be > 0")
         for name in ("ended_ttl", "rejoin_wait_seconds", "drain_seconds"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"{getattr(self, name)} must be >= 0")

@@ -33,6 +33,10 @@ class Metrics:
         self.lag_steps = Gauge(
             "ghostserve_checkpoint_lag_steps",
             "Newest committed step minus newest protected step", g, registry=registry)
+        self.lag_seconds = Gauge(
+            "ghostserve_checkpoint_lag_seconds",
+            "How long the oldest committed step not yet protected has waited (0: none waits)", g,
+            registry=registry)
         self.protected_bytes = Gauge(
             "ghostserve_protected_bytes", "KV bytes (all ranks) covered by parity", g,
             registry=registry)

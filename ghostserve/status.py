@@ -23,7 +23,7 @@ from ghostserve.v1 import ghostserve_pb2 as pb
 
 _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
           FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
-_STATE_STYLE = {"healthy": "green", "alive": "green", "degraded": "red", "lost": "red",
+_STATE_STYLE = {"healthy": "green", "alive": "green", "degraded": "red", "stalled": "red", "lost": "red",
                 "replacing": "yellow", "detached": "yellow", "ended": "blue", "left": "blue"}
 
 
@@ -90,7 +90,10 @@ def _styled(state: str) -> str:
 
 def group_facts(g: pb.GroupStatus) -> list[tuple[str, str]]:
     """(label, value) lines of one group's block, in display order."""
-    facts = [("protected step", f"{g.protected_step} (newest committed {g.newest_step}, lag {g.lag_steps})"),
+    lag = f"lag {g.lag_steps}"
+    if g.lag_seconds >= 1:  # a step waiting this long: protection has stalled (a rank not back, not replaced)
+        lag += f" steps, the oldest waiting [red]{_duration(g.lag_seconds)}[/]"
+    facts = [("protected step", f"{g.protected_step} (newest committed {g.newest_step}, {lag})"),
              ("protected KV", f"{_bytes(g.protected_bytes)} of {_bytes(g.kv_bytes)} registered"),
              ("parity", f"{_bytes(g.parity_bytes)} (arena {_bytes(g.parity_arena_bytes)})")]
     if g.state == "ended":
@@ -134,7 +137,8 @@ def render(resp: pb.StatusResponse) -> Any:
             for col in ("state", "pid", "committed", "region"):
                 ranks.add_column(col, overflow="fold", justify="right" if col in ("pid", "committed") else "left")
             for r in g.ranks:
-                ranks.add_row(str(r.rank), _styled(r.state), str(r.pid), str(r.committed_step), r.region)
+                state = _styled(r.state) + (" (process ended)" if r.process_ended and r.state == "detached" else "")
+                ranks.add_row(str(r.rank), state, str(r.pid), str(r.committed_step), r.region)
             parts.append(ranks)
     return Group(*parts)
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from ghostserve import shm
 from ghostserve.chaos.harness import Chaos, ChaosOptionError, ChaosResult
+from ghostserve.chaos.options import DaemonMoment
 from ghostserve.chaos.workload import Shape, Workload
 
 
@@ -71,6 +72,51 @@ def test_daemon_restart_then_kill_loses_nothing():
     r = Chaos(Shape(steps=40), kills=[(2, 20)], daemon_kills=[10]).run()
     assert_clean(r)
     assert r.daemon_restarts == 1 and r.unrecoverable_ranges == [] and r.verified_bytes > 0
+
+
+def test_daemon_killed_at_a_death_and_at_a_registration_loses_nothing():
+    """death@12: the daemon is SIGKILLed right after rank 1's worker, before it may
+    have seen the death; the new daemon finds the worker gone at its start.
+    register@26: rank 2's replacement starts while no daemon runs and registers
+    once the new one is up."""
+    r = run(steps=36, kills=[(1, 12), (2, 26)],
+            daemon_kills=[(DaemonMoment.DEATH, 12), (DaemonMoment.REGISTER, 26)])
+    assert_clean(r)
+    assert r.daemon_restarts == 2 and r.unrecoverable_ranges == [] and r.verified_bytes > 0
+    assert [f.get("moment") for f in r.faults if f["kind"] == "kill-daemon"] == ["death", "register"]
+    assert [f["outcome"] for f in r.faults if f["kind"] == "kill"] == ["restored", "restored"]
+    assert r.max_lag_seconds < 30
+
+
+@st.composite
+def fault_plans(draw):
+    """A random plan: ranks killed (alone or several at once, up to m + 1), the
+    daemon killed at any moment, survivors corrupted. Every plan must lose nothing
+    that was protected and report every fault's outcome; more than m shards lost
+    at once must be reported unrecoverable, never garbage."""
+    ranks, parity, steps = draw(st.integers(3, 4)), draw(st.integers(1, 2)), 32
+    kill_steps = draw(st.lists(st.integers(4, steps - 4), max_size=2, unique=True))
+    kills = []
+    for step in kill_steps:
+        who = draw(st.lists(st.integers(0, ranks - 1), min_size=1, max_size=parity + 1, unique=True))
+        kills += [(rank, step) for rank in who]
+    daemon = [(DaemonMoment.STEP, s) for s in draw(st.lists(st.integers(1, steps - 1), max_size=1))]
+    for step in kill_steps:
+        moment = draw(st.sampled_from([None, DaemonMoment.DEATH, DaemonMoment.REGISTER]))
+        if moment is not None:
+            daemon.append((moment, step))
+    corrupts = draw(st.lists(st.tuples(st.integers(0, ranks - 1), st.integers(2, steps - 2)), max_size=1))
+    return dict(ranks=ranks, parity=parity, steps=steps, kills=kills, daemon_kills=daemon, corrupts=corrupts,
+                seed=draw(st.integers(0, 1000)))
+
+
+@settings(max_examples=4, deadline=None, derandomize=False)
+@given(plan=fault_plans())
+def test_random_fault_plans_lose_nothing(plan):
+    r = run(**plan)
+    assert_clean(r)
+    assert r.daemon_restarts == len(plan["daemon_kills"])
+    assert len([f for f in r.faults if f["kind"] == "kill"]) == len(plan["kills"])
 
 
 def test_corrupt_survivor_with_m_1_is_reported_unrecoverable():
@@ -174,6 +220,9 @@ def test_verdict_fails_on_undetected_corruption_or_unexpected_loss(outcomes, exp
     (("--kill", "9@5"), "--kill 9@5: rank 9 is outside 0..3"),
     (("--corrupt", "1@60"), "--corrupt 1@60: step 60 is outside 1..59"),
     (("--kill-daemon", "0"), "--kill-daemon 0: step 0 is outside 1..59"),
+    (("--kill-daemon", "death@5"), "--kill-daemon death@5: no --kill RANK@5"),
+    (("--kill-daemon", "later@5"), "expected STEP or MOMENT@STEP"),
+    (("--stall-seconds", "0"), "--stall-seconds 0"),
 ])
 def test_bad_options_are_refused_at_once_naming_the_value(args, message):
     start = time.monotonic()

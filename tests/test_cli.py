@@ -100,7 +100,8 @@ def test_status_json_gives_every_integer_as_a_number(values):
     back = json.loads(json.dumps(to_json(resp)))
     for g, (step, nbytes, rank, pid) in zip(back["groups"], values, strict=True):
         assert g["protected_step"] == step and g["held_bytes"] == nbytes and g["parity_bytes"] == nbytes
-        assert g["ranks"][0] == {"rank": rank, "state": "", "pid": pid, "committed_step": step, "region": ""}
+        assert g["ranks"][0] == {"rank": rank, "state": "", "pid": pid, "committed_step": step, "region": "",
+                                 "process_ended": False}
         assert g["watermarks"][0]["tokens"] == nbytes and g["last_restore"]["restored_bytes"] == nbytes
         assert g["lag_steps"] == 0 and isinstance(g["kv_bytes"], int)
 

@@ -8,7 +8,9 @@ front are checked against vLLM's own; then one SIGKILL of TP worker 1 lands
 under six requests in flight at once (streaming completion, streaming chat,
 non-streaming completion, a second streaming completion, an n=2 request the
 front must refuse to continue, and one through a second front whose resume
-wait is shorter than the restart), and each test checks one outcome of it.
+wait is shorter than the restart), the daemon is SIGKILLed between the death
+and the resume (``ghostserve vllm`` starts it again; parity, kept KV and the
+request index re-attach from shared memory), and each test checks one outcome.
 About 4 minutes on 2 cores, most of it vLLM starting (twice).
 """
 
@@ -338,6 +340,10 @@ def killed(served):
                          "first": {n: round(o["arrivals"][0] - t_start, 2) for n, o in out.items() if o.get("arrivals")},
                          "at_kill_after": {n: round(o["arrivals"][KILL_AFTER - 1] - t_start, 2)
                                            for n, o in out.items() if len(o.get("arrivals", ())) >= KILL_AFTER}}
+    # the daemon crashes between the death and the resume: ghostserve vllm starts it again
+    (daemon,) = [p for p, cmd in cmdlines(psutil.Process(served["gv"].proc.pid).children())
+                 if "serve" in cmd and any("ghostserve" in a for a in cmd)]
+    daemon.send_signal(signal.SIGKILL)
     with contextlib.suppress(psutil.NoSuchProcess):
         workers[0].resume()  # ghostserve vllm may have killed it already
     m = served["gv"].expect(r"engine 2 url=(\S+) group=(\S+) start_seconds=(\S+)", 400)
@@ -347,6 +353,15 @@ def killed(served):
     op.close()
     return {"out": out, "killed_at": killed_at, "protected": protected, "short_base": short_base,
             "vllm_shm": vllm_shm}
+
+
+def cmdlines(procs: list) -> list[tuple]:
+    """(process, command line) of those still running (not zombies)."""
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out.append((p, p.cmdline()))
+    return out
 
 
 def upstream_streams(base: str) -> int:
@@ -425,6 +440,7 @@ def test_the_dead_engine_s_group_is_dropped_once_its_requests_resumed(served, ki
     assert not [n for n in shm.list_names(served["prefix"]) if old in n]  # its KV segments went too
     log = served["gv"].tail(400)
     assert f"dropped group {old}" in log and "Worker_TP1" in log and "died" in log  # death and its cause
+    assert "the ghostserve daemon exited unasked" in log and "ghostserve daemon running again" in log
 
 
 def test_front_metrics_count_resumes_and_failures(served, killed):
@@ -437,6 +453,7 @@ def test_front_metrics_count_resumes_and_failures(served, killed):
     assert float(values['ghostserve_front_engine_deaths_total{cause="process_exit"}']) == 1
     assert float(values["ghostserve_front_engine_starts_total"]) == 2
     assert float(values["ghostserve_front_groups_dropped_total"]) == 1
+    assert float(values["ghostserve_front_daemon_restarts_total"]) == 1
     assert float(values["ghostserve_front_resume_cached_tokens_total"]) == \
         float(values["ghostserve_front_resume_prompt_tokens_total"]) - 4
 

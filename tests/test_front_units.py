@@ -514,3 +514,54 @@ def test_a_front_resuming_inside_a_character_streams_the_failure_free_text(byte_
         thread.join(10)
         loop.run_until_complete(runner.cleanup())
         loop.close()
+
+
+# ------------------------------------------------------------ dropping a dead engine's group
+
+
+def test_a_refused_drop_backs_off_logs_once_per_reason_and_lands(tmp_path, caplog):
+    """ghostserve vllm drops a dead engine's group once the daemon lets it: while a rank
+    is alive (FAILED_PRECONDITION) and while the daemon is away (SIGKILLed, restarting)
+    it tries again, backing off, and logs each reason once, not every attempt."""
+    import logging  # noqa: PLC0415
+    import threading  # noqa: PLC0415
+    import time  # noqa: PLC0415
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    from ghostserve import shm  # noqa: PLC0415
+    from ghostserve.client import OperatorClient, WorkerClient  # noqa: PLC0415
+    from ghostserve.front.supervisor import Supervisor  # noqa: PLC0415
+    from ghostserve.sidecar import Sidecar  # noqa: PLC0415
+
+    layout = dict(num_layers=1, num_blocks=4, block_bytes=256, chunk_bytes=256, layer_stride=1024,
+                  block_stride=256, offset=0)
+    with Sidecar() as d:
+        seg = shm.Segment.create(d.prefix + "kv", 1024)
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])  # the worker's pid
+        worker = WorkerClient(d.socket, "dead", 0, 1, 1, layout, seg.name, 1024, keep_survivors=True,
+                              reconnect=False, pid=proc.pid)
+        worker.register()
+        sup = Supervisor(SupervisorConfig(vllm_args=("--model", "m"), socket=d.socket))
+        sup.op = OperatorClient(d.socket, timeout=5)
+
+        def meanwhile():
+            time.sleep(1.5)   # refused: rank 0 is alive
+            d.kill()          # the daemon is away
+            time.sleep(1.5)
+            d.start()         # back, rank 0 re-attached detached; its worker ends (a death)
+            proc.kill()
+            proc.wait()
+            worker.close()
+
+        t = threading.Thread(target=meanwhile)
+        t.start()
+        with caplog.at_level(logging.INFO, logger="ghostserve.vllm"):
+            asyncio.run(asyncio.wait_for(sup._drop(SimpleNamespace(group="dead"), None), 60))
+        t.join()
+        sup.op.close()
+        seg.close()
+        waits = [r.getMessage() for r in caplog.records if "not dropped yet" in r.getMessage()]
+        assert any("has not seen every worker end" in w for w in waits), waits
+        assert len(waits) == len(set(waits)) <= 3, waits  # once per reason (it changed at most twice)
+        assert any(r.getMessage().startswith("dropped group dead") for r in caplog.records)
+        assert "dead" not in {g.group for g in OperatorClient(d.socket).status().groups}

@@ -113,12 +113,12 @@ def test_connector_output_identical_and_a_clean_shutdown_frees_everything(env):
 
 
 @pytest.mark.parametrize("kv_heads, victim, daemon_crash", [
-    # the daemon-crash case below checks all of this one and more: the default tier runs
-    # only that one (two minutes each on 2 cores)
+    # test_daemon_sigkilled_while_the_dead_engine_exits_and_the_new_one_registers checks
+    # all of these and more: the default tier runs only that one (two minutes each on 2 cores)
     pytest.param(4, 1, False, marks=pytest.mark.slow),
     # the daemon is SIGKILLed and restarted between the engine's death and the
     # resume: parity, kept KV and the request index all live in shared memory
-    (4, 1, True),
+    pytest.param(4, 1, True, marks=pytest.mark.slow),
     # one KV head on two ranks: rank 1 is a replica, only rank 0 is a shard (1+1)
     pytest.param(1, 0, False, marks=pytest.mark.slow),
 ])
@@ -215,6 +215,102 @@ def test_kill_worker_then_resume_without_recompute(env, kv_heads, victim, daemon
           f"recompute {max(recomputed['first_token_seconds'].values()):.3f} s")
 
 
+def wait_decoding(env, proc, reqs, before):
+    """The engine's group, once every request has 40 protected tokens past its prompt."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the engine exited before decoding got going"
+        new = set(groups(env)) - before
+        if new:
+            name = next(iter(new))
+            marks = by_request(groups(env)[name], reqs)
+            if all(marks.get(r["id"], 0) >= len(r["prompt"]) + 40 for r in reqs):
+                return name
+        time.sleep(0.02)
+    raise AssertionError("decoding never got going")
+
+
+def until(cond, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_daemon_sigkilled_while_the_dead_engine_exits_and_the_new_one_registers(env):
+    """A daemon crash at the two moments that broke a resume (issue 32):
+
+    (a) TP worker 1 is SIGKILLed and the daemon SIGKILLed and restarted while the
+        dead engine's worker 0 is still exiting (SIGSTOPped here: it never rejoins
+        the new daemon), which then ends unseen by any stream. The restarted daemon
+        must see it end, end the group, and let Lookup find it; it used to keep the
+        rank detached for ever (0 tokens cached, the group never dropped).
+    (b) the daemon is down when the new engine's workers register (started again
+        once their KV segments exist), and SIGKILLed again under its first commits.
+        The engine must not die (it did: DaemonUnavailable at start-up).
+
+    Then: the resumed requests load their KV (vLLM counts all but the last token
+    cached), give the failure-free tokens, and the dead group is dropped with its
+    shared memory."""
+    reqs, base, daemon = env["requests"], baseline(env), env["daemon"]
+    before = set(groups(env))
+    proc, out_path = start(env, "exiting", reqs)
+    try:
+        name = wait_decoding(env, proc, reqs, before)
+        workers = [vllm_run.tp_worker(proc.pid, 0), vllm_run.tp_worker(proc.pid, 1)]
+        workers[0].suspend()  # still exiting, as far as the daemon can tell
+        workers[1].send_signal(signal.SIGKILL)
+        until(lambda: {r.rank: r.state for r in groups(env)[name].ranks}[1] == "lost", 30, "rank 1 lost")
+        daemon.kill()
+        daemon.start()
+        g = groups(env)[name]
+        assert g.state != "ended" and {r.rank: r.state for r in g.ranks} == {0: "detached", 1: "lost"}
+        workers[0].send_signal(signal.SIGKILL)  # ends without a stream to the new daemon
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with open(out_path) as f:
+        dead = json.load(f)
+    assert proc.returncode == 3 and dead["dead"], stdout[-3000:]
+    until(lambda: groups(env)[name].state == "ended", 30, "the dead engine's group ended")
+    g = groups(env)[name]
+    assert {r.rank: (r.state, r.process_ended) for r in g.ranks} == {0: ("detached", True), 1: ("lost", False)}
+    kept = next(r.region for r in g.ranks if r.rank == 0)
+    seg = shm.Segment.attach(next(r.region for r in g.ranks if r.state == "lost"))
+    seg.array()[:] = 0xA5  # the killed rank's memory is gone for real
+    del seg
+
+    resumed = [dict(r, done=dead["tokens"][r["id"]]) for r in reqs]
+    kv_prefix = daemon.prefix + "kv-"
+    segments, known = set(shm.list_names(kv_prefix)), set(groups(env))
+    daemon.kill()  # (b): down while the new engine starts and registers
+    proc, out_path = start(env, "resumed-b", resumed)
+    try:
+        until(lambda: len(set(shm.list_names(kv_prefix)) - segments) >= 2 or proc.poll() is not None, 240,
+              "the new engine's KV segments")
+        daemon.start()  # the workers' registrations were waiting for it
+        until(lambda: proc.poll() is not None or any(
+            g.protected_step >= 1 for n, g in groups(env).items() if n not in known), 240, "the first commits")
+        assert proc.poll() is None, "the new engine died at start-up"
+        daemon.kill()  # under its first commits
+        daemon.start()
+        stdout, _ = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stdout[-4000:]  # the engine stayed up
+    assert "UNPROTECTED" not in stdout
+    with open(out_path) as f:
+        out = json.load(f)
+    assert out["tokens"] == base["tokens"]
+    for r in reqs:  # the KV was loaded, not recomputed
+        assert out["cached_tokens"][r["id"]] == len(r["prompt"]) + len(dead["tokens"][r["id"]]) - 1
+    OperatorClient(daemon.socket).drop(name, unlink_regions=True)
+    assert name not in groups(env) and kept not in shm.list_names(daemon.prefix)
+    until(lambda: set(groups(env)) <= before, 30, "the resumed engine's group dropped at its clean shutdown")
+
+
 def test_connector_options_are_validated(monkeypatch):
     from ghostserve.config import ConfigError
     from ghostserve.integrations.vllm import ConnectorOptions
@@ -228,6 +324,7 @@ def test_connector_options_are_validated(monkeypatch):
         "resume": {"socket": "s", "resume": "yes"},
         "shm_prefix": {"socket": "s", "shm_prefix": "a/b"},
         "sockt": {"socket": "s", "sockt": 1},
+        "daemon_wait": {"socket": "s", "daemon_wait": -1},
     }
     for field, extra in bad.items():
         with pytest.raises(ConfigError) as info:

@@ -4,7 +4,10 @@ The driver starts ``ghostserve serve`` as a subprocess and N worker processes
 (:mod:`ghostserve.chaos.worker`), then runs the workload in lock step: before
 each step it applies the fault plan (SIGKILL a worker and destroy its memory,
 SIGKILL and restart the daemon, flip protected bytes), then has every live
-worker write and commit the step.
+worker write and commit the step. A daemon kill lands at one of three moments
+(:class:`~ghostserve.chaos.options.DaemonMoment`): before a step's writes,
+right after a worker's death (before the daemon may have seen it), or while
+the dead worker's replacement registers.
 
 A killed rank is replaced by a new process with fresh memory, which restores
 from the daemon and then recomputes what was not protected (it replays the
@@ -22,7 +25,9 @@ being protected data before any check: the request finished and its block was
 freed, or the rank was killed and its memory destroyed), or ``undetected``
 (still protected at the final scrub, and not found), which fails the run. An
 unrecoverable block is ``expected`` when the ranks lost together plus the
-corrupt survivors of its stripe exceed m; one that is not fails the run.
+corrupt survivors of its stripe exceed m; one that is not fails the run. So
+does protection that stalls: a committed step not protected within
+``stall_seconds`` (the daemon's ``lag_seconds``), whatever comes of it later.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ from ghostserve.chaos import worker
 from ghostserve.chaos.options import (
     ChaosError,
     ChaosOptionError,
+    DaemonMoment,
+    as_daemon_kill,
     check_args,
     check_plan,
     private_prefix,
@@ -89,6 +96,7 @@ class ChaosResult:
     parity_arena_bytes: int = 0
     kv_bytes: int = 0
     max_lag_steps: int = 0
+    max_lag_seconds: float = 0.0          # the longest a committed step waited to be protected
     commit_us_median: float = 0.0
     commit_us_p99: float = 0.0
     daemon_restarts: int = 0
@@ -122,14 +130,15 @@ class Corruption:
 class Chaos:
     """One chaos run; :meth:`run` returns its :class:`ChaosResult`."""
 
-    def __init__(self, shape: Shape, kills: list[tuple[int, int]] = (), daemon_kills: list[int] = (),
+    def __init__(self, shape: Shape, kills: list[tuple[int, int]] = (),
+                 daemon_kills: list[int | tuple[DaemonMoment, int]] = (),
                  corrupts: list[tuple[int, int]] = (), socket: str = "", shm_prefix: str = "",
                  metrics_port: int = 0, progress: Any = None, recover_after: float = 0.0,
-                 step_seconds: float = 0.0):
+                 step_seconds: float = 0.0, stall_seconds: float = 30.0):
         sizes = {"--layers": shape.layers, "--blocks": shape.blocks, "--block-size": shape.block_size,
                  "--heads": shape.heads, "--head-dim": shape.head_dim, "--requests": shape.requests}
         check_plan(shape.ranks, shape.parity, shape.steps, sizes, kills, daemon_kills, corrupts,
-                   recover_after, step_seconds, metrics_port)
+                   recover_after, step_seconds, metrics_port, stall_seconds)
         if socket and os.path.exists(socket) and OperatorClient(socket, timeout=2).healthy():
             raise ChaosOptionError(f"--socket {socket}: a daemon answers there; chaos runs a daemon of its "
                                    "own and would take the socket over: give a fresh path")
@@ -150,7 +159,10 @@ class Chaos:
         self.corrupts: dict[int, list[int]] = defaultdict(list)
         for rank, step in corrupts:
             self.corrupts[step].append(rank)
-        self.daemon_kills = set(daemon_kills)
+        self.daemon_kills: dict[int, set[DaemonMoment]] = defaultdict(set)
+        for moment, step in map(as_daemon_kill, daemon_kills):
+            self.daemon_kills[step].add(moment)
+        self.stall_seconds = stall_seconds
         self.prefix = shm_prefix or private_prefix()
         self.tmp = tempfile.mkdtemp(prefix="ghostserve-chaos-")
         self.socket = socket or os.path.join(self.tmp, "gs.sock")
@@ -166,6 +178,8 @@ class Chaos:
         self.result = ChaosResult(steps=shape.steps, shm_prefix=self.prefix, socket=self.socket)
         self.commit_seconds: list[float] = []
         self.recompute: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
+        # what each step rewrote besides its own writes (rank -> slots): a replay writes it again
+        self.rewrote: dict[int, dict[int, list[tuple[int, int, int, int]]]] = defaultdict(dict)
         self.corruptions: list[Corruption] = []
 
     # ---------------------------------------------------------------- processes
@@ -189,6 +203,11 @@ class Chaos:
 
     def start_worker(self, rank: int) -> float:
         """Start rank's worker and wait until it has registered; returns the seconds it took."""
+        t0 = self.spawn_worker(rank)
+        return self.registered(rank, t0)
+
+    def spawn_worker(self, rank: int) -> float:
+        """Start rank's worker (it registers on its own); returns when it started."""
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=worker.main, args=(child, self.shape, self.socket, self.prefix,
                                                           rank, self.generation[rank]), daemon=True)
@@ -196,7 +215,19 @@ class Chaos:
         proc.start()
         child.close()  # the worker holds its end: EOF here once it exits
         self.procs[rank], self.conns[rank] = proc, parent
-        msg = self._recv(rank, timeout=60)
+        return t0
+
+    def registering(self, rank: int) -> None:
+        """Wait until a spawned worker is about to register."""
+        msg = self._recv(rank, timeout=90)
+        if msg[0] != "registering":
+            raise ChaosError(f"worker {rank} did not start: {msg[1] if msg[0] == 'error' else msg}")
+
+    def registered(self, rank: int, t0: float) -> float:
+        """Wait for a spawned worker's registration; the seconds since ``t0``."""
+        msg = self._recv(rank, timeout=90)
+        if msg[0] == "registering":
+            msg = self._recv(rank, timeout=90)
         if msg[0] != "registered":
             raise ChaosError(f"worker {rank} could not register: {msg[1] if msg[0] == 'error' else msg}")
         return time.perf_counter() - t0
@@ -214,33 +245,57 @@ class Chaos:
         proc.join(timeout=5)
         raise ChaosError(f"worker {rank} died unasked (exit {proc.exitcode})")
 
-    def kill_worker(self, rank: int, step: int) -> float:
+    def kill_worker(self, rank: int, step: int, daemon_too: bool = False) -> float:
         """SIGKILL the worker; once the daemon has noticed, destroy its memory (zero
         it, then unlink it) so no restore can read the old bytes. Returns the
-        seconds from the kill to the daemon reporting the rank lost."""
+        seconds from the kill to the daemon reporting the rank lost. With
+        ``daemon_too`` the daemon is SIGKILLed right after the worker (the memory
+        zeroed first, unlinked once the new daemon has the rank lost) and the
+        seconds are NaN: the new daemon finds the death at its start."""
         proc = self.procs.pop(rank)
         t0 = time.perf_counter()
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         self.conns.pop(rank).close()
+        name = worker.region_name(self.prefix, rank, self.generation[rank])
+        if daemon_too:
+            self._zero(name)  # the device's memory is gone at once: the new daemon maps zeros
+            self.restart_daemon(DaemonMoment.DEATH, step, f"right after rank {rank}'s SIGKILL")
         detected = float("nan")
-        while time.perf_counter() - t0 < 10:
+        while time.perf_counter() - t0 < 30:
             ranks = self.op.status("chaos").groups[0].ranks
             if any(r.rank == rank and r.state == "lost" for r in ranks):
                 detected = time.perf_counter() - t0
                 break
             time.sleep(0.002)
-        name = worker.region_name(self.prefix, rank, self.generation[rank])
-        seg = shm.Segment.attach(name)
-        seg.array()[:] = 0
-        seg.close()
+        else:
+            raise ChaosError(f"the daemon did not mark rank {rank} lost within 30 s of its SIGKILL")
+        self._zero(name)
         shm.unlink(name)
         self.generation[rank] += 1
         for c in self.corruptions:
             if c.pending and c.rank == rank:
                 c.settle("gone", f"rank {rank} was killed before step {step} and its memory destroyed "
                                  "before any check")
-        return detected
+        return float("nan") if daemon_too else detected
+
+    @staticmethod
+    def _zero(name: str) -> None:
+        seg = shm.Segment.attach(name)
+        seg.array()[:] = 0
+        seg.close()
+
+    def restart_daemon(self, moment: DaemonMoment, step: int, note: str, then: Any = None) -> None:
+        """SIGKILL the daemon; ``then()`` while none runs; ``recover_after``; start it again."""
+        self.kill_daemon()
+        if then is not None:
+            then()
+        time.sleep(self.recover_after)
+        self.start_daemon()
+        self.result.daemon_restarts += 1
+        self.result.faults.append({"kind": "kill-daemon", "moment": str(moment), "step": step,
+                                   "outcome": "restarted",
+                                   "note": f"{note}; parity re-attached from shared memory; workers rejoin"})
 
     def region(self, rank: int) -> tuple[shm.Segment, np.ndarray]:
         seg = shm.Segment.attach(worker.region_name(self.prefix, rank, self.generation[rank]))
@@ -305,17 +360,34 @@ class Chaos:
 
     def fail_ranks(self, ranks: list[int], step: int) -> None:
         t_kill = time.perf_counter()
+        moments = self.daemon_kills.get(step, set())
         kill_faults = {}
         for rank in ranks:
-            detected = self.kill_worker(rank, step)
-            self.result.detect_seconds.append(detected)
             kill_faults[rank] = {"kind": "kill", "rank": rank, "step": step}
             self.result.faults.append(kill_faults[rank])
+            detected = self.kill_worker(rank, step, daemon_too=DaemonMoment.DEATH in moments and rank == ranks[-1])
+            if detected == detected:  # not NaN
+                self.result.detect_seconds.append(detected)
         unrecoverable: set[int] = set()
         protected = {}
-        time.sleep(self.recover_after)  # the replacement device takes a while to come up
+        if DaemonMoment.REGISTER in moments:  # the replacements start while no daemon runs
+            started: dict[int, float] = {}
+
+            def spawn() -> None:
+                for r in ranks:
+                    started[r] = self.spawn_worker(r)
+                for r in ranks:
+                    self.registering(r)
+
+            self.restart_daemon(DaemonMoment.REGISTER, step, f"while the replacements of ranks {ranks} registered",
+                                then=spawn)
+            for rank in ranks:
+                self.result.rejoin_seconds.append(self.registered(rank, started[rank]))
+        else:
+            time.sleep(self.recover_after)  # the replacement device takes a while to come up
+            for rank in ranks:
+                self.result.rejoin_seconds.append(self.start_worker(rank))
         for rank in ranks:
-            self.result.rejoin_seconds.append(self.start_worker(rank))
             self.conns[rank].send(("restore",))
             msg = self._recv(rank, timeout=600)
             if msg[0] != "restored":
@@ -334,10 +406,11 @@ class Chaos:
             unrecoverable |= set(resp.unrecoverable_blocks)
             self.verify_restore(rank, step, resp)
         self.result.faults[-1]["detect_to_restored_seconds"] = time.perf_counter() - t_kill
-        # recompute: the replacements replay every step after the protected one...
+        # recompute: the replacements replay every step after the protected one (with what
+        # that step recomputed, if anything)...
         for rank in ranks:
             for t in range(protected[rank].protected_step + 1, step):
-                self.conns[rank].send(("step", t, []))
+                self.conns[rank].send(("step", t, self.rewrote.get(t, {}).get(rank, [])))
                 self._expect_done(rank)
         # ...and every rank recomputes live tokens of unrecoverable blocks
         if unrecoverable:
@@ -383,14 +456,18 @@ class Chaos:
 
     def verify_restore(self, rank: int, step: int, resp: pb.RestoreResponse) -> None:
         """Bytes below each request's watermark must equal the generator; bytes of
-        unrecoverable blocks must be untouched (still zero in the fresh memory)."""
+        unrecoverable blocks must be untouched (still zero in the fresh memory).
+        Slots a step after the protected one recomputed are in flux (rewritten
+        since): not restored, the replacement replays them."""
         marks = {w.request_id: w.tokens for w in resp.watermarks}
         bad = set(resp.unrecoverable_blocks)
         bs = self.shape.block_size
+        flux = {(b, j) for t in range(resp.protected_step + 1, step)
+                for _, _, b, j in self.rewrote.get(t, {}).get(rank, [])}
         slots = []
         for rid, (tokens, blocks) in self.work.steps[step - 1].tables.items():
             for t in range(min(tokens, marks.get(f"req{rid}", 0))):
-                if blocks[t // bs] not in bad:
+                if blocks[t // bs] not in bad and (blocks[t // bs], t % bs) not in flux:
                     slots.append((rid, t, blocks[t // bs], t % bs))
         # live tokens in unrecoverable blocks: the fresh memory must hold zeros or,
         # where a chunk of the block was recoverable, the right bytes: never garbage
@@ -455,9 +532,17 @@ class Chaos:
         self.commit_seconds.append(msg[2])
 
     def _lag(self, step: int) -> None:
+        """Protection lag after ``step``; a step waiting longer than ``stall_seconds`` fails the run."""
         g = self.op.status("chaos").groups
-        if g:
-            self.result.max_lag_steps = max(self.result.max_lag_steps, step - g[0].protected_step)
+        if not g:
+            return
+        r = self.result
+        r.max_lag_steps = max(r.max_lag_steps, step - g[0].protected_step)
+        r.max_lag_seconds = max(r.max_lag_seconds, g[0].lag_seconds)
+        if g[0].lag_seconds > self.stall_seconds:
+            raise ChaosError(f"protection stalled: after step {step} the daemon had protected only step "
+                             f"{g[0].protected_step}, and step {g[0].protected_step + 1} had waited "
+                             f"{g[0].lag_seconds:.1f} s (--stall-seconds {self.stall_seconds:g})")
 
     def run(self) -> ChaosResult:
         """Run the plan; never raises for what goes wrong in the run (see ``errors``)."""
@@ -513,18 +598,16 @@ class Chaos:
         for step in range(self.shape.steps):
             for rank in self.corrupts.get(step, []):
                 self.corrupt(rank, step)
-            if step in self.daemon_kills:
-                self.kill_daemon()
-                time.sleep(self.recover_after)
-                self.start_daemon()
-                self.result.daemon_restarts += 1
-                self.result.faults.append({"kind": "kill-daemon", "step": step, "outcome": "restarted",
-                                           "note": "parity re-attached from shared memory; workers rejoin"})
+            if DaemonMoment.STEP in self.daemon_kills.get(step, ()):
+                self.restart_daemon(DaemonMoment.STEP, step, "before the step's writes")
             if self.kills.get(step):
                 self.fail_ranks(self.kills[step], step)
             t_step = time.perf_counter()
             for rank in range(self.shape.ranks):
-                self.conns[rank].send(("step", step, self.recompute.pop(rank, [])))
+                redo = self.recompute.pop(rank, [])
+                if redo:
+                    self.rewrote[step][rank] = redo
+                self.conns[rank].send(("step", step, redo))
             for rank in range(self.shape.ranks):
                 self._expect_done(rank)
             self._after_step(step)
@@ -534,6 +617,7 @@ class Chaos:
                 self.progress(step + 1, self.shape.steps)
         if not self.wait_protected(self.shape.steps - 1):
             raise ChaosError("the last step was not protected within 60 s")
+        self._lag(self.shape.steps - 1)
         self.final_scrub()
         g = self.op.status("chaos").groups[0]
         self.result.parity_bytes, self.result.kv_bytes = g.parity_bytes, g.protected_bytes
@@ -570,7 +654,7 @@ def shape_from(args: Any) -> Shape:
 
 def _fault_label(f: dict[str, Any]) -> str:
     if f["kind"] == "kill-daemon":
-        return "kill daemon"
+        return "kill daemon" + (f" at {f['moment']}" if f.get("moment", "step") != "step" else "")
     return f"{f['kind']} rank {f['rank']}"
 
 
@@ -597,7 +681,7 @@ def render(result: ChaosResult, shape: Shape) -> list[Any]:
         ("recovery (s)", ", ".join(f"{s:.3f}" for s in r.recovery_seconds) or "-"),
         ("failure seen after (ms)", ", ".join(f"{s * 1e3:.0f}" for s in r.detect_seconds) or "-"),
         ("parity / protected KV", f"{r.parity_bytes:,} / {r.kv_bytes:,} bytes (arena {r.parity_arena_bytes:,})"),
-        ("max lag (steps)", str(r.max_lag_steps)),
+        ("max lag", f"{r.max_lag_steps} steps, {r.max_lag_seconds:.2f} s"),
         ("commit (us)", f"median {r.commit_us_median:.0f}, p99 {r.commit_us_p99:.0f}"),
         ("daemon restarts", str(r.daemon_restarts)),
         ("wall (s)", f"{r.wall_seconds:.1f}"),
@@ -636,7 +720,7 @@ def run_cli(args: Any) -> int:
     check_args(args)
     shape = shape_from(args)
     kw = dict(socket=args.socket, shm_prefix=args.shm_prefix, metrics_port=args.metrics_port,
-              recover_after=args.recover_after, step_seconds=args.step_ms / 1000)
+              recover_after=args.recover_after, step_seconds=args.step_ms / 1000, stall_seconds=args.stall_seconds)
     if args.json:
         result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt, **kw).run()
         print(json.dumps(asdict(result)))

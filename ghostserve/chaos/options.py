@@ -7,6 +7,7 @@ import argparse
 import os
 import uuid
 from collections.abc import Iterable
+from enum import StrEnum
 
 from ghostserve import shm
 from ghostserve.errors import GhostServeError
@@ -22,6 +23,25 @@ class ChaosError(GhostServeError):
 class ChaosOptionError(ChaosError, ValueError):
     """A chaos option has a value the run cannot use; the message names the option
     and the value. Raised before anything is started (the CLI exits 2)."""
+
+
+class DaemonMoment(StrEnum):
+    """When a ``--kill-daemon`` SIGKILLs the daemon (and starts it again)."""
+
+    STEP = "step"          # before the step's writes
+    DEATH = "death"        # right after the step's planned worker deaths, before the daemon may have seen them
+    REGISTER = "register"  # once those deaths are seen, while their replacements register
+
+
+def daemon_at(text: str) -> tuple[DaemonMoment, int]:
+    """``STEP`` or ``MOMENT@STEP`` -> (moment, step)."""
+    moment, _, step = text.rpartition("@")
+    try:
+        return DaemonMoment(moment or DaemonMoment.STEP), int(step)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected STEP or MOMENT@STEP, MOMENT one of {', '.join(m.value for m in DaemonMoment)} "
+            "(e.g. 20, death@20)") from None
 
 
 def rank_at(text: str) -> tuple[int, int]:
@@ -48,8 +68,10 @@ def add_chaos_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kill", type=rank_at, action="append", default=[], metavar="RANK@STEP",
                    help="SIGKILL a worker before STEP and destroy its memory (repeatable; "
                         "several at one step fail together)")
-    p.add_argument("--kill-daemon", type=int, action="append", default=[], metavar="STEP",
-                   help="SIGKILL the daemon before STEP and restart it (repeatable)")
+    p.add_argument("--kill-daemon", type=daemon_at, action="append", default=[], metavar="[MOMENT@]STEP",
+                   help="SIGKILL the daemon and restart it (repeatable): before STEP's writes; with death@STEP "
+                        "right after STEP's --kill, before it has seen the death; with register@STEP while "
+                        "the killed rank's replacement registers")
     p.add_argument("--corrupt", type=rank_at, action="append", default=[], metavar="RANK@STEP",
                    help="flip bytes of already-protected KV of RANK before STEP, silently (repeatable); "
                         "every corruption is checked by the end of the run")
@@ -64,6 +86,8 @@ def add_chaos_args(p: argparse.ArgumentParser) -> None:
                    help="the private daemon's shared-memory prefix, removed at the end (default: "
                         "$GHOSTSERVE_SHM_PREFIX, or 'gs', followed by 'c' and a unique id; a prefix "
                         "already in use is refused)")
+    p.add_argument("--stall-seconds", type=float, default=30.0, metavar="SECONDS",
+                   help="fail the run when a committed step waits longer than this to be protected")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -84,9 +108,9 @@ def private_prefix(env: dict[str, str] | None = None) -> str:
 
 
 def check_plan(ranks: int, parity: int, steps: int, sizes: dict[str, int],
-               kills: Iterable[tuple[int, int]] = (), daemon_kills: Iterable[int] = (),
+               kills: Iterable[tuple[int, int]] = (), daemon_kills: Iterable[int | tuple[DaemonMoment, int]] = (),
                corrupts: Iterable[tuple[int, int]] = (), recover_after: float = 0.0,
-               step_seconds: float = 0.0, metrics_port: int = 0) -> None:
+               step_seconds: float = 0.0, metrics_port: int = 0, stall_seconds: float = 30.0) -> None:
     """Refuse a run that cannot work, naming the option and its value."""
     for flag, value in (("--ranks", ranks), ("--parity", parity), ("--steps", steps), *sizes.items()):
         if value < 1:
@@ -100,9 +124,15 @@ def check_plan(ranks: int, parity: int, steps: int, sizes: dict[str, int],
                 raise ChaosOptionError(f"{flag} {rank}@{step}: rank {rank} is outside 0..{ranks - 1}")
             if not 0 < step < steps:
                 raise ChaosOptionError(f"{flag} {rank}@{step}: step {step} is outside 1..{steps - 1}")
-    for step in daemon_kills:
+    kill_steps = {step for _, step in kills}
+    for moment, step in map(as_daemon_kill, daemon_kills):
+        flag = f"--kill-daemon {step}" if moment == DaemonMoment.STEP else f"--kill-daemon {moment}@{step}"
         if not 0 < step < steps:
-            raise ChaosOptionError(f"--kill-daemon {step}: step {step} is outside 1..{steps - 1}")
+            raise ChaosOptionError(f"{flag}: step {step} is outside 1..{steps - 1}")
+        if moment != DaemonMoment.STEP and step not in kill_steps:
+            raise ChaosOptionError(f"{flag}: no --kill RANK@{step}: the {moment} moment is a worker's")
+    if stall_seconds <= 0:
+        raise ChaosOptionError(f"--stall-seconds {stall_seconds}: must be > 0")
     if recover_after < 0:
         raise ChaosOptionError(f"--recover-after {recover_after}: must be >= 0")
     if step_seconds < 0:
@@ -111,9 +141,14 @@ def check_plan(ranks: int, parity: int, steps: int, sizes: dict[str, int],
         raise ChaosOptionError(f"--metrics-port {metrics_port}: not a port")
 
 
+def as_daemon_kill(item: int | tuple[DaemonMoment, int]) -> tuple[DaemonMoment, int]:
+    """A daemon kill of a plan: a bare step means before that step's writes."""
+    return (DaemonMoment.STEP, item) if isinstance(item, int) else (DaemonMoment(item[0]), int(item[1]))
+
+
 def check_args(args: argparse.Namespace) -> None:
     """:func:`check_plan` for parsed ``ghostserve chaos`` options."""
     sizes = {"--layers": args.layers, "--blocks": args.blocks, "--block-size": args.block_size,
              "--heads": args.heads, "--head-dim": args.head_dim, "--requests": args.requests}
     check_plan(args.ranks, args.parity, args.steps, sizes, args.kill, args.kill_daemon, args.corrupt,
-               args.recover_after, args.step_ms / 1000, args.metrics_port)
+               args.recover_after, args.step_ms / 1000, args.metrics_port, args.stall_seconds)

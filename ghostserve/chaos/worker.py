@@ -33,23 +33,6 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-def register(client: WorkerClient, patience: float = 60.0) -> None:
-    """Register, retrying while the daemon is only slow to answer (a loaded
-    machine, a daemon still starting); a refusal is raised at once."""
-    deadline = time.monotonic() + patience
-    while True:
-        try:
-            client.register()
-            return
-        except grpc.RpcError as exc:
-            if exc.code() not in TRANSIENT or time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
-
-
 def main(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, generation: int) -> None:
     """The worker process: serve the driver's commands until ``quit``."""
     try:
@@ -72,7 +55,8 @@ def _serve(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, 
     client = WorkerClient(socket, "chaos", rank, shape.ranks, shape.parity, shape.layout(), name,
                           shape.region_bytes)
     t0 = time.perf_counter()
-    register(client)
+    conn.send(("registering",))
+    client.register(wait=60)  # a daemon still starting (or restarting: --kill-daemon register@STEP)
     conn.send(("registered", client.role, os.getpid(), time.perf_counter() - t0))
     while True:
         cmd, *args = conn.recv()

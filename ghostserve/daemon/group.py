@@ -26,6 +26,7 @@ Threads and locks:
 
 from __future__ import annotations
 
+import collections
 import logging
 import queue
 import threading
@@ -99,7 +100,10 @@ class Group:
         self.last_restore: dict[str, Any] | None = None
         # (block, chunk) found unrecoverable by a restore; guarded by io_lock
         self.broken: set[tuple[int, int]] = set()
-        self.rejoin_wait = config.rejoin_wait_seconds  # a restore waits this long for detached survivors
+        self.rejoin_wait = config.rejoin_wait_seconds  # a restore waits this long for survivors to rejoin
+        # (step, monotonic time it was first committed) of committed steps not yet known
+        # protected, oldest first: how long protection has kept a step waiting
+        self._waiting: collections.deque[tuple[int, float]] = collections.deque()
         self.closed = False  # dropped: the pid watcher may still hold it for one pass
         # called (under ``lock``, must not block) when a rank registers or the engine ends:
         # the daemon's pid watcher sleeps until then
@@ -107,6 +111,7 @@ class Group:
         lay = self.layout
         self.metrics.kv_bytes.labels(name).set(lay.kv_bytes() * self.n)
         self.metrics.parity_arena_bytes.labels(name).set(lay.kv_bytes() * self.m)
+        self.metrics.lag_seconds.labels(name).set_function(self.lag_seconds)
         self.update_gauges()
 
     def start(self) -> None:
@@ -143,11 +148,23 @@ class Group:
         manifest["ended"] = self._ended
         manifest["ended_at"], manifest["end_reason"] = self.ended_at, self.end_reason
         manifest["ranks"] = {str(r.rank): {"regions": [s.to_dict() for s in r.specs], "pid": r.pid,
-                                           "state": str(r.state),
+                                           "pid_start": r.pid_start, "state": str(r.state),
                                            "idents": [list(i) for i in r.idents],
-                                           "release_region": r.release_region}
+                                           "release_region": r.release_region,
+                                           "process_ended": r.process_ended}
                              for r in self.ranks.values()}
         self.store.write_manifest(manifest)
+
+    def _check_ended(self) -> None:
+        """A keep_survivors group's engine has ended once a rank failed and none can
+        come back: each is lost, left, or detached with its process ended. Caller
+        holds ``lock``."""
+        if not self.keep_survivors or self._ended:
+            return
+        states = [x.state for x in self.ranks.values()]
+        self._ended = (bool(states) and not all(st == LEFT for st in states)
+                       and all(x.state in (LOST, LEFT) or (x.state == DETACHED and x.process_ended)
+                               for x in self.ranks.values()))
 
     def _note_end(self) -> None:
         """Record when and why the engine ended, once no rank is alive. Caller holds ``lock``."""
@@ -170,8 +187,11 @@ class Group:
         """Each of a rank's regions, sized to the bytes the layout uses there."""
         return [s.sized(self.layout.region_bytes(i)) for i, s in enumerate(specs)]
 
-    def register(self, rank: int, pid: int, regions: tuple[RegionSpec, ...]) -> tuple[Role, str]:
-        """Add or re-admit ``rank``; returns (role, session). Caller validated layout/code."""
+    def register(self, rank: int, pid: int, regions: tuple[RegionSpec, ...], last_step: int | None = None,
+                 pid_start: float = 0.0) -> tuple[Role, str]:
+        """Add or re-admit ``rank``; returns (role, session). Caller validated layout/code.
+        ``last_step``: the newest step the worker committed (its resent commits up to
+        it follow on its stream); ``pid_start``: its process's start time."""
         if not 0 <= rank < self.n:
             raise UnknownRank(self.name, rank, f"is outside 0..{self.n - 1}")
         with self.lock:
@@ -190,7 +210,7 @@ class Group:
                 raise DuplicateRank(self.name, rank)
             else:  # LOST or REPLACING: fresh memory for a lost rank
                 role = Role.REPLACEMENT
-            new = Rank(rank, ALIVE if role != Role.REPLACEMENT else REPLACING, pid, regions)
+            new = Rank(rank, ALIVE if role != Role.REPLACEMENT else REPLACING, pid, regions, pid_start=pid_start)
             try:
                 new.memory = self.data.attach(self.region_sizes(regions))
                 new.idents = tuple(new.memory.idents)
@@ -208,6 +228,8 @@ class Group:
                 new.committed = self.protected_step
             if role == Role.REPLACEMENT:
                 new.committed = self.protected_step
+            elif last_step is not None:
+                new.resend_through = last_step
             new.session = uuid.uuid4().hex
             self.ranks[rank] = new
             self.manifest_ranks()
@@ -218,11 +240,15 @@ class Group:
 
     def attach_detached(self, manifest_ranks: dict[str, Any]) -> None:
         """After a daemon restart: map every known rank's region again, detached
-        until its worker reconnects; a rank whose region is gone is lost."""
+        until its worker reconnects; a rank whose region is gone is lost. Whether
+        each detached rank's process still runs is the caller's to check
+        (:meth:`forget_dead`): one that ended while no daemon watched it must
+        count as ended."""
         with self.lock:
             for key, info in manifest_ranks.items():
                 r = Rank(int(key), DETACHED, int(info["pid"]), tuple(RegionSpec.from_dict(s) for s in info["regions"]),
-                         committed=self.protected_step, release_region=bool(info.get("release_region")))
+                         committed=self.protected_step, release_region=bool(info.get("release_region")),
+                         process_ended=bool(info.get("process_ended")), pid_start=float(info.get("pid_start", 0.0)))
                 r.idents = tuple(tuple(x) for x in info.get("idents", ()))
                 if info.get("state") in (LOST, REPLACING):
                     r.state = LOST
@@ -236,6 +262,20 @@ class Group:
                         r.state = LOST
                 self.ranks[r.rank] = r
             self.update_gauges()
+
+    def forget_dead(self, alive: Callable[[int, float], bool], ranks: list[int] | None = None) -> None:
+        """Ranks whose worker may still run (alive, or detached and not ended) but
+        whose process ``alive(pid, start)`` says is gone are handled as a death now
+        (:meth:`mark_lost`), not when the pid watcher gets to them: after a daemon
+        restart (a worker that ended while no daemon watched), and before a rank's
+        replacement registers."""
+        with self.lock:
+            suspects = [(r.rank, r.pid, r.pid_start) for r in self.ranks.values()
+                        if (ranks is None or r.rank in ranks) and r.pid > 0 and not r.process_ended
+                        and (r.state in (ALIVE, REPLACING) or r.may_return)]
+        for rank, pid, start in suspects:
+            if not alive(pid, start):
+                self.mark_lost(rank, "pid_gone")
 
     def check_session(self, rank: int, session: str) -> Rank:
         r = self.ranks.get(rank)
@@ -281,11 +321,11 @@ class Group:
             if r.state not in (ALIVE, REPLACING):
                 raise WrongState(self.name, rank, f"rank is {r.state}: cannot say goodbye")
             r.release_region = release_region
+            r.process_ended = True
             self.encoder.drop_rank(rank)
             if any(x.state == LOST for x in self.ranks.values()):
                 r.state = DETACHED  # the engine is going down after a failure: keep it
-                if self.keep_survivors:
-                    self._ended = all(x.state in (LOST, DETACHED, LEFT) for x in self.ranks.values())
+                self._check_ended()
             else:
                 r.state = LEFT
             log.info("group %s: rank %d said goodbye", self.name, rank)
@@ -296,25 +336,29 @@ class Group:
             return self.end_reason == EndReason.CLEAN
 
     def mark_lost(self, rank: int, kind: str) -> bool:
-        """Rank ``rank`` failed: unmap its memory, drop its unencoded commits. Idempotent."""
+        """Rank ``rank``'s worker failed (its stream broke, its pid is gone): unmap
+        its memory, drop its unencoded commits. In a keep_survivors group, a rank
+        that ends after another was lost is kept instead (detached, its process
+        ended). Idempotent."""
         with self.lock:
             r = self.ranks.get(rank)
             if r is None or r.state in (LOST, LEFT) or self.closed:
                 return False  # a rank that said goodbye may end its process; a dropped group is gone
-            if self.keep_survivors and r.mapped and (
-                    r.state == DETACHED or any(x.state == LOST for x in self.ranks.values())):
+            if r.state == DETACHED and r.process_ended:
+                return False  # kept already
+            if self.keep_survivors and r.mapped and any(x.state == LOST for x in self.ranks.values()):
                 # the engine tears down every rank after one fails; this one's
                 # memory outlives it (shared memory) and stays a recovery source
-                if r.state != DETACHED:
-                    log.warning("group %s: rank %d ended after a failure (%s); its memory is kept",
-                                self.name, rank, kind)
-                    r.state = DETACHED
-                    self.encoder.drop_rank(rank)
-                    self._ended = all(x.state in (LOST, DETACHED, LEFT) for x in self.ranks.values())
-                    self._note_end()
-                    self.manifest_ranks()
-                    self.update_gauges()
-                    self.cond.notify_all()
+                log.warning("group %s: rank %d ended after a failure (%s); its memory is kept",
+                            self.name, rank, kind)
+                r.state = DETACHED
+                r.process_ended = True
+                self.encoder.drop_rank(rank)
+                self._check_ended()
+                self._note_end()
+                self.manifest_ranks()
+                self.update_gauges()
+                self.cond.notify_all()
                 return False
             log.warning("group %s: rank %d lost (%s)", self.name, rank, kind)
             r.state = LOST
@@ -324,7 +368,7 @@ class Group:
                 for x in self.ranks.values():
                     if x.state == LEFT:  # left before the failure was known: now a recovery source
                         x.state = DETACHED
-                self._ended = all(x.state in (LOST, DETACHED) for x in self.ranks.values())
+                self._check_ended()
             self.encoder.drop_rank(rank)
             self.metrics.failures.labels(self.name, kind).inc()
             self._note_end()
@@ -346,7 +390,8 @@ class Group:
         with self.lock:
             if self.closed:
                 return []
-            return [(r.rank, r.pid) for r in self.ranks.values() if r.state not in (LOST, LEFT) and r.pid > 0]
+            return [(r.rank, r.pid) for r in self.ranks.values()
+                    if r.state not in (LOST, LEFT) and not r.process_ended and r.pid > 0]
 
     # ------------------------------------------------------------------ commits
 
@@ -365,6 +410,10 @@ class Group:
                 raise WrongState(self.name, rank,
                                  f"step {rec.step} after {r.committed}: steps must be consecutive")
             r.committed = rec.step
+            if not self._waiting or rec.step > self._waiting[-1][0]:
+                self._waiting.append((rec.step, time.monotonic()))
+                while self._waiting[0][0] <= self.protected_step:
+                    self._waiting.popleft()
             self.encoder.queue(rank, rec)
             self.metrics.commits.labels(self.name).inc()
             self._update_lag()
@@ -423,6 +472,20 @@ class Group:
 
     def newest_step(self) -> int:
         return max([r.committed for r in self.ranks.values()] + [self.protected_step])
+
+    def lag_seconds(self) -> float:
+        """How long the oldest committed, unprotected step has waited (0: none waits)."""
+        with self.lock:
+            protected = self.protected_step
+            while self._waiting and self._waiting[0][0] <= protected:
+                self._waiting.popleft()
+            return time.monotonic() - self._waiting[0][1] if self._waiting else 0.0
+
+    def catching_up(self, but: int | None = None) -> list[int]:
+        """Ranks (other than ``but``) whose worker may still bring commits the
+        daemon has not seen: detached ones that may rejoin, and rejoined ones whose
+        resent commits are still arriving. Caller holds ``lock``."""
+        return [q for q, x in self.ranks.items() if q != but and (x.may_return or x.catching_up)]
 
     def _update_lag(self) -> None:
         self.metrics.lag_steps.labels(self.name).set(self.newest_step() - self.protected_step)

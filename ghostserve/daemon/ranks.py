@@ -6,7 +6,8 @@ States (``RankStatus.state`` on the wire):
 * ``replacing``: fresh memory for a lost rank, registered, not yet restored;
 * ``lost``: failed (stream broken, pid gone); its memory is unmapped and never read;
 * ``detached``: known and mapped, no stream: from before a daemon restart (its
-  worker will rejoin), or kept after its engine ended by failure (a source for Fetch);
+  worker will rejoin, unless its process has ended), or kept after its engine
+  ended by failure (a source for Fetch; ``process_ended`` is then set);
 * ``left``: said goodbye (a clean shutdown); still mapped until the group's end is known.
 """
 
@@ -51,6 +52,23 @@ class Rank:
     committed: int = -1
     outbox: queue.Queue | None = None      # items of ghostserve.daemon.messages
     release_region: bool = False           # said goodbye: unlink the region when the group is dropped
+    # its worker process ended (or said goodbye): it will never rejoin (persisted)
+    process_ended: bool = False
+    pid_start: float = 0.0                 # the process's start time (a reused pid is another process)
+    # registered again after a daemon restart or a broken stream: its commits up to
+    # this step are being resent; until they have arrived it is catching up
+    resend_through: int = -1
+
+    @property
+    def catching_up(self) -> bool:
+        """Alive, but its resent commits have not all arrived: the chunks it wrote
+        since the protected step are not all known yet."""
+        return self.state == RankState.ALIVE and self.committed < self.resend_through
+
+    @property
+    def may_return(self) -> bool:
+        """Detached with its worker possibly still running: it may rejoin."""
+        return self.state == RankState.DETACHED and not self.process_ended
 
     @property
     def regions(self) -> tuple[str, ...]:

@@ -185,12 +185,17 @@ def restore(g: Group, rank: int, session: str | None) -> RestoreResult:
     started = time.perf_counter()
     with g.lock:
         # After a daemon restart, survivors are detached until their workers
-        # reconnect and resend what they wrote since the protected step. Until
-        # then their in-flight chunks are unknown, so wait for them.
+        # reconnect, and then catching up until the commits they resend (all they
+        # wrote since the protected step) have arrived. Until then their in-flight
+        # chunks are unknown: a chunk they rewrote would fail its checksum and be
+        # taken for corruption. So wait for them (a survivor that dies meanwhile
+        # stops being waited for).
         deadline = time.monotonic() + g.rejoin_wait
-        while any(x.state == RankState.DETACHED for q, x in g.ranks.items() if q != rank):
+        while waiting := g.catching_up(but=rank):
             left = deadline - time.monotonic()
             if left <= 0:
+                log.warning("group %s: restoring rank %d without ranks %s, which have not rejoined and "
+                            "resent their commits within %g s", g.name, rank, waiting, g.rejoin_wait)
                 break
             g.cond.wait(left)
         r = g.ranks.get(rank)
@@ -200,8 +205,9 @@ def restore(g: Group, rank: int, session: str | None) -> RestoreResult:
             raise WrongState(g.name, rank, "stale session: register again")
         if r.memory is None:
             raise WrongState(g.name, rank, f"rank is {r.state} with no memory registered")
+        # a survivor still catching up (its wait ran out) is an erasure: its chunks are not all known
         survivors = {q: x.memory for q, x in g.ranks.items()
-                     if q != rank and x.state == RankState.ALIVE and x.memory is not None}
+                     if q != rank and x.state == RankState.ALIVE and not x.catching_up and x.memory is not None}
         base_erased = {q for q in range(g.n) if q not in survivors}
         flux, freed_in_flux = g.encoder.in_flux()
         target = r.memory

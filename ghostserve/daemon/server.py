@@ -140,6 +140,8 @@ class Daemon:
                 continue
             group.attach_detached(store.manifest.get("ranks", {}))
             log.info("re-attached group %s at protected step %d", name, store.protected_step)
+            # workers that ended while no daemon watched them (or whose pid is now another process's)
+            group.forget_dead(self._process_alive)
         self._expire()  # a crash between an engine's goodbye and its drop
 
     def _new_group(self, name: str, store: ParityStore) -> Group:
@@ -260,6 +262,21 @@ class Daemon:
                         for s in r.specs if s.kind == "host")
         return held
 
+    def _process_alive(self, pid: int, start: float) -> bool:
+        """Is the process ``pid`` that started at ``start`` (0: unknown) still running?
+        A pid can be reused once its process has ended: a different start time is
+        another process."""
+        if not self._alive(pid):
+            return False
+        return not start or abs(self._start_time(pid) - start) < 0.01
+
+    def _start_time(self, pid: int) -> float:
+        """The start time of process ``pid`` (0 if unknown)."""
+        try:
+            return psutil.Process(pid).create_time()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            return 0.0
+
     def _alive(self, pid: int) -> bool:
         proc = self._procs.get(pid)
         try:
@@ -341,8 +358,12 @@ class Daemon:
                     raise InvalidRequest(f"group {req.group!r} is registered with {have}, not {manifest}")
                 if layout.block_slots and bytes(group.store.slot_map.tobytes()) != lay.slot_map:
                     raise InvalidRequest(f"group {req.group!r} is registered with another slot_map")
+            if not created:  # a holder of this rank whose process is gone: its death, now
+                group.forget_dead(self._process_alive, [req.rank])
             try:
-                role, session = group.register(req.rank, req.pid, tuple(specs))
+                role, session = group.register(req.rank, req.pid, tuple(specs),
+                                               req.last_step if req.HasField("last_step") else None,
+                                               self._start_time(req.pid))
             except GhostServeError:
                 if created:  # leave nothing behind for a refused first registration
                     self.groups.pop(req.group).stop()
@@ -463,19 +484,20 @@ class Daemon:
                 age = now - g.ended_at if g.ended_at is not None else 0.0
                 gs = out.groups.add(
                     group=g.name, world_size=g.n, parity=g.m,
-                    state="ended" if ended else "degraded" if g.degraded() else "healthy",
+                    state="ended" if ended else "degraded" if g.degraded()
+                    else "stalled" if g.lag_seconds() > self.config.stall_seconds else "healthy",
                     ended_seconds=age, held_bytes=self.held_bytes(g),
                     expires_seconds=max(0.0, self.config.ended_ttl - age)
                     if g.end_reason == EndReason.FAILURE else 0.0,
                     protected_step=g.protected_step, newest_step=g.newest_step(),
-                    lag_steps=g.newest_step() - g.protected_step,
+                    lag_steps=g.newest_step() - g.protected_step, lag_seconds=g.lag_seconds(),
                     kv_bytes=lay.kv_bytes() * g.n, protected_bytes=chunks * per_chunk * g.n,
                     parity_bytes=chunks * per_chunk * g.m, parity_arena_bytes=lay.kv_bytes() * g.m,
                     layout=pb.KVLayout(**lay.to_dict()),
                 )
                 for r in sorted(g.ranks.values(), key=lambda r: r.rank):
-                    gs.ranks.add(rank=r.rank, state=r.state, pid=r.pid,
-                                 committed_step=r.committed, region=r.region)
+                    gs.ranks.add(rank=r.rank, state=r.state, pid=r.pid, committed_step=r.committed,
+                                 region=r.region, process_ended=r.process_ended)
                 for req, tokens in sorted(g.watermarks.items()):
                     gs.watermarks.add(request_id=req, tokens=tokens)
                 if g.last_restore:

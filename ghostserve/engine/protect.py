@@ -29,7 +29,7 @@ import numpy as np
 from ghostserve import shm
 from ghostserve.client import WorkerClient
 from ghostserve.engine.paged import PagedKV
-from ghostserve.errors import GhostServeError
+from ghostserve.errors import DaemonUnavailable, GhostServeError
 
 MODES = ("none", "replicate", "ec")
 REPLICA_HEADER = 64  # int64 replicated step at byte 0
@@ -125,12 +125,13 @@ class ErasureCoded(Protection):
         deadline = time.monotonic() + register_timeout
         while True:
             try:
-                resp = self.client.register()
+                resp = self.client.register(wait=max(0.0, deadline - time.monotonic()))
                 break
+            except DaemonUnavailable as exc:  # waited register_timeout for it
+                raise ProtectionError(f"rank {rank}: {exc}") from None
             except grpc.RpcError as exc:
-                # a replacement can be faster than the daemon noticing the death
-                # (ALREADY_EXISTS until then); a daemon still starting is UNAVAILABLE
-                retry = exc.code() in (grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNAVAILABLE)
+                # a replacement can be faster than the daemon noticing the death (ALREADY_EXISTS until then)
+                retry = exc.code() == grpc.StatusCode.ALREADY_EXISTS
                 if not retry or time.monotonic() > deadline:
                     raise ProtectionError(f"rank {rank}: the daemon refused registration: "
                                           f"{exc.code().name}: {exc.details()}") from None

@@ -56,6 +56,9 @@ class FrontMetrics:
         self.engine_start_seconds = Histogram(
             "ghostserve_front_engine_start_seconds", "vLLM server start to a healthy /health",
             buckets=(5, 10, 20, 30, 45, 60, 90, 120, 180, 300, 600, 900), registry=registry)
+        self.daemon_restarts = Counter(
+            "ghostserve_front_daemon_restarts_total",
+            "Restarts of the ghostserve daemon this command started, after it exited unasked", registry=registry)
         self.groups_dropped = Counter(
             "ghostserve_front_groups_dropped_total",
             "Ended engines' ghostserve groups dropped after their requests resumed", registry=registry)

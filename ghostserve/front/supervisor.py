@@ -3,7 +3,8 @@
 :class:`Supervisor` keeps three things up, in this order:
 
 1. the ghostserve daemon: the one answering on ``--socket``, or one it starts
-   there (and stops at the end);
+   there (started again if it exits unasked: parity and the request index
+   re-attach from shared memory, the workers rejoin; stopped at the end);
 2. vLLM's OpenAI server with the ghostserve connector (:class:`VllmServer`): a
    fresh engine id per start; when it or its engine dies (each death logged with
    its cause) it is killed whole and started again, at once if it had been
@@ -14,7 +15,9 @@
 
 A dead engine's ghostserve group is dropped (parity, index and the ranks' KV
 memory) as soon as every request that ran on it has resumed or ended
-(:class:`~ghostserve.front.tracker.Tracker`). SIGTERM or SIGINT stops
+(:class:`~ghostserve.front.tracker.Tracker`) and the daemon has seen its last
+worker end; a drop the daemon refuses for now is tried again, backing off, and
+logged once per reason. SIGTERM or SIGINT stops
 everything in order: the front (in-flight requests get ``drain_seconds``),
 vLLM (SIGTERM, then SIGKILL after ``stop_timeout``), then a daemon it started.
 """
@@ -33,7 +36,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from ghostserve.client import OperatorClient
-from ghostserve.errors import EngineFailed, GhostServeError
+from ghostserve.errors import DaemonUnavailable, EngineFailed, GhostServeError
 from ghostserve.front.app import Front
 from ghostserve.front.config import SupervisorConfig
 from ghostserve.front.metrics import FrontMetrics
@@ -61,7 +64,8 @@ class Supervisor:
         self.upstream = SupervisedUpstream(front)
         self.front = Front(front, self.upstream, self.registry, self.metrics)
         self.server: VllmServer | None = None
-        self.daemon: asyncio.subprocess.Process | None = None
+        self.daemon: asyncio.subprocess.Process | None = None  # one this command started
+        self._daemon_keeper: asyncio.Task | None = None
         self._stop = asyncio.Event()
         self._drops: set[asyncio.Task] = set()
         self.gave_up: str | None = None
@@ -76,6 +80,8 @@ class Supervisor:
             loop.add_signal_handler(sig, self.request_stop)
         try:
             await self._ensure_daemon()
+            if self.daemon is not None:
+                self._daemon_keeper = asyncio.create_task(self._keep_daemon())
             self.op = OperatorClient(self.config.socket, timeout=30)
             port = await self.front.start()
             print(f"front port={port}", flush=True)
@@ -117,6 +123,9 @@ class Supervisor:
         finally:
             op.close()
         log.info("no daemon answers on %s: starting one", self.config.socket)
+        await self._start_daemon()
+
+    async def _start_daemon(self) -> None:
         self.daemon = await asyncio.create_subprocess_exec(
             self.config.python, "-m", "ghostserve", "serve", "--socket", self.config.socket,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE)
@@ -126,7 +135,38 @@ class Supervisor:
             raise EngineFailed(f"ghostserve serve did not start on {self.config.socket} (exit status {code}); "
                                "its log is above")
 
+    async def _keep_daemon(self) -> None:
+        """Start the daemon this command started again whenever it exits unasked
+        (a crash, a SIGKILL): at once after a daemon that had run a while, else
+        after a doubling backoff."""
+        quick = 0
+        while True:
+            started = time.monotonic()
+            code = await self.daemon.wait()
+            if self._stop.is_set():
+                return
+            quick = quick + 1 if time.monotonic() - started < 10 else 0
+            delay = min(self.config.backoff_max, self.config.backoff * 2 ** (quick - 1)) if quick else 0.0
+            log.warning("the ghostserve daemon exited unasked (status %s): starting it again%s", code,
+                        f" in {delay:.1f} s" if delay else "")
+            if delay:
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                    return
+                except TimeoutError:
+                    pass
+            try:
+                await self._start_daemon()
+            except EngineFailed as exc:
+                log.error("%s", exc)
+                continue
+            self.metrics.daemon_restarts.inc()
+            log.info("ghostserve daemon running again on %s", self.config.socket)
+
     async def _stop_daemon(self) -> None:
+        if self._daemon_keeper is not None:
+            self._daemon_keeper.cancel()
+            await asyncio.gather(self._daemon_keeper, return_exceptions=True)
         if self.daemon is None or self.daemon.returncode is not None:
             return
         log.info("stopping the ghostserve daemon this command started")
@@ -223,23 +263,31 @@ class Supervisor:
             if pending:
                 log.info("group %s: kept until its %d request(s) resumed", server.group, pending)
             await self.front.tracker.settled(generation)
-        for attempt in range(20):
+        delay, why = 0.1, ""
+        while True:
             try:
                 resp = await asyncio.to_thread(self.op.drop, server.group, True)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.NOT_FOUND:
                     return  # dropped already (a clean shutdown), or never registered
-                if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNAVAILABLE) and attempt < 19:
-                    await asyncio.sleep(0.25)  # a rank the daemon has not yet seen end, or a daemon restarting
-                    continue
-                log.warning("could not drop group %s: %s", server.group, exc.details())
-                return
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    log.warning("could not drop group %s: %s", server.group, exc.details())
+                    return
+                now = f"the daemon has not seen every worker end ({exc.details()})"
+            except DaemonUnavailable:
+                now = "the daemon does not answer (restarting?)"
             except GhostServeError as exc:
                 log.warning("could not drop group %s: %s", server.group, exc)
                 return
-            self.metrics.groups_dropped.inc()
-            log.info("dropped group %s (%.1f MiB of shared memory)", server.group, resp.released_bytes / 2**20)
-            return
+            else:
+                self.metrics.groups_dropped.inc()
+                log.info("dropped group %s (%.1f MiB of shared memory)", server.group, resp.released_bytes / 2**20)
+                return
+            if now != why:  # once per state, not per attempt
+                log.info("group %s not dropped yet: %s; trying again", server.group, now)
+                why = now
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 5.0)
 
 
 def run(config: SupervisorConfig) -> int:

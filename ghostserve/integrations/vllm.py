@@ -62,7 +62,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from ghostserve import shm
-from ghostserve.client import WorkerClient, channel, worker_stub
+from ghostserve.client import CONNECT_WAIT, WorkerClient, channel, worker_stub
 from ghostserve.config import ConfigError
 from ghostserve.errors import DaemonUnavailable, Unsupported
 from ghostserve.integrations import kvsegment
@@ -84,6 +84,9 @@ class ConnectorOptions:
     group: str = ""                  # daemon group name; default vllm-<engine_id>
     shm_prefix: str = "gs-vllm-"     # names of the ranks' KV segments
     resume: bool = True              # look requests up in ended engines' KV
+    # seconds a rank's registration waits for a daemon that does not answer (one
+    # restarting); then the engine runs unprotected, and says so in its log
+    daemon_wait: float = CONNECT_WAIT
 
     def __post_init__(self) -> None:
         if not isinstance(self.socket, str) or not self.socket:
@@ -95,6 +98,9 @@ class ConnectorOptions:
             raise ConfigError("group", f"{self.group!r}: a string")
         if not isinstance(self.resume, bool):
             raise ConfigError("resume", f"{self.resume!r}: true or false")
+        if (not isinstance(self.daemon_wait, int | float) or isinstance(self.daemon_wait, bool)
+                or not 0 <= self.daemon_wait <= 3600):
+            raise ConfigError("daemon_wait", f"{self.daemon_wait!r}: seconds, from 0 to 3600")
         try:
             shm.check_name(self.shm_prefix + "x")
         except ValueError:
@@ -229,7 +235,8 @@ class GhostServeConnector(KVConnectorBase_V1):
         # worker side
         if role == KVConnectorRole.WORKER:
             request_amx_permission()  # before this process's first AMX attention (resume: 1-token steps)
-        self._client: WorkerClient | None = None
+        self._client: WorkerClient | None = None   # None: a replica rank, or unprotected
+        self._replica = False                        # holds a copy of its primary's KV heads
         self._segment: shm.Segment | None = None
         self._first_layer = ""
         self._block_bytes = 0
@@ -314,6 +321,7 @@ class GhostServeConnector(KVConnectorBase_V1):
                       chunk_bytes=self._block_bytes, layer_stride=layer_stride, block_stride=block_stride,
                       offset=offsets[0], block_slots=self.block_size, slot_map=slot_map.tobytes())
         if rank % self.replicas:
+            self._replica = True
             shm.unlink(region)  # nobody maps a replica's KV by name: let it go with the process
             log.info("ghostserve: rank %d replicates rank %d's KV heads: no parity needed", rank,
                      rank - rank % self.replicas)
@@ -322,7 +330,14 @@ class GhostServeConnector(KVConnectorBase_V1):
                                     self.options.parity, layout, region, size, keep_survivors=True,
                                     namespace=self.namespace)
         try:
-            self._client.register()
+            self._client.register(wait=self.options.daemon_wait)
+        except DaemonUnavailable as exc:
+            # an engine must not die because its sidecar did: it runs, unprotected, and says so
+            self._client = None
+            shm.unlink(region)  # nobody will map it by name: it goes with the process
+            log.error("ghostserve: rank %d runs UNPROTECTED: %s. Its KV is not checkpointed; a failure of "
+                      "this engine recomputes its requests", rank, exc)
+            return
         except grpc.RpcError as exc:
             raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
         log.info("ghostserve: rank %d registered %d MiB of KV as group %s (%s)", rank, size >> 20,
@@ -351,8 +366,14 @@ class GhostServeConnector(KVConnectorBase_V1):
         meta = self._meta()
         if meta is None or not meta.loads:
             return
-        if self._client is None:
+        if self._replica:
             self._copy_from_primary(meta.loads)
+            return
+        if self._client is None:  # unprotected (no daemon): vLLM recomputes what was to be loaded
+            for load in meta.loads:
+                self._load_errors.update(load.blocks)
+            if self.replicas > 1:
+                self._loads_done()  # the replicas wait here (vLLM gathers every rank's load errors)
             return
         for load in meta.loads:
             try:

@@ -68,7 +68,7 @@ class Region(_message.Message):
     def __init__(self, shm_name: _Optional[str] = ..., cuda_ipc_handle: _Optional[bytes] = ..., size: _Optional[int] = ..., device: _Optional[int] = ..., offset: _Optional[int] = ..., device_uuid: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid", "keep_survivors", "namespace", "regions")
+    __slots__ = ("group", "rank", "world_size", "parity", "layout", "region", "pid", "keep_survivors", "namespace", "regions", "last_step")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class RegisterRequest(_message.Message):
     KEEP_SURVIVORS_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     group: str
     rank: int
     world_size: int
@@ -89,7 +90,8 @@ class RegisterRequest(_message.Message):
     keep_survivors: bool
     namespace: str
     regions: _containers.RepeatedCompositeFieldContainer[Region]
-    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ..., keep_survivors: _Optional[bool] = ..., namespace: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
+    last_step: int
+    def __init__(self, group: _Optional[str] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., region: _Optional[_Union[Region, _Mapping]] = ..., pid: _Optional[int] = ..., keep_survivors: _Optional[bool] = ..., namespace: _Optional[str] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ..., last_step: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("role", "session", "protected_step", "next_step")
@@ -340,18 +342,20 @@ class StatusRequest(_message.Message):
     def __init__(self, group: _Optional[str] = ...) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "state", "pid", "committed_step", "region")
+    __slots__ = ("rank", "state", "pid", "committed_step", "region", "process_ended")
     RANK_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_STEP_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ENDED_FIELD_NUMBER: _ClassVar[int]
     rank: int
     state: str
     pid: int
     committed_step: int
     region: str
-    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., committed_step: _Optional[int] = ..., region: _Optional[str] = ...) -> None: ...
+    process_ended: bool
+    def __init__(self, rank: _Optional[int] = ..., state: _Optional[str] = ..., pid: _Optional[int] = ..., committed_step: _Optional[int] = ..., region: _Optional[str] = ..., process_ended: _Optional[bool] = ...) -> None: ...
 
 class LastRestore(_message.Message):
     __slots__ = ("rank", "seconds", "restored_bytes", "unrecoverable_bytes", "unix_time")
@@ -368,7 +372,7 @@ class LastRestore(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., seconds: _Optional[float] = ..., restored_bytes: _Optional[int] = ..., unrecoverable_bytes: _Optional[int] = ..., unix_time: _Optional[float] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("group", "world_size", "parity", "state", "protected_step", "newest_step", "lag_steps", "kv_bytes", "protected_bytes", "parity_bytes", "parity_arena_bytes", "ranks", "watermarks", "last_restore", "layout", "ended_seconds", "held_bytes", "expires_seconds")
+    __slots__ = ("group", "world_size", "parity", "state", "protected_step", "newest_step", "lag_steps", "kv_bytes", "protected_bytes", "parity_bytes", "parity_arena_bytes", "ranks", "watermarks", "last_restore", "layout", "ended_seconds", "held_bytes", "expires_seconds", "lag_seconds")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PARITY_FIELD_NUMBER: _ClassVar[int]
@@ -387,6 +391,7 @@ class GroupStatus(_message.Message):
     ENDED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
     group: str
     world_size: int
     parity: int
@@ -405,7 +410,8 @@ class GroupStatus(_message.Message):
     ended_seconds: float
     held_bytes: int
     expires_seconds: float
-    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., state: _Optional[str] = ..., protected_step: _Optional[int] = ..., newest_step: _Optional[int] = ..., lag_steps: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., parity_bytes: _Optional[int] = ..., parity_arena_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., last_restore: _Optional[_Union[LastRestore, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., ended_seconds: _Optional[float] = ..., held_bytes: _Optional[int] = ..., expires_seconds: _Optional[float] = ...) -> None: ...
+    lag_seconds: float
+    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., state: _Optional[str] = ..., protected_step: _Optional[int] = ..., newest_step: _Optional[int] = ..., lag_steps: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., parity_bytes: _Optional[int] = ..., parity_arena_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., last_restore: _Optional[_Union[LastRestore, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., ended_seconds: _Optional[float] = ..., held_bytes: _Optional[int] = ..., expires_seconds: _Optional[float] = ..., lag_seconds: _Optional[float] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("groups", "version")

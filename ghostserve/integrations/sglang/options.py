@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 
 from ghostserve import shm
-from ghostserve.config import ConfigError
+from ghostserve.config import CONNECT_WAIT_SECONDS, ConfigError
 
 ENV = "GHOSTSERVE_SGLANG"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -39,6 +39,9 @@ class PluginOptions:
     shm_prefix: str = "gs-"          # names of the ranks' KV segments: <prefix><group>-r<rank>
     resume: bool = True              # load new requests' prefixes from ended servers' KV
     namespace: str = ""              # Lookup scope; default: a hash of the model and its numerics
+    # seconds start-up waits for a daemon that does not answer (one restarting); then
+    # SGLang runs unprotected and says so in its log
+    daemon_wait: float = CONNECT_WAIT_SECONDS
 
     def __post_init__(self) -> None:
         if not self.socket:
@@ -52,6 +55,8 @@ class PluginOptions:
             shm.check_name(self.shm_prefix + "x")
         except ValueError:
             raise ConfigError(f"{ENV}_SHM_PREFIX", f"{self.shm_prefix!r}: use letters, digits and ._-") from None
+        if not 0 <= self.daemon_wait <= 3600:
+            raise ConfigError(f"{ENV}_DAEMON_WAIT", f"{self.daemon_wait}: seconds, from 0 to 3600")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PluginOptions | None:
@@ -68,10 +73,15 @@ class PluginOptions:
             m = int(parity)
         except ValueError:
             raise ConfigError(f"{ENV}_PARITY", f"{parity!r}: an integer from 1 to 254") from None
+        wait = env.get(f"{ENV}_DAEMON_WAIT", str(CONNECT_WAIT_SECONDS))
+        try:
+            daemon_wait = float(wait)
+        except ValueError:
+            raise ConfigError(f"{ENV}_DAEMON_WAIT", f"{wait!r}: seconds, from 0 to 3600") from None
         return cls(socket=env.get(f"{ENV}_SOCKET") or env.get("GHOSTSERVE_SOCKET", ""), parity=m,
                    group=env.get(f"{ENV}_GROUP", ""), shm_prefix=env.get(f"{ENV}_SHM_PREFIX", "gs-"),
                    resume=_flag(f"{ENV}_RESUME", env.get(f"{ENV}_RESUME", "1")),
-                   namespace=env.get(f"{ENV}_NAMESPACE", ""))
+                   namespace=env.get(f"{ENV}_NAMESPACE", ""), daemon_wait=daemon_wait)
 
 
 __all__ = ["ENV", "PluginOptions"]

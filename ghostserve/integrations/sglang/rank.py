@@ -12,9 +12,11 @@ hook, because the segment must exist before SGLang's buffers do):
 1. :meth:`make_buffers`: the pool's K and V buffers become views of a named
    shared-memory segment (:mod:`.kvpool`).
 2. :meth:`attach` (after ``Scheduler.__init__``): refuse set-ups the plug-in
-   cannot protect, then register with the daemon (start-up fails if none
-   answers). KV heads replicated over ranks (fewer KV heads than TP ranks) need
-   no parity: only the first rank of each replica set registers.
+   cannot protect, then register with the daemon. A daemon that does not answer
+   is waited for (``daemon_wait``, one restarting); if it stays away the rank
+   runs unprotected and says so: SGLang never fails because its sidecar did.
+   KV heads replicated over ranks (fewer KV heads than TP ranks) need no parity:
+   only the first rank of each replica set registers.
 3. Each forward: :meth:`capture` (after ``run_batch``: the slots it wrote and
    the requests' KV lengths) and :meth:`commit` (after ``process_batch_result``:
    finished requests, pages freed, Lookup records) queue one commit; the daemon
@@ -101,7 +103,9 @@ class RankState:
         self.region = f"{options.shm_prefix}{group}-r{rank}"
         self.geometry: PoolGeometry | None = None
         self.segment: shm.Segment | None = None
-        self.client: WorkerClient | None = None   # None on a replica rank
+        self.client: WorkerClient | None = None   # None on a replica rank, or unprotected
+        self.replica = False                      # holds a copy of its primary's KV heads
+        self.unprotected = False                  # no daemon answered: nothing is protected
         self.replicas, self.shards = 1, tp
         self.namespace = ""
         self.can_resume = False
@@ -129,14 +133,20 @@ class RankState:
         dtype = pool.store_dtype
         geom = PoolGeometry(layers=pool.layer_num, rows=pool.size + pool.page_size, page=pool.page_size,
                             heads=pool.head_num, head_dim=pool.head_dim, itemsize=dtype.itemsize)
-        kvsegment.check_daemon(self.options.socket)
         try:
-            self.segment = kvsegment.allocate(self.options.socket, self.region, geom.size)
+            kvsegment.check_daemon(self.options.socket, wait=self.options.daemon_wait)
+        except DaemonUnavailable as exc:
+            self._unprotect(exc)
+        try:
+            self.segment = kvsegment.allocate(self.options.socket, self.region, geom.size,
+                                              ask_daemon=not self.unprotected)
         except FileExistsError:
             raise Unsupported(f"shared memory {self.region!r} exists: a server with the same group left it "
                               "(ghostserve drop its group with --unlink-regions, or set a new "
                               "GHOSTSERVE_SGLANG_GROUP)") from None
         self.geometry = geom
+        if self.unprotected:
+            shm.unlink(self.region)  # nobody will map it by name: it goes with the process
         pool.k_buffer, pool.v_buffer = kv_buffers(self.segment.buf, geom, dtype)
         log.info("ghostserve: rank %d KV (%d MiB, %d layers, %d slots) in %s", self.rank, geom.size >> 20,
                  geom.layers, geom.rows, self.region)
@@ -147,7 +157,7 @@ class RankState:
         try:
             self._attach(scheduler)
         except BaseException:
-            if self.client is None:  # the start fails: this segment would outlive the process
+            if self.client is None and not self.unprotected:  # the start fails: the segment would outlive it
                 shm.unlink(self.region)
             raise
 
@@ -184,7 +194,11 @@ class RankState:
         if self.options.resume and not self.can_resume:
             log.warning("ghostserve: SGLang runs without a radix cache (--disable-radix-cache): KV is "
                         "protected, but resubmitted requests are prefilled, not loaded")
+        if self.unprotected:
+            self.can_resume = False
+            return
         if self.rank % self.replicas:
+            self.replica = True
             shm.unlink(self.region)  # nobody maps a replica's KV by name: it goes with the process
             log.info("ghostserve: rank %d replicates rank %d's KV heads: no parity needed", self.rank,
                      self.primary)
@@ -194,12 +208,23 @@ class RankState:
                                    self.options.parity, geom.layout(), self.region, geom.size,
                                    keep_survivors=True, namespace=self.namespace)
         try:
-            self.client.register()
+            self.client.register(wait=self.options.daemon_wait)
+        except DaemonUnavailable as exc:
+            self.client = None
+            shm.unlink(self.region)
+            self._unprotect(exc)
+            return
         except grpc.RpcError as exc:
             self.client = None
             raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
         log.info("ghostserve: rank %d registered as shard %d of group %s (%d+%d)", self.rank,
                  self.rank // self.replicas, self.group, self.shards, self.options.parity)
+
+    def _unprotect(self, why: Exception) -> None:
+        """No daemon answered: this rank runs without protection, and says so."""
+        self.unprotected, self.can_resume = True, False
+        log.error("ghostserve: rank %d runs UNPROTECTED: %s. Its KV is not checkpointed; a failure of this "
+                  "server recomputes its requests", self.rank, why)
 
     @property
     def primary(self) -> int:
@@ -237,7 +262,7 @@ class RankState:
         geom = self.geometry
         freed, self._freed = self._freed, set()
         loaded, self._loaded = self._loaded, {}
-        if self.client is None:  # a replica: its primary's commit covers these bytes
+        if self.client is None:  # a replica (its primary's commit covers these bytes), or unprotected
             return
         slots = cap.slots[cap.slots >= geom.page]  # page 0 takes padded tokens' writes
         fills = fills_of(slots, geom.page)

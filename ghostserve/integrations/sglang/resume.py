@@ -170,7 +170,7 @@ def load(state: RankState, plan: ResumePlan) -> list[LoadResult]:
         if slots is None:
             continue
         n = n // page * page
-        if n and state.client is None:
+        if n and state.replica:
             _copy_from_primary(state, slots[:n])
         if n:
             value = slots[:n] if prefix is None else torch.cat([prefix.to(slots.dtype), slots[:n]])
@@ -192,8 +192,10 @@ def _fetch(state: RankState, entry: ResumeEntry, cached: int, slots: Any) -> int
     returns how many tokens arrived intact (from the first, in whole pages). A
     replica fetches nothing and claims all (its primary's count decides)."""
     need = len(slots)
-    if state.client is None:
+    if state.replica:
         return need
+    if state.client is None:  # unprotected: nothing to fetch with; every rank then loads nothing
+        return 0
     page = state.geometry.page
     first = cached // page
     src = list(entry.source_pages[first : first + need // page])
