@@ -13,7 +13,7 @@ against a baseline measured in the same run.
    ``--restore-runs``) against ``numpy.copyto`` of the same bytes. Rebuilding L bytes
    reads k shards and writes one, (k + 1) L of traffic against a copy's 2 L, so the
    bound is ``memcpy_gbps * 2 / (k + 1)``; ``restore_vs_traffic_limit`` is the
-   fraction of it reached. ``kernel``: the same pass (``ghostserve.daemon.rebuild``)
+   fraction of it reached. ``kernel``: the same pass (``ghostserve.daemon.datapath.tiles``)
    called in this process on the same bytes and threads, with no daemon around it:
    what the kernel reaches alone, against which the daemon's figure shows what its
    bookkeeping and thread scheduling cost;
@@ -225,7 +225,7 @@ def bench_kernel(args, n: int, m: int) -> dict:
 
     from ghostserve.codec import RSCode  # noqa: PLC0415
     from ghostserve.codec.isal import crc32c  # noqa: PLC0415
-    from ghostserve.daemon import rebuild  # noqa: PLC0415
+    from ghostserve.daemon.datapath import tiles as rebuild  # noqa: PLC0415
     from ghostserve.daemon.layout import Layout  # noqa: PLC0415
 
     spec, size = restore_layout(args)

@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         args.model, args.contexts, args.new_tokens, args.kill_after = "tiny", "512", 96, 16
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.max_model_len = max(args.contexts) + args.new_tokens + 16
-    from ghostserve.extras import MissingExtra, require  # noqa: PLC0415
+    from ghostserve.errors import MissingExtra  # noqa: PLC0415
+    from ghostserve.extras import require  # noqa: PLC0415
 
     try:
         require("front", "benchmarks/front_resume.py")

@@ -615,7 +615,8 @@ def main(argv: list[str] | None = None) -> int:
     if "recompute" not in {m.name for m in modes}:
         modes.insert(0, MODES[0])  # the baseline of every ratio
     args.max_model_len = max(args.contexts) + args.new_tokens + 16
-    from ghostserve.extras import MissingExtra, require  # noqa: PLC0415
+    from ghostserve.errors import MissingExtra  # noqa: PLC0415
+    from ghostserve.extras import require  # noqa: PLC0415
 
     try:
         require("vllm", "benchmarks/peers.py")

@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds = 0
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.max_model_len = max(args.contexts) + 37 * args.requests + args.new_tokens + 8
-    from ghostserve.extras import MissingExtra, require  # noqa: PLC0415
+    from ghostserve.errors import MissingExtra  # noqa: PLC0415
+    from ghostserve.extras import require  # noqa: PLC0415
 
     try:
         # the engines run in subprocesses: look vllm (and so torch) up here, or each

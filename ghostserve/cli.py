@@ -23,19 +23,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from ghostserve.config import Config, ConfigError, default_socket
-from ghostserve.errors import GhostServeError
-from ghostserve.extras import MissingExtra, extra_of, require
-
-
-class UsageError(Exception):
-    """The command line does not parse; ``parser`` is the (sub)parser that said so.
-    Raised by :class:`ArgumentParser` instead of exiting, so ``main`` can still
-    answer ``--json`` with one object."""
-
-    def __init__(self, parser: argparse.ArgumentParser, message: str):
-        self.parser, self.message = parser, message
-        super().__init__(message)
+from ghostserve.config import Config, default_socket
+from ghostserve.errors import ConfigError, GhostServeError, MissingExtra, UsageError
+from ghostserve.extras import extra_of, require
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -114,18 +104,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_drop(args: argparse.Namespace) -> int:
     """``ghostserve drop GROUP``: forget an ended group."""
-    import grpc  # noqa: PLC0415
-
     from ghostserve.client import OperatorClient  # noqa: PLC0415
+    from ghostserve.errors import DaemonUnavailable  # noqa: PLC0415
     from ghostserve.status import daemon_socket  # noqa: PLC0415
 
     op = OperatorClient(daemon_socket(args.socket), timeout=10)
     try:
         resp = op.drop(args.group, unlink_regions=args.unlink_regions)
-    except grpc.RpcError as exc:
+    except DaemonUnavailable:
+        raise  # main() reports it
+    except GhostServeError as exc:  # the daemon refused: its reason and code
         if args.json:
-            print(json.dumps({"ok": False, "error": exc.details(), "code": exc.code().name}))
-        print(f"ghostserve: drop {args.group}: {exc.details()} ({exc.code().name})", file=sys.stderr)
+            print(json.dumps({"ok": False, "error": str(exc), "code": exc.code}))
+        print(f"ghostserve: drop {args.group}: {exc} ({exc.code})", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({"ok": True, "group": args.group, "released_bytes": resp.released_bytes}))

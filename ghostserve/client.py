@@ -33,15 +33,14 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ghostserve import wire
 from ghostserve.config import CONNECT_WAIT_SECONDS
-from ghostserve.errors import DaemonUnavailable
+from ghostserve.errors import DaemonInternalError, DaemonUnavailable, GhostServeError
 from ghostserve.v1 import ghostserve_pb2 as pb
 
 _END = object()
 log = logging.getLogger("ghostserve.client")
 
-# codes of a daemon that is not there (yet): restarting, starting, descheduled
-TRANSIENT = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class Link(StrEnum):
@@ -80,36 +79,14 @@ def channel(socket_or_target: str) -> grpc.Channel:
     return grpc.insecure_channel(target_of(socket_or_target), options=CHANNEL_OPTIONS)
 
 
-class _Stub:
-    """Minimal stubs built from method names (the generated ones would do the same)."""
-
-    def __init__(self, ch: grpc.Channel, service: str, methods: Mapping[str, tuple[Any, Any, str]]):
-        for name, (req, resp, kind) in methods.items():
-            path = f"/ghostserve.v1.{service}/{name}"
-            make = ch.unary_unary if kind == "uu" else ch.stream_stream
-            setattr(self, name, make(path, request_serializer=req.SerializeToString,
-                                     response_deserializer=resp.FromString))
-
-
 def worker_stub(ch: grpc.Channel) -> Any:
-    return _Stub(ch, "Worker", {
-        "Register": (pb.RegisterRequest, pb.RegisterResponse, "uu"),
-        "Restore": (pb.RestoreRequest, pb.RestoreResponse, "uu"),
-        "Lookup": (pb.LookupRequest, pb.LookupResponse, "uu"),
-        "Reclaim": (pb.ReclaimRequest, pb.ReclaimResponse, "uu"),
-        "Release": (pb.ReleaseRequest, pb.ReleaseResponse, "uu"),
-        "Fetch": (pb.FetchRequest, pb.FetchResponse, "uu"),
-        "Stream": (pb.WorkerMessage, pb.DaemonMessage, "ss"),
-    })
+    """The Worker service's raw stub: calls raise ``grpc.RpcError`` (tests of the wire)."""
+    return wire.stub(ch, "Worker", raw=True)
 
 
 def operator_stub(ch: grpc.Channel) -> Any:
-    return _Stub(ch, "Operator", {
-        "Status": (pb.StatusRequest, pb.StatusResponse, "uu"),
-        "Scrub": (pb.ScrubRequest, pb.ScrubResponse, "uu"),
-        "Restore": (pb.RestoreRequest, pb.RestoreResponse, "uu"),
-        "Drop": (pb.DropRequest, pb.DropResponse, "uu"),
-    })
+    """The Operator service's raw stub: calls raise ``grpc.RpcError`` (tests of the wire)."""
+    return wire.stub(ch, "Operator", raw=True)
 
 
 class WorkerClient:
@@ -138,9 +115,9 @@ class WorkerClient:
         self.role: str | None = None
         self.session = ""
         self.events: queue.Queue[pb.GroupEvent] = queue.Queue()
-        self.errors: list[grpc.RpcError] = []
+        self.errors: list[GhostServeError] = []
         self._channel = channel(socket)
-        self._stub = worker_stub(self._channel)
+        self._stub = wire.stub(self._channel, "Worker")  # typed: a refusal raises its ghostserve error
         self._cond = threading.Condition()
         self._protected = -1
         self._watermarks: dict[str, int] = {}
@@ -166,19 +143,17 @@ class WorkerClient:
     def _register_call(self, wait: float) -> pb.RegisterResponse:
         """One Register, waiting up to ``wait`` seconds for a daemon that does not
         answer (``wait_for_ready``: no busy loop while it restarts). Raises
-        :class:`DaemonUnavailable` when none answered, ``grpc.RpcError`` when it refused."""
+        :class:`DaemonUnavailable` when none answered, the daemon's error when it refused."""
         deadline = time.monotonic() + wait
         while True:
             left = deadline - time.monotonic()
             try:
                 return self._stub.Register(self._register_request(), timeout=max(0.05, min(left, self.timeout)),
                                            wait_for_ready=True)
-            except grpc.RpcError as exc:
-                if exc.code() not in TRANSIENT:
-                    raise
+            except DaemonUnavailable as exc:
                 if deadline - time.monotonic() <= 0:
                     raise DaemonUnavailable(f"no ghostserve daemon answered on {self.socket} within "
-                                            f"{wait:g} s: {exc.details()}") from exc
+                                            f"{wait:g} s: {exc}") from exc
                 # an RPC cut off by a daemon dying under it: again, once the channel is back
                 self._closing.wait(0.05)
 
@@ -186,7 +161,7 @@ class WorkerClient:
         """Register (or re-register) this rank and open the commit stream. A daemon
         that does not answer (restarting, not started yet) is waited for up to
         ``wait`` seconds (default ``connect_wait``), then :class:`DaemonUnavailable`;
-        a refusal is raised at once as ``grpc.RpcError`` with the daemon's code."""
+        a refusal is raised at once as the daemon's error (:mod:`ghostserve.errors`)."""
         resp = self._register_call(self.connect_wait if wait is None else wait)
         self.link = Link.PROTECTED
         self.role = pb.RegisterResponse.Role.Name(resp.role)
@@ -337,15 +312,16 @@ class WorkerClient:
                     self._apply(msg)
                 if self._closed:
                     return
-            except grpc.RpcError as exc:
+            except grpc.RpcError as rpc:
                 if self._closed or self.link == Link.UNPROTECTED:
                     return
+                exc = wire.error_from(rpc)
                 self.errors.append(exc)
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
-                                      grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+                # the daemon went away (UNAVAILABLE, CANCELLED) or failed on a valid message
+                # (INTERNAL: it ended the stream, not the rank): register again and resend
+                if not isinstance(exc, DaemonUnavailable | DaemonInternalError):
                     with self._send_lock:
-                        self._give_up(f"the daemon refused this rank's stream: {exc.code().name}: "
-                                      f"{exc.details()}")
+                        self._give_up(f"the daemon refused this rank's stream: {exc.code}: {exc}")
                     return  # surface it, do not loop
             if not self.reconnect or self._closed or self.link == Link.UNPROTECTED:
                 return
@@ -364,15 +340,15 @@ class WorkerClient:
             try:
                 # short attempts: close() must not wait for one
                 resp = self._stub.Register(self._register_request(), timeout=1.0, wait_for_ready=True)
-            except grpc.RpcError as exc:
-                if exc.code() not in TRANSIENT:
-                    self.errors.append(exc)
-                    with self._send_lock:
-                        self._give_up(f"the daemon refused this rank again: {exc.code().name}: {exc.details()}")
-                    return False
+            except DaemonUnavailable:
                 self._closing.wait(delay)
                 delay = min(2 * delay, 1.0)
                 continue
+            except GhostServeError as exc:
+                self.errors.append(exc)
+                with self._send_lock:
+                    self._give_up(f"the daemon refused this rank again: {exc.code}: {exc}")
+                return False
             self.session = resp.session
             with self._cond:
                 self._protected = max(self._protected, resp.protected_step)
@@ -414,16 +390,15 @@ class OperatorClient:
 
     def __init__(self, socket: str, timeout: float = 10.0):
         self._channel = channel(socket)
-        self._stub = operator_stub(self._channel)
+        self._stub = wire.stub(self._channel, "Operator")
         self.socket, self.timeout = socket, timeout
 
     def _call(self, name: str, request: Any, timeout: float | None = None) -> Any:
+        """Call ``name``; the daemon's refusal raises its ghostserve error."""
         try:
             return getattr(self._stub, name)(request, timeout=timeout or self.timeout)
-        except grpc.RpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise DaemonUnavailable(f"no ghostserve daemon answers on {self.socket}: {exc.details()}") from exc
-            raise
+        except DaemonUnavailable as exc:
+            raise DaemonUnavailable(f"no ghostserve daemon answers on {self.socket}: {exc}") from exc
 
     def status(self, group: str = "") -> pb.StatusResponse:
         return self._call("Status", pb.StatusRequest(group=group))

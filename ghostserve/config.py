@@ -17,16 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ghostserve import shm
-from ghostserve.errors import GhostServeError
-
-
-class ConfigError(GhostServeError, ValueError):
-    """A configuration value is invalid. ``field`` names it. Raised by ``Config()``."""
-
-    def __init__(self, field: str, message: str):
-        self.field = field
-        super().__init__(f"{field}: {message}")
-
+from ghostserve.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
@@ -66,8 +57,8 @@ class Config:
     drain_seconds: float = 5.0          # SIGTERM: in-flight RPCs get this long to finish
     rpc_threads: int = 256              # gRPC handler threads (each worker stream holds one)
     # restore checks and decodes this many bytes of the lost rank at a time (all its
-    # layers; each restoring thread keeps a buffer this size), over data still in
-    # cache (benchmarks/checkpoint.py --tile-bytes)
+    # layers, at least a chunk of each; each restoring thread keeps a buffer this size),
+    # over data still in cache (benchmarks/checkpoint.py --tile-bytes); 0: chunk by chunk
     restore_tile_bytes: int = 512 << 10
 
     def __post_init__(self) -> None:
@@ -95,8 +86,8 @@ class Config:
                 raise ConfigError(name, f"{getattr(self, name)} must be >= 0")
         if self.rpc_threads < 4:
             raise ConfigError("rpc_threads", f"{self.rpc_threads} must be >= 4")
-        if self.restore_tile_bytes < 4096:
-            raise ConfigError("restore_tile_bytes", f"{self.restore_tile_bytes} must be >= 4096")
+        if self.restore_tile_bytes < 0:
+            raise ConfigError("restore_tile_bytes", f"{self.restore_tile_bytes} must be >= 0 (0: no fused pass)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert", "give both --tls-cert and --tls-key")
         for name in ("tls_cert", "tls_key"):  # now, not after the socket is bound

@@ -9,17 +9,12 @@ from __future__ import annotations
 
 import argparse
 
-from ghostserve.errors import GhostServeError
+from ghostserve.errors import DemoOptionError
 
 #: the engine's protection modes; ``none`` first: its failure-free run is the reference
 MODES = ("none", "replicate", "ec")
 #: what ``--modes`` accepts: the report names, and the engine's own ``none``
 MODE_NAMES = {"recompute": "none", "none": "none", "replicate": "replicate", "ec": "ec"}
-
-
-class DemoOptionError(GhostServeError, ValueError):
-    """A ``ghostserve demo`` option has a value the demo cannot run with; the
-    message names the option and the value. Raised by :func:`check_demo_args`."""
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:

@@ -1,20 +1,28 @@
 """Every error ghostserve raises on purpose.
 
-One base class, :class:`GhostServeError`, and a few subclasses that carry the
-failing rank, block, shard or erasure pattern as attributes. The gRPC layer maps
-each class to a status code through :data:`GRPC_STATUS` (one table, in
-``ghostserve.daemon.status_codes``), so a client sees the same meaning on the wire.
+One base class, :class:`GhostServeError`, and subclasses that carry the
+failing rank, block, shard or erasure pattern as attributes. :data:`STATUS` is
+the one table between these classes and gRPC status codes, used both ways: the
+daemon answers a refusal with its class's code (``ghostserve.wire.status_for``)
+and a client raises the class of the code it got back (:func:`from_status`),
+so a caller catches the same class on either side of the wire.
 
-Each class says who raises it.
+Each class says who raises it. This module imports nothing (the codec and the
+inert SGLang plug-in load it): code names are strings here.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 class GhostServeError(Exception):
-    """Base of every ghostserve error. Catch this to catch them all."""
+    """Base of every ghostserve error. Catch this to catch them all. An error a
+    client rebuilt from a daemon's answer has ``code`` (the gRPC status code's
+    name) and the daemon's message; its other attributes are None."""
+
+    code: str | None = None
 
 
 # --------------------------------------------------------------------------- codec
@@ -190,6 +198,101 @@ class DaemonUnavailable(GhostServeError):
     ``ghostserve.client`` and ``ghostserve status``."""
 
 
+class DaemonInternalError(DaemonError):
+    """The daemon failed on a valid request: a daemon bug, logged there with its
+    traceback (gRPC ``INTERNAL``). Raised by ``ghostserve.client``."""
+
+
+class DaemonStartError(GhostServeError):
+    """The daemon cannot start here: another daemon serves the socket or the
+    shared-memory prefix. Raised by ``ghostserve.daemon.server.Server.start``;
+    nothing is changed."""
+
+
+class SidecarError(GhostServeError):
+    """A private daemon subprocess did not start. Raised by
+    ``ghostserve.sidecar.Sidecar.start``."""
+
+
+# --------------------------------------------------------------------------- configuration and command line
+
+
+class ConfigError(GhostServeError, ValueError):
+    """A configuration value is invalid. ``field`` names it. Raised by
+    ``ghostserve.config.Config()`` and the other configuration dataclasses."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class UsageError(GhostServeError):
+    """The command line does not parse; ``parser`` is the (sub)parser that said so.
+    Raised by ``ghostserve.cli.ArgumentParser`` instead of exiting, so ``main`` can
+    still answer ``--json`` with one object."""
+
+    def __init__(self, parser: Any, message: str):
+        self.parser, self.message = parser, message
+        super().__init__(message)
+
+
+class MissingExtra(GhostServeError):
+    """A command needs an optional extra that is not installed. ``extra`` names
+    it, ``module`` the module that could not be found. Raised by
+    ``ghostserve.extras.require``; the CLI prints it as one line and exits 2."""
+
+    def __init__(self, extra: str, what: str, module: str):
+        self.extra, self.what, self.module = extra, what, module
+        super().__init__(f"{what} needs the {extra!r} extra ({module} is not installed): "
+                         f"pip install 'ghostserve[{extra}]'")
+
+
+class DemoOptionError(GhostServeError, ValueError):
+    """A ``ghostserve demo`` option has a value the demo cannot run with; the
+    message names the option and the value. Raised by
+    ``ghostserve.demo_options.check_demo_args``."""
+
+
+class ChaosError(GhostServeError):
+    """The chaos harness itself could not run (the daemon did not start, a worker
+    could not register or died unasked), or protection stalled. Raised by
+    ``ghostserve.chaos.harness.Chaos``."""
+
+
+class ChaosOptionError(ChaosError, ValueError):
+    """A chaos option has a value the run cannot use; the message names the option
+    and the value. Raised before anything is started (the CLI exits 2)."""
+
+
+# --------------------------------------------------------------------------- reference engine
+
+
+class EngineError(GhostServeError):
+    """The reference engine cannot go on: a rank reported an error, did not
+    answer in time, or a failure could not be recovered. Raised by
+    ``ghostserve.engine.Engine`` methods."""
+
+
+class EngineConfigError(EngineError, ValueError):
+    """An ``EngineConfig`` or ``Kill`` that cannot run. Raised at construction."""
+
+
+class ModelConfigError(GhostServeError, ValueError):
+    """A model configuration that cannot run (or cannot be split over ``tp`` ranks),
+    or a weights directory that does not match it. Raised by
+    ``ghostserve.engine.model.ModelConfig`` and ``load_weights``."""
+
+
+class SchedulerError(GhostServeError, ValueError):
+    """A request that can never run (longer than the pool), or a bad request.
+    Raised by ``ghostserve.engine.scheduler``."""
+
+
+class ProtectionError(GhostServeError):
+    """A protection mode could not start or restore (daemon refused, replica
+    missing). Raised by ``ghostserve.engine.protect``."""
+
+
 # --------------------------------------------------------------------------- front
 
 
@@ -232,7 +335,89 @@ class ResumeFailed(FrontError):
         super().__init__(message)
 
 
+class UpstreamFailure(FrontError):
+    """The engine failed under a request (see ``ghostserve.front.upstream``).
+    ``accepted``: the upstream had answered 200 before it failed."""
+
+    def __init__(self, reason: str, accepted: bool):
+        self.reason, self.accepted = reason, accepted
+        super().__init__(reason)
+
+
+class UpstreamRejected(FrontError):
+    """A healthy upstream refused or failed this request. ``status`` and ``body``
+    (bytes, ``content_type``) are its response; ``streamed`` if it came as an error
+    event after a 200. Raised by ``ghostserve.front.upstream``."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = "application/json", streamed: bool = False):
+        self.status, self.body, self.content_type, self.streamed = status, body, content_type, streamed
+        super().__init__(f"upstream answered {status}")
+
+
 class EngineFailed(FrontError):
     """``ghostserve vllm`` could not keep an engine up: it did not start within
     ``--startup-timeout``, or the restart budget is spent. Raised by
     ``ghostserve.front.supervisor``; the command exits 1."""
+
+
+# --------------------------------------------------------------------------- the wire
+
+# The one table between errors and gRPC status codes. A daemon answers a refusal
+# with the code of the error's nearest class here (anything else is a bug:
+# INTERNAL); a client raises, for a code, the first class listed with it (the
+# more specific classes after it on the same code exist only on the daemon's side).
+STATUS: dict[type[GhostServeError], str] = {
+    InvalidRequest: "INVALID_ARGUMENT",
+    CodecError: "INVALID_ARGUMENT",
+    UnknownGroup: "NOT_FOUND",
+    UnknownRank: "NOT_FOUND",
+    DuplicateRank: "ALREADY_EXISTS",
+    RegionInUse: "ALREADY_EXISTS",
+    BlockOutOfRange: "OUT_OF_RANGE",
+    WrongState: "FAILED_PRECONDITION",
+    GpuUnavailable: "FAILED_PRECONDITION",
+    RegionRefused: "PERMISSION_DENIED",
+    ResourceExhausted: "RESOURCE_EXHAUSTED",
+    Unsupported: "UNIMPLEMENTED",
+    DaemonInternalError: "INTERNAL",
+    DaemonUnavailable: "UNAVAILABLE",
+}
+# codes no daemon answers on purpose but a client sees: the connection's
+_TRANSPORT = {"DEADLINE_EXCEEDED": DaemonUnavailable, "CANCELLED": DaemonUnavailable, "UNKNOWN": DaemonInternalError}
+
+
+def status_name(exc: GhostServeError) -> str:
+    """The status code's name for ``exc``: its nearest class's in :data:`STATUS`,
+    else INTERNAL (an error nobody mapped is a bug)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return "INTERNAL"
+
+
+def _classes(base: type = GhostServeError) -> dict[str, type]:
+    out = {base.__name__: base}
+    for sub in base.__subclasses__():
+        out.update(_classes(sub))
+    return out
+
+
+def from_status(code: str, message: str, name: str | None = None) -> GhostServeError:
+    """The error a client raises for a daemon's answer ``code`` (a status code's
+    name) with ``message``: the class the daemon named (``name``) if it is one of
+    these with that code, else the first class :data:`STATUS` lists for the code."""
+    named = _classes().get(name or "")
+    if named is not None and status_name(named.__new__(named)) == code:
+        cls = named
+    else:
+        cls = next((c for c, s in STATUS.items() if s == code), None) or _TRANSPORT.get(code, DaemonError)
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.code = code
+    for attr in _CARRIED:  # what the daemon's instance carried is in the message
+        setattr(exc, attr, None)
+    return exc
+
+
+# the attributes the classes above carry (None on an error rebuilt from the wire)
+_CARRIED = ("group", "rank", "block", "region", "what", "index", "expected", "got", "erased", "rows", "backend")

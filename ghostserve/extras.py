@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ghostserve.errors import GhostServeError
+from ghostserve.errors import MissingExtra
 
 #: extra -> the top-level modules it provides (as pyproject.toml's optional-dependencies)
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -23,17 +23,6 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "bench": ("matplotlib",),
     "front": ("aiohttp",),
 }
-
-
-class MissingExtra(GhostServeError):
-    """A command needs an optional extra that is not installed. ``extra`` names
-    it, ``module`` the module that could not be found. Raised by :func:`require`;
-    the CLI prints it as one line and exits 2."""
-
-    def __init__(self, extra: str, what: str, module: str):
-        self.extra, self.what, self.module = extra, what, module
-        super().__init__(f"{what} needs the {extra!r} extra ({module} is not installed): "
-                         f"pip install 'ghostserve[{extra}]'")
 
 
 def importable(module: str) -> bool:

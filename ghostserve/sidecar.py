@@ -15,13 +15,9 @@ import tempfile
 import uuid
 
 from ghostserve import shm
-from ghostserve.errors import GhostServeError
+from ghostserve.errors import SidecarError
 
 NETWORK_ENV = ("GHOSTSERVE_LISTEN", "GHOSTSERVE_TLS_CERT", "GHOSTSERVE_TLS_KEY", "GHOSTSERVE_INSECURE")
-
-
-class SidecarError(GhostServeError):
-    """The daemon subprocess did not start. Raised by :meth:`Sidecar.start`."""
 
 
 class Sidecar:

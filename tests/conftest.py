@@ -66,3 +66,20 @@ def region(shm_prefix):
 
 def pid() -> int:
     return os.getpid()
+
+
+def status_code(call, *args, **kwargs):
+    """The gRPC status code a call is refused with: a raw stub's ``grpc.RpcError``,
+    or the ghostserve error a client raises for it (whose class the test may check too)."""
+    import grpc  # noqa: PLC0415
+
+    from ghostserve.errors import GhostServeError  # noqa: PLC0415
+
+    try:
+        call(*args, **kwargs)
+    except grpc.RpcError as exc:
+        return exc.code()
+    except GhostServeError as exc:
+        assert exc.code, f"{exc!r} did not come from the daemon"
+        return grpc.StatusCode[exc.code]
+    raise AssertionError(f"{call} was not refused")

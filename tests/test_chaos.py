@@ -18,9 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ghostserve import shm
-from ghostserve.chaos.harness import Chaos, ChaosOptionError, ChaosResult
+from ghostserve.chaos.harness import Chaos, ChaosResult
 from ghostserve.chaos.options import DaemonMoment
 from ghostserve.chaos.workload import Shape, Workload
+from ghostserve.errors import ChaosOptionError
 
 
 def run(steps=40, **kw):

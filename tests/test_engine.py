@@ -11,10 +11,11 @@ torch = pytest.importorskip("torch")
 
 from hfdir import save_hf  # noqa: E402
 
-from ghostserve.engine.engine import Engine, EngineConfig, EngineConfigError, Kill  # noqa: E402
+from ghostserve.engine.engine import Engine, EngineConfig, Kill  # noqa: E402
 from ghostserve.engine.model import DictKV, ModelConfig, TPModel, init_weights  # noqa: E402
 from ghostserve.engine.scheduler import Request  # noqa: E402
 from ghostserve.engine.workload import copy, fixed  # noqa: E402
+from ghostserve.errors import EngineConfigError  # noqa: E402
 
 MODEL = ModelConfig(vocab=256, hidden=64, layers=3, heads=4, kv_heads=4, head_dim=16, ffn=128)
 BASE = EngineConfig(model=MODEL, tp=2, block_tokens=8, blocks=64, step_tokens=32, max_running=4, seed=3,

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 pytest.importorskip("torch")
 
 from ghostserve.engine.paged import KVShape  # noqa: E402
-from ghostserve.engine.scheduler import Request, Scheduler, SchedulerError  # noqa: E402
+from ghostserve.engine.scheduler import Request, Scheduler  # noqa: E402
+from ghostserve.errors import SchedulerError  # noqa: E402
 
 requests = st.lists(st.tuples(st.integers(1, 60), st.integers(1, 12), st.integers(0, 8)), min_size=1, max_size=6)
 

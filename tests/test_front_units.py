@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ghostserve.config import ConfigError
+from ghostserve.errors import ConfigError
 from ghostserve.front import resume
 from ghostserve.front.config import FrontConfig, SupervisorConfig
 from ghostserve.front.sse import SSEDecoder, error_event

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from ghostserve.client import OperatorClient, WorkerClient, channel, worker_stub
 from ghostserve.daemon.layout import Extent, Layout, _overlap, _strided_disjoint
+from ghostserve.errors import InvalidRequest
 from ghostserve.v1 import ghostserve_pb2 as pb
 
 # ---------------------------------------------------------------------- validation
@@ -234,6 +235,6 @@ def test_a_multi_region_layout_needs_its_regions(daemon, region, regions, messag
     segs = [region(lay.region_bytes(i)) for i in range(regions)]
     c = WorkerClient(daemon.sock, "mr", 0, 2, 1, lay.to_dict(), segs[0].name, segs[0].size,
                      regions=[(s.name, s.size) for s in segs])
-    with pytest.raises(Exception) as info:
+    with pytest.raises(InvalidRequest) as info:
         c.register()
-    assert message in info.value.details()
+    assert message in str(info.value)

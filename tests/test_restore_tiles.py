@@ -1,4 +1,4 @@
-"""Restore's fused pass (ghostserve.daemon.rebuild) and the daemon's restore around it.
+"""Restore's fused pass (ghostserve.daemon.datapath.tiles) and the daemon's restore around it.
 
 1. The tile routine alone, on numpy memory, against the reference codec: random
    layouts (strides with gaps, offsets, layer- or block-major), erasure patterns,
@@ -23,10 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ghostserve.client import WorkerClient
+from ghostserve import shm
+from ghostserve.client import OperatorClient, WorkerClient
 from ghostserve.codec import RSCode
 from ghostserve.codec.isal import crc32c
-from ghostserve.daemon import rebuild
+from ghostserve.daemon.datapath import tiles as rebuild
 from ghostserve.daemon.store import Layout
 
 POOL = ThreadPoolExecutor(3, thread_name_prefix="test-tiles")
@@ -220,8 +221,40 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(rebuild, "MIN_LAYER_BYTES", 0)
 
 
-def find_group(daemon, name: str):
-    return daemon.daemon.groups[name]
+@pytest.fixture
+def tiled(tmp_path, shm_prefix):
+    """Factory: a started in-process daemon whose restores use tiles of ``tile``
+    bytes (``restore_tile_bytes``; 0: the chunk-by-chunk path only), one per size."""
+    from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+    from ghostserve.config import Config  # noqa: PLC0415
+    from ghostserve.daemon.server import Server  # noqa: PLC0415
+
+    made: dict[int, Server] = {}
+
+    def make(tile: int) -> Server:
+        if tile not in made:
+            # one daemon per shared-memory prefix: each its own, under the test's
+            cfg = Config(socket=str(tmp_path / f"t{tile}.sock"), shm_prefix=f"{shm_prefix}t{tile}-",
+                         encode_threads=2, restore_tile_bytes=tile)
+            s = Server(cfg, CollectorRegistry())
+            s.start()
+            s.sock = cfg.socket
+            made[tile] = s
+        return made[tile]
+
+    yield make
+    for s in made.values():
+        s.stop(grace=1)
+
+
+def ranks_of(sock: str, name: str) -> dict:
+    """The group's ranks as status reports them (another thread's state: polled)."""
+    op = OperatorClient(sock)
+    try:
+        return {r.rank: r for r in op.status(name).groups[0].ranks}
+    finally:
+        op.close()
 
 
 def merged(ranges):
@@ -234,10 +267,10 @@ def merged(ranges):
     return out
 
 
-def run_restore(daemon, region, name: str, spec: dict, tile_bytes: int) -> dict:
-    """One scenario on a fresh group: write, protect step 0, corrupt survivors, lose
-    the victims, put step 1 in flight on the survivors, restore ``spec["rank"]``
-    into memory holding other bytes."""
+def run_restore(daemon, region, name: str, spec: dict) -> dict:
+    """One scenario on a fresh group of ``daemon``: write, protect step 0, corrupt
+    survivors, lose the victims, put step 1 in flight on the survivors, restore
+    ``spec["rank"]`` into memory holding other bytes."""
     n, m, lay, seed = spec["n"], spec["m"], spec["layout"], spec["seed"]
     size = Layout(**{k: v for k, v in lay.items() if k != "slot_map"}).region_bytes()
     rng = np.random.default_rng(seed)
@@ -251,8 +284,6 @@ def run_restore(daemon, region, name: str, spec: dict, tile_bytes: int) -> dict:
     for c in clients:
         c.commit(0, spec["ranges"], {"r": 1}, fills=spec.get("fills"))
     assert clients[0].wait_protected(0, timeout=20)
-    group = find_group(daemon, name)
-    group.tile_bytes = tile_bytes
     victims = spec["victims"]
     for q, at, flip in spec["corrupt"]:
         if q not in victims:
@@ -260,7 +291,7 @@ def run_restore(daemon, region, name: str, spec: dict, tile_bytes: int) -> dict:
     for q in victims:
         clients[q].close()
     deadline = time.monotonic() + 10
-    while any(group.ranks[q].state != "lost" for q in victims):
+    while any(ranks_of(daemon.sock, name)[q].state != "lost" for q in victims):
         assert time.monotonic() < deadline, "loss not detected"
         time.sleep(0.002)
     alive = [q for q in range(n) if q not in victims]
@@ -271,7 +302,7 @@ def run_restore(daemon, region, name: str, spec: dict, tile_bytes: int) -> dict:
                 segs[q].array()[at + s0 : at + e0] = rng.integers(0, 256, e0 - s0, dtype=np.uint8)
         clients[q].commit(1, spec["flux"], {"r": 2}, freed=spec["freed"])
     deadline = time.monotonic() + 10
-    while any(group.ranks[q].committed < 1 for q in alive):
+    while any(ranks_of(daemon.sock, name)[q].committed_step < 1 for q in alive):
         assert time.monotonic() < deadline
         time.sleep(0.002)
     fresh = region(size)
@@ -368,10 +399,10 @@ def summary(resp):
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(spec=scenarios())
-def test_restore_with_tiles_equals_the_chunk_path_and_the_truth(daemon, region, spec):
+def test_restore_with_tiles_equals_the_chunk_path_and_the_truth(tiled, region, spec):
     base = f"t{uuid.uuid4().hex[:8]}"
-    fast = run_restore(daemon, region, base + "f", spec, spec["tile"])
-    slow = run_restore(daemon, region, base + "s", spec, 0)
+    fast = run_restore(tiled(spec["tile"]), region, base + "f", spec)
+    slow = run_restore(tiled(0), region, base + "s", spec)
     assert summary(fast["resp"]) == summary(slow["resp"])
     assert np.array_equal(fast["target"], slow["target"])
     assert all(np.array_equal(fast["after"][q], slow["after"][q]) for q in fast["after"])
@@ -385,7 +416,7 @@ def test_restore_with_tiles_equals_the_chunk_path_and_the_truth(daemon, region, 
 
 
 @pytest.mark.parametrize("gap", [0, 8])
-def test_tiles_that_do_not_align_with_chunks_or_blocks(daemon, region, gap):
+def test_tiles_that_do_not_align_with_chunks_or_blocks(tiled, region, gap):
     """4+2, 3 layers, blocks of 5 chunks, tiles of 2 chunks (and 50 bytes) a layer: a
     chunk in flight splits block 1's run, so tiles start mid-block (and, with
     blocks back to back, run on into the next one); one corrupt survivor chunk
@@ -405,7 +436,7 @@ def test_tiles_that_do_not_align_with_chunks_or_blocks(daemon, region, gap):
                 corrupt=[(2, at(1, 0, 3, 7), 0x40),                           # repaired
                          (0, at(2, 2, 1, 0), 0x01), (3, at(0, 2, 1, 63), 0x80)],  # 3 erasures: lost
                 tile=layers * (2 * cb + 50))  # all layers: 2 chunks and 50 bytes a layer
-    got = run_restore(daemon, region, f"al{uuid.uuid4().hex[:6]}", spec, spec["tile"])
+    got = run_restore(tiled(spec["tile"]), region, f"al{uuid.uuid4().hex[:6]}", spec)
     target, survivors, restored, unrecoverable, lost_blocks, corrupt = expected(spec, got)
     assert (restored, unrecoverable, lost_blocks, corrupt) == ((blocks * chunks - 2) * cb * layers,
                                                                 cb * layers, [2], 3)
@@ -424,7 +455,7 @@ def test_tiles_that_do_not_align_with_chunks_or_blocks(daemon, region, gap):
         assert got["tiles"] == [4 + 6]
 
 
-def test_rebuilt_bytes_that_fail_their_checksum_are_zeroed_and_reported(daemon, region):
+def test_rebuilt_bytes_that_fail_their_checksum_are_zeroed_and_reported(tiled, region):
     """Parity corrupted after encoding: the decode is wrong, the end-to-end check
     catches it, and the chunk-by-chunk path zeroes it (as it always has)."""
     cb, chunks, layers, blocks = 32, 4, 2, 3
@@ -435,6 +466,7 @@ def test_rebuilt_bytes_that_fail_their_checksum_are_zeroed_and_reported(daemon, 
     size = layers * blocks * bb
     rng = np.random.default_rng(5)
     segs = [region(size) for _ in range(3)]
+    daemon = tiled(cb)  # one chunk a tile
     clients = [WorkerClient(daemon.sock, name, q, 3, 1, layout, segs[q].name, size) for q in range(3)]
     for s, c in zip(segs, clients, strict=True):
         c.register()
@@ -443,11 +475,13 @@ def test_rebuilt_bytes_that_fail_their_checksum_are_zeroed_and_reported(daemon, 
     for c in clients:
         c.commit(0, [(b, 0, bb) for b in range(blocks)], {"r": 1})
     assert clients[0].wait_protected(0)
-    group = find_group(daemon, name)
-    group.tile_bytes = cb  # one chunk a tile
-    group.store.parity[1, 0, 2, 2 * cb + 5] ^= 0x11  # layer 1, row 0, block 2, chunk 2
+    # the parity arena in shared memory, (layers, m, blocks, block_bytes): flip layer 1,
+    # row 0, block 2, chunk 2 as a bad DIMM would
+    parity = shm.Segment.attach(f"{daemon.config.shm_prefix}{name}.parity")
+    parity.array()[((1 * 1 + 0) * blocks + 2) * bb + 2 * cb + 5] ^= 0x11
+    parity.close()
     clients[0].close()
-    while group.ranks[0].state != "lost":
+    while ranks_of(daemon.sock, name)[0].state != "lost":
         time.sleep(0.002)
     fresh = region(size)
     fresh.array()[:] = 0xEE
@@ -468,7 +502,7 @@ def test_rebuilt_bytes_that_fail_their_checksum_are_zeroed_and_reported(daemon, 
 
 
 @pytest.mark.parametrize("tile", [0, 1, 256 << 10])
-def test_slot_addressed_blocks_full_and_partly_filled(daemon, region, tile):
+def test_slot_addressed_blocks_full_and_partly_filled(tiled, region, tile):
     """vLLM-style layout (chunk == block, masked checksums): full blocks take the
     fused pass, partly filled ones the masked chunk path; a corrupt filled slot is
     repaired either way, a flipped unfilled slot is nobody's business."""
@@ -483,7 +517,7 @@ def test_slot_addressed_blocks_full_and_partly_filled(daemon, region, tile):
                 corrupt=[(1, 0 * bb + int(np.flatnonzero(slot_map == 3)[0]), 0x10),         # full block 0
                          (2, blocks * bb + bb + int(np.flatnonzero(slot_map == 2)[1]), 0x20),  # block 1, filled
                          (1, 3 * bb + int(np.flatnonzero(slot_map == 6)[0]), 0x30)])          # block 3, unfilled
-    got = run_restore(daemon, region, f"sl{uuid.uuid4().hex[:6]}", spec, tile)
+    got = run_restore(tiled(tile), region, f"sl{uuid.uuid4().hex[:6]}", spec)
     resp = got["resp"]
     assert list(resp.unrecoverable_blocks) == [] and resp.corrupt_chunks == 2
     assert resp.restored_bytes == blocks * bb * layers

@@ -14,6 +14,7 @@ import uuid
 import grpc
 import numpy as np
 import pytest
+from conftest import status_code
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -235,10 +236,7 @@ def test_scrub_ignores_unfilled_slots_and_finds_a_flipped_protected_byte(daemon,
     assert res.checksum_mismatches == 1 and list(res.bad_ranks) == [1]
 
 
-def code(call, *args, **kwargs) -> grpc.StatusCode:
-    with pytest.raises(grpc.RpcError) as info:
-        call(*args, **kwargs)
-    return info.value.code()
+code = status_code
 
 
 def test_bad_resume_calls_get_specific_codes_and_the_daemon_keeps_serving(daemon, region):

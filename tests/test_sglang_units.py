@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ghostserve.config import ConfigError
 from ghostserve.daemon.layout import Layout
+from ghostserve.errors import ConfigError
 from ghostserve.integrations.sglang.kvpool import PoolGeometry, fills_of, kv_buffers, pages_of
 from ghostserve.integrations.sglang.options import PluginOptions
 

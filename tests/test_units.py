@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from ghostserve import shm
-from ghostserve.config import Config, ConfigError
+from ghostserve.config import Config
 from ghostserve.daemon.index import Record, StepNews
 from ghostserve.daemon.store import Layout, ParityStore, _read_record, _write_record
+from ghostserve.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -312,7 +312,7 @@ def test_daemon_sigkilled_while_the_dead_engine_exits_and_the_new_one_registers(
 
 
 def test_connector_options_are_validated(monkeypatch):
-    from ghostserve.config import ConfigError
+    from ghostserve.errors import ConfigError
     from ghostserve.integrations.vllm import ConnectorOptions
 
     monkeypatch.delenv("GHOSTSERVE_SOCKET", raising=False)

@@ -53,8 +53,6 @@ import numpy as np
 from ghostserve import shm
 from ghostserve.chaos import worker
 from ghostserve.chaos.options import (
-    ChaosError,
-    ChaosOptionError,
     DaemonMoment,
     as_daemon_kill,
     check_args,
@@ -63,11 +61,11 @@ from ghostserve.chaos.options import (
 )
 from ghostserve.chaos.workload import Shape, Workload, content, expected_and_actual
 from ghostserve.client import OperatorClient
-from ghostserve.errors import GhostServeError
+from ghostserve.errors import ChaosError, ChaosOptionError, GhostServeError
 from ghostserve.sidecar import NETWORK_ENV  # the private daemon never opens TCP
 from ghostserve.v1 import ghostserve_pb2 as pb
 
-__all__ = ["Chaos", "ChaosError", "ChaosOptionError", "ChaosResult", "run_cli", "shape_from"]
+__all__ = ["Chaos", "ChaosResult", "run_cli", "shape_from"]
 
 CORRUPT_BYTES = 16  # flipped at the start of layer 0's K of the request's first token
 
@@ -251,7 +249,10 @@ class Chaos:
         seconds from the kill to the daemon reporting the rank lost. With
         ``daemon_too`` the daemon is SIGKILLed right after the worker (the memory
         zeroed first, unlinked once the new daemon has the rank lost) and the
-        seconds are NaN: the new daemon finds the death at its start."""
+        seconds are NaN: the new daemon finds the death at its start. (Memory is
+        destroyed only once no daemon maps it, as a GPU allocation a daemon holds
+        an IPC mapping of outlives its process: a daemon still encoding the dead
+        rank's step reads its last bytes, not garbage.)"""
         proc = self.procs.pop(rank)
         t0 = time.perf_counter()
         os.kill(proc.pid, signal.SIGKILL)
@@ -259,8 +260,10 @@ class Chaos:
         self.conns.pop(rank).close()
         name = worker.region_name(self.prefix, rank, self.generation[rank])
         if daemon_too:
-            self._zero(name)  # the device's memory is gone at once: the new daemon maps zeros
-            self.restart_daemon(DaemonMoment.DEATH, step, f"right after rank {rank}'s SIGKILL")
+            # the memory goes once nobody maps it: the old daemon's mapping died with it,
+            # the new daemon maps the zeros (and must find the worker gone)
+            self.restart_daemon(DaemonMoment.DEATH, step, f"right after rank {rank}'s SIGKILL",
+                                then=lambda: self._zero(name))
         detected = float("nan")
         while time.perf_counter() - t0 < 30:
             ranks = self.op.status("chaos").groups[0].ranks

@@ -10,19 +10,9 @@ from collections.abc import Iterable
 from enum import StrEnum
 
 from ghostserve import shm
-from ghostserve.errors import GhostServeError
+from ghostserve.errors import ChaosOptionError
 
 MAX_SHARDS = 255  # data + parity shards of one stripe: GF(2^8) has 255 evaluation points
-
-
-class ChaosError(GhostServeError):
-    """The harness itself could not run (the daemon did not start, a worker could
-    not register or died unasked). Raised by :class:`ghostserve.chaos.harness.Chaos`."""
-
-
-class ChaosOptionError(ChaosError, ValueError):
-    """A chaos option has a value the run cannot use; the message names the option
-    and the value. Raised before anything is started (the CLI exits 2)."""
 
 
 class DaemonMoment(StrEnum):

@@ -14,11 +14,10 @@ import os
 import time
 from multiprocessing.connection import Connection
 
-import grpc
-
 from ghostserve import shm
 from ghostserve.chaos.workload import Shape, Workload, write_tokens
 from ghostserve.client import WorkerClient
+from ghostserve.errors import GhostServeError
 
 
 def region_name(prefix: str, rank: int, generation: int) -> str:
@@ -27,9 +26,9 @@ def region_name(prefix: str, rank: int, generation: int) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """One line for the driver: a gRPC refusal's code and message, else the exception."""
-    if isinstance(exc, grpc.RpcError) and hasattr(exc, "code"):
-        return f"{exc.code().name}: {exc.details()}"
+    """One line for the driver: a daemon's refusal's code and message, else the exception."""
+    if isinstance(exc, GhostServeError) and exc.code:
+        return f"{exc.code}: {exc}"
     return f"{type(exc).__name__}: {exc}"
 
 

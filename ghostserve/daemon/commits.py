@@ -9,6 +9,8 @@ from ghostserve.daemon.index import Record
 from ghostserve.daemon.layout import Layout
 from ghostserve.errors import BlockOutOfRange, InvalidRequest
 
+Range = tuple[int, int, int]  # (block, start, end): bytes of a shard, in every layer
+
 
 @dataclass
 class CommitRecord:
@@ -16,7 +18,7 @@ class CommitRecord:
     says about requests. Built by the gRPC layer, checked by :func:`validate`."""
 
     step: int
-    ranges: list[tuple[int, int, int]]          # (block, start, end), chunk-aligned
+    ranges: list[Range]                         # chunk-aligned
     requests: list[tuple[str, int]] = field(default_factory=list)
     freed: list[int] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
@@ -58,9 +60,9 @@ def validate(rec: CommitRecord, layout: Layout, group: str, rank: int) -> None:
             raise InvalidRequest("request ids must be 1-256 characters")
 
 
-def merge(ranges: Iterable[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+def merge(ranges: Iterable[Range]) -> list[Range]:
     """(block, start, end) ranges, sorted, overlapping or touching ones joined."""
-    out: list[tuple[int, int, int]] = []
+    out: list[Range] = []
     for block, s, e in sorted(ranges):
         if out and out[-1][0] == block and s <= out[-1][2]:
             out[-1] = (block, out[-1][1], max(out[-1][2], e))

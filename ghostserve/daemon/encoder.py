@@ -1,201 +1,131 @@
 """The stripe scheduler and encoder of one group.
 
-Ranks commit steps in order; step t is encoded when every rank has committed it
-and all are alive. Encoding a step: void the blocks it released, mark the
-chunks it touched unprotected, have the data path encode its byte ranges
-(parity and checksums), and only once that completion has finished, publish:
-the chunks protected at t, freed blocks voided, the step's index news
-(watermarks, Lookup records) committed, then the protected step, then an
-:class:`~ghostserve.daemon.messages.Ack` to every rank.
+Ranks commit steps in order; step t is encoded once every rank has committed it
+and all are alive (:class:`Pending`, which the group owns under its lock).
+:class:`StepEncoder` encodes one step into the group's
+:class:`~ghostserve.daemon.stripes.Stripes`: void the blocks it released, mark
+the chunks it touched unprotected, have the data path encode its byte ranges
+(parity and checksums), and only once that completion has finished, mark them
+protected at t. It sees no group: it gets the step's commits, the ranks'
+memories and a callback that says whether those memories are still the ranks'.
+The group then applies the result (:func:`news` into its request index, the
+protected step, metrics, an acknowledgement to every rank).
 
-Threads: one encoder thread per group (``gs-encode-<group>``), woken by the
-group's ``cond`` whenever a commit, a registration or a state change may have
-made a step ready. It is the only writer of step records; it takes the group's
-``io_lock`` while bytes are encoded and ``lock`` (never while encoding) to
-publish.
+Threads: the group's encoder thread (``gs-encode-<group>``) calls
+:meth:`StepEncoder.encode`; it holds the stripes' ``io`` lock while bytes are
+encoded and never the group's lock.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping
+from typing import Any
 
-from ghostserve.daemon.commits import CommitRecord, merge
+from ghostserve.daemon.commits import CommitRecord, Range, merge
 from ghostserve.daemon.index import StepNews
-from ghostserve.daemon.messages import Ack, Event, EventKind
-from ghostserve.daemon.ranks import RankState
-
-if TYPE_CHECKING:
-    from ghostserve.daemon.group import Group
-
-log = logging.getLogger("ghostserve.group")
+from ghostserve.daemon.stripes import Stripes
 
 
-class StepEncoder:
-    """Pending commits of a group and the thread that encodes them. Its state is
-    guarded by the group's ``lock``."""
+class Pending:
+    """Commits of the steps not yet encoded, step -> rank -> commit. Owned by a
+    group and guarded by its lock."""
 
-    def __init__(self, group: Group):
-        self.g = group
-        self.pending: dict[int, dict[int, CommitRecord]] = {}  # step -> rank -> commit
-        self._stopped = False
-        self._thread = threading.Thread(target=self._loop, name=f"gs-encode-{group.name}", daemon=True)
+    def __init__(self) -> None:
+        self._steps: dict[int, dict[int, CommitRecord]] = {}
 
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self.g.cond:
-            self._stopped = True
-            self.g.cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
-
-    # ------------------------------------------------------------------ commits (caller holds lock)
-
-    def queue(self, rank: int, rec: CommitRecord) -> None:
-        self.pending.setdefault(rec.step, {})[rank] = rec
-        self.g.cond.notify_all()
+    def add(self, rank: int, rec: CommitRecord) -> None:
+        self._steps.setdefault(rec.step, {})[rank] = rec
 
     def drop_rank(self, rank: int) -> None:
-        """Forget the unencoded commits of a rank that is gone (lost, left, detached)."""
-        for commits in self.pending.values():
+        """Forget the commits of a rank that is gone (lost, left, detached)."""
+        for commits in self._steps.values():
             commits.pop(rank, None)
 
-    def in_flux(self) -> tuple[set[tuple[int, int]], set[int]]:
-        """Chunks written, and blocks freed, by steps not yet encoded: a restore
-        neither restores them nor calls them corrupt (the engine recomputes them)."""
-        cb = self.g.layout.chunk_bytes
-        flux: set[tuple[int, int]] = set()
-        freed: set[int] = set()
-        for commits in self.pending.values():
-            for c in commits.values():
-                for b, s, e in c.ranges:
-                    flux.update((b, ch) for ch in range(s // cb, e // cb))
-                freed.update(c.freed)
-        return flux, freed
-
-    def _ready(self) -> int | None:
-        g = self.g
-        t = g.protected_step + 1
-        commits = self.pending.get(t)
-        if commits is None or len(commits) < g.n:
-            return None
-        if any(g.ranks.get(q) is None or g.ranks[q].state != RankState.ALIVE for q in range(g.n)):
+    def ready(self, protected: int, n: int, alive: Callable[[int], bool]) -> int | None:
+        """The next step to encode (``protected`` + 1) if all ``n`` ranks committed
+        it and are alive, else None."""
+        t = protected + 1
+        commits = self._steps.get(t)
+        if commits is None or len(commits) < n or not all(alive(q) for q in range(n)):
             return None
         return t
 
-    # ------------------------------------------------------------------ the thread
+    def take(self, t: int) -> dict[int, CommitRecord]:
+        return self._steps.pop(t)
 
-    def _loop(self) -> None:
-        g = self.g
-        while True:
-            with g.cond:
-                while not self._stopped and self._ready() is None:
-                    g.cond.wait()
-                if self._stopped:
-                    return
-                t = self._ready()
-                commits = self.pending.pop(t)
-                mems = {q: g.ranks[q].memory for q in range(g.n)}
-            try:
-                self._encode(t, commits, mems)
-            except Exception:  # a daemon bug: fail this step visibly, keep serving
-                log.exception("group %s: encoding step %d failed; its writes are unprotected", g.name, t)
-                self._fail(t, commits)
+    def put_back(self, t: int, commits: Mapping[int, CommitRecord]) -> None:
+        """A step whose encode was dropped: its live ranks' commits wait for the rest again."""
+        self._steps.setdefault(t, {}).update(commits)
 
-    def _encode(self, t: int, commits: dict[int, CommitRecord], mems: dict) -> None:
-        g, store, lay = self.g, self.g.store, self.g.layout
-        started = time.perf_counter()
+    def in_flux(self, chunk_bytes: int) -> tuple[set[tuple[int, int]], set[int]]:
+        """Chunks written, and blocks freed, by steps not yet encoded: a restore
+        neither restores them nor calls them corrupt (the engine recomputes them)."""
+        flux: set[tuple[int, int]] = set()
+        freed: set[int] = set()
+        for commits in self._steps.values():
+            for c in commits.values():
+                for b, s, e in c.ranges:
+                    flux.update((b, ch) for ch in range(s // chunk_bytes, e // chunk_bytes))
+                freed.update(c.freed)
+        return flux, freed
+
+
+class StepEncoder:
+    """Encodes one step at a time into a group's stripes (see the module doc)."""
+
+    def __init__(self, stripes: Stripes):
+        self.stripes = stripes
+
+    def encode(self, t: int, commits: Mapping[int, CommitRecord], mems: Mapping[int, Any],
+               current: Callable[[], bool]) -> int | None:
+        """Encode step ``t`` from ``mems`` (every rank's memory). Returns the data
+        bytes encoded, or None when ``current()`` said, after the bytes were read,
+        that a rank's memory is no longer its own (it was lost meanwhile): then
+        nothing is marked protected, and the caller has put the step back."""
+        st = self.stripes
         ranges = merge(rg for c in commits.values() for rg in c.ranges)
         fills: dict[int, int] = {}
         for c in commits.values():
             for b, f in c.fills.items():
                 fills[b] = max(f, fills.get(b, 0))
-        cb = lay.chunk_bytes
-        with g.io_lock:
-            for block in {b for c in commits.values() for b in c.released}:
-                store.chunk_step[block, :] = -1  # reused by this step: old parity is void
-                g.broken.difference_update((block, c) for c in range(lay.chunks))
-            if g.slotted:
-                for b, _, _ in ranges:
-                    store.chunk_step[b, :] = -1  # before its fill changes
-                    store.fill[b] = fills.get(b, lay.block_slots)
-            for b, s, e in ranges:
-                store.chunk_step[b, s // cb : e // cb] = -1  # unprotected while their parity changes
+        with st.io:
+            st.begin(ranges, fills, {b for c in commits.values() for b in c.released})
             ready = {q: c.event for q, c in commits.items() if c.event}
-            nbytes = g.data.encode(ranges, mems, ready).result()
-            with g.lock:
-                if any(g.ranks[q].memory is not mems[q] for q in range(g.n)):
-                    # a rank was lost while we read it: this parity may cover bytes
-                    # of a dead rank's destroyed memory. Drop it; the replacement
-                    # recommits step t and it is encoded again.
-                    alive = {q: c for q, c in commits.items() if g.ranks[q].state == RankState.ALIVE}
-                    self.pending.setdefault(t, {}).update(alive)
-                    g.update_gauges()
-                    return
-            for b, s, e in ranges:  # the completion is done: these chunks are protected at t
-                store.chunk_step[b, s // cb : e // cb] = t
-                g.broken.difference_update((b, c) for c in range(s // cb, e // cb))
-            for block in {b for c in commits.values() for b in c.freed}:
-                store.chunk_step[block, :] = -1
-                g.broken.difference_update((block, c) for c in range(lay.chunks))
-            with g.lock:
-                # the index first: after a crash in between, the workers resend step t
-                # and the index, which already has it, ignores the resend
-                changed = g.index.apply(self._news(t, commits))
-                store.protected_step = t
-                g.metrics.encoded_bytes.labels(g.name).inc(nbytes)
-                g.metrics.encode_seconds.labels(g.name).inc(time.perf_counter() - started)
-                g.metrics.steps_encoded.labels(g.name).inc()
-                g.update_gauges()
-                g.broadcast(Ack(t, changed))
+            nbytes = st.data.encode(ranges, mems, ready).result()
+            if not current():
+                return None
+            st.protect(t, ranges, {b for c in commits.values() for b in c.freed})
+        return nbytes
 
-    def _news(self, t: int, commits: dict[int, CommitRecord]) -> StepNews:
-        """What step ``t`` tells the index: tokens written on every rank (the
-        minimum across ranks) become protected; records of requests not released
-        since; finished requests are dropped."""
-        index = self.g.index
-        marks: dict[str, int] = {}
-        for c in commits.values():
-            for req, tokens in c.requests:
-                if not index.void(req, c.step):
-                    marks[req] = min(tokens, marks.get(req, tokens))
-        records = [rec for c in commits.values() for rec in c.records if not index.void(rec.request, c.step)]
-        finished = {req for c in commits.values() for req in c.finished}
-        # a release at step s voids news of steps < s; once t is encoded no such news can come
-        return StepNews(step=t, watermarks=marks, records=records, finished=finished, prune_before=t + 2)
-
-    def _fail(self, t: int, commits: dict[int, CommitRecord]) -> None:
-        """Step ``t`` could not be encoded: void every chunk it touched and stop
-        claiming the requests it wrote (they get no watermark until they finish
-        or are released: their voided chunks are never re-encoded), then move on
-        to step t + 1 so the group keeps protecting everything else."""
-        g, store, cb = self.g, self.g.store, self.g.layout.chunk_bytes
-        victims = {req for c in commits.values() for req, _ in c.requests}
-        victims |= {rec.request for c in commits.values() for rec in c.records}
-        with g.io_lock:
-            for b, s, e in merge(rg for c in commits.values() for rg in c.ranges):
-                if g.slotted:
-                    store.chunk_step[b, :] = -1
-                else:
-                    store.chunk_step[b, s // cb : e // cb] = -1
-            for b in {b for c in commits.values() for b in (*c.released, *c.freed)}:
-                store.chunk_step[b, :] = -1
-            with g.lock:
-                finished = {req for c in commits.values() for req in c.finished}
-                try:
-                    changed = g.index.apply(StepNews(step=t, unprotect=victims - finished, finished=finished))
-                except Exception:
-                    log.exception("group %s: recording step %d's failure failed", g.name, t)
-                    changed = g.index.unprotect_in_memory(victims)
-                store.protected_step = t
-                g.metrics.encode_failures.labels(g.name).inc()
-                g.update_gauges()
-                g.broadcast(Ack(t, changed))
-                g.broadcast(Event(EventKind.STEP_FAILED, 0, f"step {t}: {len(victims)} requests unprotected"))
+    def fail(self, commits: Mapping[int, CommitRecord]) -> None:
+        """A step that could not be encoded (a daemon bug): void every chunk it touched."""
+        with self.stripes.io:
+            self.stripes.fail(merge(rg for c in commits.values() for rg in c.ranges),
+                              {b for c in commits.values() for b in (*c.released, *c.freed)})
 
 
-__all__ = ["StepEncoder"]
+def news(t: int, commits: Mapping[int, CommitRecord], void: Callable[[str, int], bool]) -> StepNews:
+    """What encoded step ``t`` tells the request index: tokens written on every
+    rank (the minimum across ranks) become protected; records of requests not
+    released since (``void(request, step)``); finished requests are dropped."""
+    marks: dict[str, int] = {}
+    for c in commits.values():
+        for req, tokens in c.requests:
+            if not void(req, c.step):
+                marks[req] = min(tokens, marks.get(req, tokens))
+    records = [rec for c in commits.values() for rec in c.records if not void(rec.request, c.step)]
+    finished = {req for c in commits.values() for req in c.finished}
+    # a release at step s voids news of steps < s; once t is encoded no such news can come
+    return StepNews(step=t, watermarks=marks, records=records, finished=finished, prune_before=t + 2)
+
+
+def failed_news(t: int, commits: Mapping[int, CommitRecord]) -> StepNews:
+    """What a failed step tells the index: the requests it wrote lose their
+    watermark for good (their voided chunks are never re-encoded), finished ones go."""
+    victims = {req for c in commits.values() for req, _ in c.requests}
+    victims |= {rec.request for c in commits.values() for rec in c.records}
+    finished = {req for c in commits.values() for req in c.finished}
+    return StepNews(step=t, unprotect=victims - finished, finished=finished)
+
+
+__all__ = ["Pending", "Range", "StepEncoder", "failed_news", "news"]

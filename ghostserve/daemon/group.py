@@ -1,53 +1,61 @@
-"""One tensor-parallel group: its ranks and what ties the group's parts together.
+"""One tensor-parallel group: its ranks, and what applies the work of its parts.
 
-A stripe is the same (layer, block) on all N ranks. The parts:
+A stripe is the same (layer, block) on all N ranks. A group owns its ranks and
+their states (:mod:`ghostserve.daemon.ranks`: registration, streams, loss,
+goodbye, the end of the engine), the commits not yet encoded
+(:class:`~ghostserve.daemon.encoder.Pending`), the request index
+(:mod:`ghostserve.daemon.index`: watermarks and Lookup records, in shared
+memory) and the engine's end. Its parts, which never see the group:
 
-* ranks and their states (:mod:`ghostserve.daemon.ranks`): registration,
-  streams, loss, goodbye, the end of the engine; here;
-* the step encoder (:mod:`ghostserve.daemon.encoder`): pending commits, one
-  thread encoding each step once every rank committed it, publishing after its
-  completion;
-* the request index (:mod:`ghostserve.daemon.index`): watermarks and Lookup
-  records, in shared memory;
-* recovery (:mod:`ghostserve.daemon.recovery`): restore, fetch and scrub;
-* the data path (:mod:`ghostserve.daemon.datapath`): the memory and the native
-  work (``host``: shared memory and ISA-L).
+* :class:`~ghostserve.daemon.stripes.Stripes`: the protection state (parity
+  store records, broken chunks, the I/O lock, the data path); the only code that
+  changes it;
+* :class:`~ghostserve.daemon.encoder.StepEncoder`: encodes a step into the
+  stripes, on the group's encoder thread;
+* :mod:`ghostserve.daemon.recovery`: restore, fetch and scrub over the stripes.
+
+The group hands them snapshots (the step's commits and the ranks' memories;
+the survivors and what is in flux) and applies their results: the index news,
+the protected step, metrics, acknowledgements and events to the ranks.
 
 Threads and locks:
 
 * ``lock`` (with ``cond``) guards rank state, pending commits and the index's
   in-memory copy. gRPC handler threads take it briefly; it is never held while
-  bytes are encoded.
-* ``io_lock`` serialises everything that reads or writes KV and parity bytes
-  (encoding a step, restore, fetch, scrub, release), so a restore never sees half
-  a step.
-* The encoder thread is the only writer of the parity store's step records.
+  bytes are encoded or rebuilt.
+* the stripes' ``io`` serialises everything that reads or writes KV and parity
+  bytes; it is taken before ``lock``, never inside it.
+* ``gs-encode-<group>`` encodes each step once every rank committed it.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import queue
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
 
 from ghostserve.config import Config
 from ghostserve.daemon import datapath, recovery
+from ghostserve.daemon.calls import GroupView, RankView
 from ghostserve.daemon.commits import CommitRecord, validate
-from ghostserve.daemon.datapath import RegionSpec
-from ghostserve.daemon.encoder import StepEncoder
+from ghostserve.daemon.datapath import DataPath, RankMemory, RegionSpec
+from ghostserve.daemon.encoder import Pending, StepEncoder, failed_news, news
 from ghostserve.daemon.index import StepNews
 from ghostserve.daemon.layout import Layout
 from ghostserve.daemon.messages import SUPERSEDED, Ack, Event, EventKind, OutboxItem
 from ghostserve.daemon.ranks import Rank, RankState, Role
 from ghostserve.daemon.store import ParityStore
+from ghostserve.daemon.stripes import Stripes
 from ghostserve.errors import (
     BlockOutOfRange,
     DuplicateRank,
@@ -63,7 +71,7 @@ ALIVE, LOST, DETACHED, REPLACING, LEFT = (RankState.ALIVE, RankState.LOST, RankS
                                           RankState.REPLACING, RankState.LEFT)
 
 
-class EndReason:
+class EndReason(StrEnum):
     """Why a group has no engine any more (persisted in its manifest)."""
 
     CLEAN = "clean"      # every rank said goodbye, none was lost: dropped at once
@@ -71,23 +79,21 @@ class EndReason:
 
 
 class Group:
-    """One TP group; see the module doc for its parts, threads and locks."""
+    """One TP group; see the module doc for its parts, threads and locks.
+    ``data`` is the data path the daemon opened for the group's store."""
 
-    def __init__(self, name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor,
-                 config: Config, kind: str = "host", cuda_runtime: Any = None):
-        self.name, self.store, self.metrics = name, store, metrics
+    def __init__(self, name: str, store: ParityStore, data: DataPath, metrics: Metrics, config: Config):
+        self.name, self.metrics = name, metrics
+        self._store = store  # the manifest (membership) and the index; protection is the stripes'
+        self.stripes = Stripes(name, store, data)
         self.layout: Layout = store.layout
         self.n, self.m = store.k, store.m
         self.slotted = self.layout.block_slots > 0
-        self.tile_bytes = config.restore_tile_bytes  # restore's fused tiles (0: chunk by chunk)
-        self.kind = kind
-        extra = {"runtime": cuda_runtime} if kind == "cuda" else {}
-        self.data = datapath.load(kind)(store, pool, config.threads, self.tile_bytes, **extra)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
-        self.io_lock = threading.Lock()
         self.ranks: dict[int, Rank] = {}
-        self.encoder = StepEncoder(self)
+        self.pending = Pending()
+        self.encoder = StepEncoder(self.stripes)
         # watermarks, the Lookup index (Commit.records), releases: in shared memory
         self.index = store.index
         self.keep_survivors = bool(store.manifest.get("keep_survivors"))
@@ -96,18 +102,20 @@ class Group:
         # daemon must not mistake an ended engine for one whose workers will rejoin)
         self._ended = bool(store.manifest.get("ended"))
         self.ended_at: float | None = store.manifest.get("ended_at")  # unix time
-        self.end_reason: str | None = store.manifest.get("end_reason")
+        reason = store.manifest.get("end_reason")
+        self.end_reason: EndReason | None = EndReason(reason) if reason else None
         self.last_restore: dict[str, Any] | None = None
-        # (block, chunk) found unrecoverable by a restore; guarded by io_lock
-        self.broken: set[tuple[int, int]] = set()
         self.rejoin_wait = config.rejoin_wait_seconds  # a restore waits this long for survivors to rejoin
-        # (step, monotonic time it was first committed) of committed steps not yet known
-        # protected, oldest first: how long protection has kept a step waiting
-        self._waiting: collections.deque[tuple[int, float]] = collections.deque()
+        self.stall_seconds = config.stall_seconds
         self.closed = False  # dropped: the pid watcher may still hold it for one pass
         # called (under ``lock``, must not block) when a rank registers or the engine ends:
         # the daemon's pid watcher sleeps until then
         self.on_change: Callable[[], None] = lambda: None
+        # (step, monotonic time it was first committed) of committed steps not yet known
+        # protected, oldest first: how long protection has kept a step waiting
+        self._waiting: collections.deque[tuple[int, float]] = collections.deque()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._encode_loop, name=f"gs-encode-{name}", daemon=True)
         lay = self.layout
         self.metrics.kv_bytes.labels(name).set(lay.kv_bytes() * self.n)
         self.metrics.parity_arena_bytes.labels(name).set(lay.kv_bytes() * self.m)
@@ -115,13 +123,18 @@ class Group:
         self.update_gauges()
 
     def start(self) -> None:
-        self.encoder.start()
+        self._thread.start()
 
     def stop(self) -> None:
-        self.encoder.stop()
+        with self.cond:
+            self._stopped = True
+            self.cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def close(self) -> None:
-        """Stop and forget every mapping (Drop)."""
+        """Stop and forget every mapping and the store (Drop). The caller unlinks
+        the store's segments afterwards."""
         self.stop()
         with self.lock:
             self.closed = True
@@ -129,13 +142,15 @@ class Group:
                 if r.outbox is not None:
                     r.outbox.put(SUPERSEDED)
                 r.unmap()
-        self.data.close()
+        self.stripes.data.close()
+        with self.stripes.io:  # after a restore, fetch or scrub in flight
+            self._store.close()
 
     # ------------------------------------------------------------------ ranks
 
     @property
     def protected_step(self) -> int:
-        return self.store.protected_step
+        return self.stripes.protected_step
 
     @property
     def watermarks(self) -> dict[str, int]:
@@ -144,16 +159,17 @@ class Group:
 
     def manifest_ranks(self) -> None:
         """Persist rank regions and pids (a restarted daemon re-attaches from them)."""
-        manifest = dict(self.store.manifest)
+        manifest = dict(self._store.manifest)
         manifest["ended"] = self._ended
-        manifest["ended_at"], manifest["end_reason"] = self.ended_at, self.end_reason
+        manifest["ended_at"] = self.ended_at
+        manifest["end_reason"] = str(self.end_reason) if self.end_reason else None
         manifest["ranks"] = {str(r.rank): {"regions": [s.to_dict() for s in r.specs], "pid": r.pid,
                                            "pid_start": r.pid_start, "state": str(r.state),
                                            "idents": [list(i) for i in r.idents],
                                            "release_region": r.release_region,
                                            "process_ended": r.process_ended}
                              for r in self.ranks.values()}
-        self.store.write_manifest(manifest)
+        self._store.write_manifest(manifest)
 
     def _check_ended(self) -> None:
         """A keep_survivors group's engine has ended once a rank failed and none can
@@ -182,6 +198,18 @@ class Group:
         self.ended_at = time.time()
         log.info("group %s: engine ended (%s)", self.name, self.end_reason)
         self.on_change()
+
+    def conflict(self, manifest: Mapping[str, Any], slot_map: bytes) -> str | None:
+        """Why a rank registering with ``manifest`` (code, layout, namespace, ...)
+        and ``slot_map`` does not belong to this group (None: it does)."""
+        defaults = {"namespace": "", "kind": "host", "shm_prefix": manifest.get("shm_prefix"),
+                    "checksum_width": manifest.get("checksum_width")}
+        have = {k: self._store.manifest.get(k, defaults.get(k, False)) for k in manifest}
+        if have != dict(manifest):
+            return f"group {self.name!r} is registered with {have}, not {dict(manifest)}"
+        if self.slotted and bytes(self.stripes.store.slot_map.tobytes()) != slot_map:
+            return f"group {self.name!r} is registered with another slot_map"
+        return None
 
     def region_sizes(self, specs: tuple[RegionSpec, ...]) -> list[RegionSpec]:
         """Each of a rank's regions, sized to the bytes the layout uses there."""
@@ -212,7 +240,7 @@ class Group:
                 role = Role.REPLACEMENT
             new = Rank(rank, ALIVE if role != Role.REPLACEMENT else REPLACING, pid, regions, pid_start=pid_start)
             try:
-                new.memory = self.data.attach(self.region_sizes(regions))
+                new.memory = self.stripes.data.attach(self.region_sizes(regions))
                 new.idents = tuple(new.memory.idents)
             except FileNotFoundError as exc:
                 raise InvalidRequest(f"region {exc.filename or regions[0].name!r} does not exist") from None
@@ -256,7 +284,7 @@ class Group:
                     r.state = LEFT
                 if r.state != LOST:
                     try:
-                        r.memory = self.data.attach(self.region_sizes(r.specs))
+                        r.memory = self.stripes.data.attach(self.region_sizes(r.specs))
                         r.idents = tuple(r.memory.idents)
                     except (FileNotFoundError, ValueError):
                         r.state = LOST
@@ -322,7 +350,7 @@ class Group:
                 raise WrongState(self.name, rank, f"rank is {r.state}: cannot say goodbye")
             r.release_region = release_region
             r.process_ended = True
-            self.encoder.drop_rank(rank)
+            self.pending.drop_rank(rank)
             if any(x.state == LOST for x in self.ranks.values()):
                 r.state = DETACHED  # the engine is going down after a failure: keep it
                 self._check_ended()
@@ -353,7 +381,7 @@ class Group:
                             self.name, rank, kind)
                 r.state = DETACHED
                 r.process_ended = True
-                self.encoder.drop_rank(rank)
+                self.pending.drop_rank(rank)
                 self._check_ended()
                 self._note_end()
                 self.manifest_ranks()
@@ -369,7 +397,7 @@ class Group:
                     if x.state == LEFT:  # left before the failure was known: now a recovery source
                         x.state = DETACHED
                 self._check_ended()
-            self.encoder.drop_rank(rank)
+            self.pending.drop_rank(rank)
             self.metrics.failures.labels(self.name, kind).inc()
             self._note_end()
             self.manifest_ranks()
@@ -393,6 +421,26 @@ class Group:
             return [(r.rank, r.pid) for r in self.ranks.values()
                     if r.state not in (LOST, LEFT) and not r.process_ended and r.pid > 0]
 
+    def shm_regions(self, every: bool) -> list[tuple[str, tuple[int, int] | None]]:
+        """(name, identity when mapped) of the ranks' shared-memory regions: of
+        ranks that said goodbye with ``release_region``, or of ``every`` rank."""
+        if not self.stripes.data.shm_names:
+            return []  # a GPU's memory goes with its process
+        with self.lock:
+            return [(s.name, ident) for r in self.ranks.values() if every or r.release_region
+                    for s, ident in zip(r.specs, r.idents or [None] * len(r.specs), strict=True)]
+
+    def kept_regions(self) -> list[str]:
+        """Names of the shared-memory regions the group keeps mapped (an ended engine's survivors)."""
+        if not self.stripes.data.shm_names:
+            return []
+        with self.lock:
+            return [s.name for r in self.ranks.values() if r.mapped for s in r.specs]
+
+    def store_bytes(self) -> int:
+        """Shared memory of the group's own store: parity, metadata, index."""
+        return self._store.nbytes()
+
     # ------------------------------------------------------------------ commits
 
     def commit(self, rank: int, session: str, rec: CommitRecord) -> None:
@@ -414,9 +462,75 @@ class Group:
                 self._waiting.append((rec.step, time.monotonic()))
                 while self._waiting[0][0] <= self.protected_step:
                     self._waiting.popleft()
-            self.encoder.queue(rank, rec)
+            self.pending.add(rank, rec)
+            self.cond.notify_all()
             self.metrics.commits.labels(self.name).inc()
             self._update_lag()
+
+    def _alive(self, q: int) -> bool:
+        r = self.ranks.get(q)
+        return r is not None and r.state == ALIVE
+
+    def _encode_loop(self) -> None:
+        """The encoder thread: each step once every rank committed it and all are
+        alive; its result applied under ``lock`` (index news, then the protected step)."""
+        while True:
+            with self.cond:
+                while not self._stopped and self.pending.ready(self.protected_step, self.n, self._alive) is None:
+                    self.cond.wait()
+                if self._stopped:
+                    return
+                t = self.protected_step + 1
+                commits = self.pending.take(t)
+                mems = {q: self.ranks[q].memory for q in range(self.n)}
+            started = time.perf_counter()
+            try:
+                nbytes = self.encoder.encode(t, commits, mems, functools.partial(self._still_mapped, t, commits, mems))
+            except Exception:  # a daemon bug: fail this step visibly, keep serving
+                log.exception("group %s: encoding step %d failed; its writes are unprotected", self.name, t)
+                self._step_failed(t, commits)
+                continue
+            if nbytes is None:
+                continue
+            with self.lock:
+                # the index first: after a crash in between, the workers resend step t
+                # and the index, which already has it, ignores the resend
+                changed = self.index.apply(news(t, commits, self.index.void))
+                self.stripes.publish(t)
+                self.metrics.encoded_bytes.labels(self.name).inc(nbytes)
+                self.metrics.encode_seconds.labels(self.name).inc(time.perf_counter() - started)
+                self.metrics.steps_encoded.labels(self.name).inc()
+                self.update_gauges()
+                self.broadcast(Ack(t, changed))
+
+    def _still_mapped(self, t: int, commits: Mapping[int, CommitRecord], mems: Mapping[int, RankMemory]) -> bool:
+        """Are ``mems`` still the ranks' memories? If a rank was lost while the
+        encoder read it, the parity may cover a dead rank's destroyed bytes: the
+        step's live commits wait again, and the replacement recommits step t."""
+        with self.lock:
+            if all(self.ranks[q].memory is mems[q] for q in range(self.n)):
+                return True
+            self.pending.put_back(t, {q: c for q, c in commits.items() if self._alive(q)})
+            self.update_gauges()
+            return False
+
+    def _step_failed(self, t: int, commits: Mapping[int, CommitRecord]) -> None:
+        """Step ``t`` could not be encoded: its chunks are void, the requests it
+        wrote lose their watermark, every rank hears it, and the group goes on
+        with step t + 1."""
+        self.encoder.fail(commits)
+        with self.lock:
+            n = failed_news(t, commits)
+            try:
+                changed = self.index.apply(n)
+            except Exception:
+                log.exception("group %s: recording step %d's failure failed", self.name, t)
+                changed = self.index.unprotect_in_memory(n.unprotect)
+            self.stripes.publish(t)
+            self.metrics.encode_failures.labels(self.name).inc()
+            self.update_gauges()
+            self.broadcast(Ack(t, changed))
+            self.broadcast(Event(EventKind.STEP_FAILED, 0, f"step {t}: {len(n.unprotect)} requests unprotected"))
 
     def match(self, tokens: np.ndarray) -> tuple[str, int, list[int]] | None:
         """The request whose protected KV covers the longest prefix of ``tokens``:
@@ -440,10 +554,8 @@ class Group:
                 raise BlockOutOfRange(self.name, rank, b, "released block outside the layout")
         with self.lock:
             self.check_session(rank, session)
-        with self.io_lock:  # after an encode in progress, before the next
-            for b in blocks:
-                self.store.chunk_step[b, :] = -1
-                self.broken.difference_update((b, c) for c in range(self.layout.chunks))
+        with self.stripes.io:  # after an encode in progress, before the next
+            self.stripes.void(blocks)
             with self.lock:
                 if requests:
                     self.index.apply(StepNews(step=None, forget=dict.fromkeys(requests, step)))
@@ -452,21 +564,105 @@ class Group:
     # ------------------------------------------------------------------ recovery
 
     def restore(self, rank: int, session: str | None) -> recovery.RestoreResult:
-        """Rebuild ``rank``'s protected KV into its memory (:func:`recovery.restore`)."""
-        return recovery.restore(self, rank, session)
+        """Rebuild every protected chunk of ``rank`` into its current memory from
+        the survivors and parity (:func:`recovery.restore`), once every survivor
+        has rejoined and resent its commits."""
+        started = time.perf_counter()
+        with self.lock:
+            # After a daemon restart, survivors are detached until their workers
+            # reconnect, and then catching up until the commits they resend (all they
+            # wrote since the protected step) have arrived. Until then their in-flight
+            # chunks are unknown: a chunk they rewrote would fail its checksum and be
+            # taken for corruption. So wait for them (a survivor that dies meanwhile
+            # stops being waited for).
+            deadline = time.monotonic() + self.rejoin_wait
+            while waiting := self.catching_up(but=rank):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("group %s: restoring rank %d without ranks %s, which have not rejoined and "
+                                "resent their commits within %g s", self.name, rank, waiting, self.rejoin_wait)
+                    break
+                self.cond.wait(left)
+            r = self.ranks.get(rank)
+            if r is None:
+                raise UnknownRank(self.name, rank)
+            if session is not None and r.session != session:
+                raise WrongState(self.name, rank, "stale session: register again")
+            if r.memory is None:
+                raise WrongState(self.name, rank, f"rank is {r.state} with no memory registered")
+            # a survivor still catching up (its wait ran out) is an erasure: its chunks are not all known
+            survivors = {q: x.memory for q, x in self.ranks.items()
+                         if q != rank and x.state == ALIVE and not x.catching_up and x.memory is not None}
+            flux, freed = self.pending.in_flux(self.layout.chunk_bytes)
+            target = r.memory
+            result = recovery.RestoreResult(self.protected_step, watermarks=dict(self.watermarks))
+        recovery.restore(self.stripes, rank, target, survivors, flux, freed, result)
+        result.seconds = time.perf_counter() - started
+        with self.lock:
+            if r.state == REPLACING:
+                r.state = ALIVE
+                r.committed = self.protected_step
+            self.metrics.restores.labels(self.name, "ok" if not result.unrecoverable_blocks else "partial").inc()
+            self.metrics.restore_seconds.labels(self.name).observe(result.seconds)
+            self.metrics.restored_bytes.labels(self.name).inc(result.restored_bytes)
+            self.metrics.unrecoverable_bytes.labels(self.name).inc(result.unrecoverable_bytes)
+            self.metrics.corruption.labels(self.name).inc(result.corrupt_chunks)
+            self.last_restore = {"rank": rank, "seconds": result.seconds, "restored_bytes": result.restored_bytes,
+                                 "unrecoverable_bytes": result.unrecoverable_bytes, "unix_time": time.time()}
+            self.manifest_ranks()
+            self.update_gauges()
+            self.broadcast(Event(EventKind.RANK_RESTORED, rank))
+            self.cond.notify_all()
+        return result
+
+    def receiver(self, rank: int, session: str) -> tuple[DataPath, RankMemory]:
+        """Rank ``rank`` as a fetch's destination: its data path and memory (the
+        caller holds the memory, so its mapping stays while it writes)."""
+        with self.lock:
+            target = self.check_session(rank, session)
+            if target.state != ALIVE or target.memory is None:
+                raise WrongState(self.name, rank, f"rank is {target.state}: cannot receive a fetch")
+            return self.stripes.data, target.memory
 
     def fetch(self, rank: int, blocks: list[int], tokens: int, dst: Group, dst_rank: int,
               dst_session: str, dst_blocks: list[int]) -> recovery.FetchResult:
-        """Deliver this ended group's blocks into ``dst`` (:func:`recovery.fetch`)."""
-        return recovery.fetch(self, rank, blocks, tokens, dst, dst_rank, dst_session, dst_blocks)
-
-    def compatible(self, other: Group) -> list[str]:
-        """Why ``other``'s blocks cannot receive this group's (empty: they can)."""
-        return recovery.compatible(self, other)
+        """Deliver this ended group's rank ``rank`` blocks into ``dst_blocks`` of
+        ``dst``'s rank (:func:`recovery.fetch`). The caller checked that this group
+        ended and that ``dst`` can receive its blocks (:meth:`Stripes.compatible`)."""
+        lay = self.layout
+        if not 0 <= rank < self.n:
+            raise UnknownRank(self.name, rank, f"is outside 0..{self.n - 1}")
+        for b in blocks:
+            if b >= lay.num_blocks:
+                raise BlockOutOfRange(self.name, rank, b, f"outside 0..{lay.num_blocks - 1}")
+        for b in dst_blocks:
+            if b >= dst.layout.num_blocks:
+                raise BlockOutOfRange(dst.name, dst_rank, b, f"outside 0..{dst.layout.num_blocks - 1}")
+        if lay.block_slots and tokens > len(blocks) * lay.block_slots:
+            raise InvalidRequest(f"{tokens} tokens do not fit in {len(blocks)} blocks of {lay.block_slots} slots")
+        with self.lock:
+            held = {q: x.memory for q, x in self.ranks.items() if x.memory is not None}
+        dst_data, dst_memory = dst.receiver(dst_rank, dst_session)
+        with dst.stripes.io:
+            out = recovery.fetch(self.stripes, rank, held, blocks, tokens, dst_data, dst_memory, dst_blocks)
+        self.metrics.fetches.labels(self.name, "ok" if not out.unrecoverable_blocks else "partial").inc()
+        self.metrics.fetch_seconds.labels(self.name).observe(out.seconds)
+        self.metrics.fetched_bytes.labels(self.name).inc(out.fetched_bytes)
+        return out
 
     def scrub(self) -> recovery.ScrubResult:
-        """Check every protected chunk (:func:`recovery.scrub`)."""
-        return recovery.scrub(self)
+        """Check every protected chunk (:func:`recovery.scrub`): with every rank
+        alive, against checksums and parity; for an ended group, the kept ranks'
+        bytes against their checksums."""
+        with self.lock:
+            alive = all(self._alive(q) for q in range(self.n))
+            if not alive and not self.ended():
+                raise WrongState(self.name, None, "scrub needs every rank alive (or none: an ended group)")
+            mems = {q: r.memory for q, r in self.ranks.items() if r.memory is not None}
+        out = recovery.scrub(self.stripes, mems, parity=alive)
+        if out.checksum_mismatches:
+            self.metrics.corruption.labels(self.name).inc(out.checksum_mismatches)
+        return out
 
     # ------------------------------------------------------------------ status
 
@@ -487,13 +683,42 @@ class Group:
         resent commits are still arriving. Caller holds ``lock``."""
         return [q for q, x in self.ranks.items() if q != but and (x.may_return or x.catching_up)]
 
+    def state(self) -> str:
+        """healthy, degraded (a rank lost or being rebuilt), stalled (a committed
+        step waited longer than ``stall_seconds``) or ended."""
+        with self.lock:
+            if self.ended():
+                return "ended"
+            if self.degraded():
+                return "degraded"
+            return "stalled" if self.lag_seconds() > self.stall_seconds else "healthy"
+
+    def view(self) -> GroupView:
+        """A snapshot for status (the daemon adds what it knows: held memory, expiry)."""
+        with self.lock:
+            lay = self.layout
+            per_chunk = lay.chunk_bytes * lay.num_layers
+            chunks = self.stripes.protected_chunks()
+            return GroupView(
+                group=self.name, world_size=self.n, parity=self.m, state=self.state(),
+                protected_step=self.protected_step, newest_step=self.newest_step(),
+                lag_steps=self.newest_step() - self.protected_step, lag_seconds=self.lag_seconds(),
+                kv_bytes=lay.kv_bytes() * self.n, protected_bytes=chunks * per_chunk * self.n,
+                parity_bytes=chunks * per_chunk * self.m, parity_arena_bytes=lay.kv_bytes() * self.m,
+                layout=lay,
+                ranks=[RankView(r.rank, str(r.state), r.pid, r.committed, r.region, r.process_ended)
+                       for r in sorted(self.ranks.values(), key=lambda r: r.rank)],
+                watermarks=dict(sorted(self.watermarks.items())),
+                last_restore=dict(self.last_restore) if self.last_restore else None,
+                ended_seconds=time.time() - self.ended_at if self.ended_at is not None else 0.0)
+
     def _update_lag(self) -> None:
         self.metrics.lag_steps.labels(self.name).set(self.newest_step() - self.protected_step)
 
     def update_gauges(self) -> None:
         """Refresh the group's gauges. Caller holds ``lock``."""
         lay = self.layout
-        chunks = self.store.protected_chunks()
+        chunks = self.stripes.protected_chunks()
         per_chunk = lay.chunk_bytes * lay.num_layers
         self.metrics.protected_bytes.labels(self.name).set(chunks * per_chunk * self.n)
         self.metrics.parity_bytes.labels(self.name).set(chunks * per_chunk * self.m)
@@ -517,4 +742,13 @@ class Group:
                 r.outbox.put(item)
 
 
-__all__ = ["EndReason", "Group"]
+def open_group(name: str, store: ParityStore, metrics: Metrics, pool: ThreadPoolExecutor, config: Config,
+               runtime: Any = None) -> Group:
+    """A group over ``store`` with the data path of its kind (the manifest's),
+    opened with the daemon's encode pool and ``runtime`` (CUDA's; None: the real
+    one). Raises what the data path raises (``GpuUnavailable``, ``Unsupported``)."""
+    cls = datapath.load(store.manifest.get("kind", "host"))
+    return Group(name, store, cls(store, pool, config.threads, config.restore_tile_bytes, runtime), metrics, config)
+
+
+__all__ = ["EndReason", "Group", "open_group"]

@@ -1,31 +1,33 @@
-"""Recovery of one group: restore a replacement rank, fetch an ended engine's blocks
-into a new engine, scrub. All three rest on one rule: no byte is trusted until
-its encode-time checksum says so, and no rebuilt byte is reported until it
-verifies. :func:`rebuild_verified` is the routine restore and fetch share.
+"""Recovery of one group's stripes: restore a replacement rank, fetch an ended
+engine's blocks into a new engine, scrub. All three rest on one rule: no byte is
+trusted until its encode-time checksum says so, and no rebuilt byte is reported
+until it verifies. :func:`rebuild_verified` is the routine restore and fetch
+share.
 
-Threads: each call runs on its RPC's handler thread and holds the group's
-``io_lock`` while it reads or writes bytes (so it never sees half a step); it
-takes ``lock`` only to read state and publish. Native work goes through the
-group's data path.
+These functions see a group's :class:`~ghostserve.daemon.stripes.Stripes` and
+the snapshot the group hands them (which ranks' memories to read, which chunks
+are in flux), never the group: the group decides who is a survivor, waits for
+them, and applies the result (rank states, metrics, events).
+
+Threads: each call runs on its RPC's handler thread and holds the stripes' ``io``
+lock while it reads or writes bytes (so it never sees half a step). Native work
+goes through the stripes' data path.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ghostserve.daemon.messages import Event, EventKind
-from ghostserve.daemon.ranks import RankState
-from ghostserve.errors import BlockOutOfRange, InvalidRequest, UnknownRank, WrongState
+from ghostserve.daemon.stripes import Runs, Stripes
 
 if TYPE_CHECKING:
-    from ghostserve.daemon.datapath import RankMemory
-    from ghostserve.daemon.group import Group
+    from ghostserve.daemon.datapath import DataPath, RankMemory
 
 log = logging.getLogger("ghostserve.group")
 
@@ -79,13 +81,13 @@ class Segment:
 # ---------------------------------------------------------------------- shared routine
 
 
-def find_bad(g: Group, survivors: Mapping[int, RankMemory], runs, corrupt: list[int]) -> list[Segment]:
+def find_bad(st: Stripes, survivors: Mapping[int, RankMemory], runs: Runs, corrupt: list[int]) -> list[Segment]:
     """Check every run on every survivor (one folded pass per run), and chunk by
     chunk where a run fails: segments with the same bad survivors. Adds the
-    number of bad (chunk, rank) pairs to ``corrupt[0]``."""
+    number of bad (chunk, rank) pairs to ``corrupt[0]``. Caller holds ``io``."""
     if not runs:  # everything went through the fused tiles
         return []
-    data, store = g.data, g.store
+    data, store = st.data, st.store
     suspect: set[int] = set()
     for q, mem in survivors.items():
         suspect.update(int(j) for j in np.flatnonzero(~data.intact(mem, q, runs)))
@@ -99,7 +101,7 @@ def find_bad(g: Group, survivors: Mapping[int, RankMemory], runs, corrupt: list[
             if bad:
                 corrupt[0] += len(bad)
                 log.warning("group %s: block %d chunk %d (protected at step %d) fails its checksum "
-                            "on ranks %s", g.name, b, c, store.chunk_step[b, c], sorted(bad))
+                            "on ranks %s", st.name, b, c, store.chunk_step[b, c], sorted(bad))
             last = segments[-1] if segments else None
             if last is not None and last.block == b and last.c1 == c and last.bad == bad:
                 segments[-1] = Segment(b, last.c0, c + 1, bad)
@@ -114,12 +116,12 @@ class Placement:
     block: another group's rank (a fetch into a new engine), ``blocks`` mapping
     source block -> destination block."""
 
-    data: object          # the destination group's data path
+    data: DataPath         # the destination group's data path
     memory: RankMemory
     blocks: Mapping[int, int]
 
 
-def rebuild_verified(g: Group, rank: int, target: RankMemory | None, survivors: Mapping[int, RankMemory],
+def rebuild_verified(st: Stripes, rank: int, target: RankMemory | None, survivors: Mapping[int, RankMemory],
                      base_erased: set[int], segments: list[Segment], place: Placement | None = None
                      ) -> tuple[list[Segment], list[Segment]]:
     """Rebuild ``rank``'s chunks of every segment (into ``target``, or where
@@ -127,15 +129,15 @@ def rebuild_verified(g: Group, rank: int, target: RankMemory | None, survivors: 
     from the good survivors and parity; then check what was written against the
     encode-time checksums. Returns (segments rebuilt and verified, segments
     beyond the code or that did not verify). Beyond the code: nothing is
-    written; did not verify: the bytes written there are zeroed."""
+    written; did not verify: the bytes written there are zeroed. Caller holds ``io``."""
     if not segments:
         return [], []
-    data, store = g.data, g.store
+    data, store = st.data, st.store
     mems = {**survivors, **({rank: target} if target is not None else {})}
     plans, rebuilt, lost = [], [], []
     for seg in segments:
         erased = tuple(sorted(base_erased | {rank} | seg.bad))
-        if len(erased) > g.m:
+        if len(erased) > st.m:
             lost.append(seg)
             continue
         want = (rank, *sorted(seg.bad))
@@ -143,7 +145,7 @@ def rebuild_verified(g: Group, rank: int, target: RankMemory | None, survivors: 
         plans.append((seg.block, seg.c0, seg.c1, want, *data.rebuild_plan(erased, want)))
     data.decode(plans, mems, place={rank: place} if place is not None else None)
     failed: set[int] = set()
-    fill = store.fill if g.slotted else None
+    fill = store.fill if st.slotted else None
     for w in {w for _, want in rebuilt for w in want}:
         mine = [j for j, (_, want) in enumerate(rebuilt) if w in want]
         if w == rank and place is not None:  # another group's blocks: chunk by chunk
@@ -177,171 +179,80 @@ def rebuild_verified(g: Group, rank: int, target: RankMemory | None, survivors: 
 # ---------------------------------------------------------------------- restore
 
 
-def restore(g: Group, rank: int, session: str | None) -> RestoreResult:
-    """Rebuild every protected chunk of ``rank`` into its current memory from the
-    survivors and parity. Survivors failing their checksum count as erasures
-    (and are repaired when the code allows). Chunks with more bad shards than m
-    are reported unrecoverable and left untouched."""
-    started = time.perf_counter()
-    with g.lock:
-        # After a daemon restart, survivors are detached until their workers
-        # reconnect, and then catching up until the commits they resend (all they
-        # wrote since the protected step) have arrived. Until then their in-flight
-        # chunks are unknown: a chunk they rewrote would fail its checksum and be
-        # taken for corruption. So wait for them (a survivor that dies meanwhile
-        # stops being waited for).
-        deadline = time.monotonic() + g.rejoin_wait
-        while waiting := g.catching_up(but=rank):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning("group %s: restoring rank %d without ranks %s, which have not rejoined and "
-                            "resent their commits within %g s", g.name, rank, waiting, g.rejoin_wait)
-                break
-            g.cond.wait(left)
-        r = g.ranks.get(rank)
-        if r is None:
-            raise UnknownRank(g.name, rank)
-        if session is not None and r.session != session:
-            raise WrongState(g.name, rank, "stale session: register again")
-        if r.memory is None:
-            raise WrongState(g.name, rank, f"rank is {r.state} with no memory registered")
-        # a survivor still catching up (its wait ran out) is an erasure: its chunks are not all known
-        survivors = {q: x.memory for q, x in g.ranks.items()
-                     if q != rank and x.state == RankState.ALIVE and not x.catching_up and x.memory is not None}
-        base_erased = {q for q in range(g.n) if q not in survivors}
-        flux, freed_in_flux = g.encoder.in_flux()
-        target = r.memory
-        result = RestoreResult(g.protected_step, watermarks=dict(g.watermarks))
-    with g.io_lock:
-        _restore_into(g, rank, target, survivors, base_erased, flux, freed_in_flux, result)
-    result.seconds = time.perf_counter() - started
-    with g.lock:
-        if r.state == RankState.REPLACING:
-            r.state = RankState.ALIVE
-            r.committed = g.protected_step
-        g.metrics.restores.labels(g.name, "ok" if not result.unrecoverable_blocks else "partial").inc()
-        g.metrics.restore_seconds.labels(g.name).observe(result.seconds)
-        g.metrics.restored_bytes.labels(g.name).inc(result.restored_bytes)
-        g.metrics.unrecoverable_bytes.labels(g.name).inc(result.unrecoverable_bytes)
-        g.metrics.corruption.labels(g.name).inc(result.corrupt_chunks)
-        g.last_restore = {"rank": rank, "seconds": result.seconds, "restored_bytes": result.restored_bytes,
-                          "unrecoverable_bytes": result.unrecoverable_bytes, "unix_time": time.time()}
-        g.manifest_ranks()
-        g.update_gauges()
-        g.broadcast(Event(EventKind.RANK_RESTORED, rank))
-        g.cond.notify_all()
-    return result
+def restore(st: Stripes, rank: int, target: RankMemory, survivors: Mapping[int, RankMemory],
+            flux: Iterable[tuple[int, int]], freed_in_flux: Iterable[int], result: RestoreResult) -> None:
+    """Rebuild every protected, settled chunk of ``rank`` into ``target`` from
+    ``survivors`` and parity, filling ``result``. Survivors failing their
+    checksum count as erasures (and are repaired when the code allows). Chunks
+    with more bad shards than m are reported unrecoverable and left untouched
+    (and remembered as broken until rewritten); chunks in flux (written or freed
+    by steps not yet encoded) are left to the engine's recompute.
 
-
-def _restore_into(g: Group, rank, target, survivors, base_erased, flux, freed_in_flux, result) -> None:
-    """Rebuild every protected, settled chunk of ``rank``.
-
-    Fast path (the data path's fused tiles, :mod:`ghostserve.daemon.rebuild`):
+    Fast path (the data path's fused tiles, :mod:`ghostserve.daemon.datapath.tiles`):
     tiles of whole chunks, each checked on every survivor, decoded while its
     sources are in cache and checked again, spread over the encode threads.
     Tiles that fail a check, partly filled slot-addressed blocks (masked
     checksums), restores with more erasures than parity, and everything when
-    ``tile_bytes <= 0``, take the chunk path: :func:`find_bad` then
+    the data path has no tiles, take the chunk path: :func:`find_bad` then
     :func:`rebuild_verified`."""
-    lay, store, cb = g.layout, g.store, g.layout.chunk_bytes
-    settled = store.chunk_step >= 0
-    for b, c in flux:
-        settled[b, c] = False
-    settled[sorted(freed_in_flux)] = False
-    # lost in an earlier restore: still lost
-    lost_chunks = sorted((b, c) for b, c in g.broken if settled[b, c])
-    for b, c in lost_chunks:
-        settled[b, c] = False
-    result.unrecoverable_bytes += len(lost_chunks) * cb * lay.num_layers
-    unrecoverable = {b for b, _ in lost_chunks}
-    # runs (block, c0, c1) of consecutive settled chunks
-    edges = np.diff(np.pad(settled.astype(np.int8), ((0, 0), (1, 1))), axis=1)
-    (rb, c0s), (_, c1s) = np.nonzero(edges == 1), np.nonzero(edges == -1)
-    runs: list[tuple[int, int, int]] = list(zip(rb.tolist(), c0s.tolist(), c1s.tolist(), strict=True))
-    erased = tuple(sorted(base_erased | {rank}))
-    if runs and g.tile_bytes > 0 and len(erased) <= g.m:
-        slow: list[tuple[int, int, int]] = []
-        if g.slotted:  # masked checksums: partly filled blocks stay on the chunk path
-            full = store.fill >= lay.block_slots
-            slow = [rn for rn in runs if not full[rn[0]]]
-            runs = [rn for rn in runs if full[rn[0]]]
-        g.data.tile_bytes = g.tile_bytes
-        done, retry = g.data.rebuild_tiles(rank, target, survivors, erased, runs)
-        result.restored_bytes += done * cb * lay.num_layers
-        # tiles that failed a check (they wrote nothing) are redone chunk by chunk
-        runs = sorted(slow + retry)
-    corrupt = [0]
-    segments = find_bad(g, survivors, runs, corrupt)
-    result.corrupt_chunks += corrupt[0]
-    done_segs, lost_segs = rebuild_verified(g, rank, target, survivors, base_erased, segments)
-    for seg in done_segs:
-        result.restored_bytes += (seg.c1 - seg.c0) * cb * lay.num_layers
-    for seg in lost_segs:
-        result.unrecoverable_bytes += (seg.c1 - seg.c0) * cb * lay.num_layers
-        g.broken.update((seg.block, c) for c in range(seg.c0, seg.c1))
-        unrecoverable.add(seg.block)
+    lay, cb = st.layout, st.layout.chunk_bytes
+    base_erased = {q for q in range(st.n) if q not in survivors}
+    with st.io:
+        runs, lost_chunks = st.settled_runs(flux, freed_in_flux)
+        result.unrecoverable_bytes += len(lost_chunks) * cb * lay.num_layers
+        unrecoverable = {b for b, _ in lost_chunks}  # lost in an earlier restore: still lost
+        erased = tuple(sorted(base_erased | {rank}))
+        if runs and st.data.tile_bytes > 0 and len(erased) <= st.m:
+            slow: Runs = []
+            if st.slotted:  # masked checksums: partly filled blocks stay on the chunk path
+                full = st.store.fill >= lay.block_slots
+                slow = [rn for rn in runs if not full[rn[0]]]
+                runs = [rn for rn in runs if full[rn[0]]]
+            done, retry = st.data.rebuild_tiles(rank, target, survivors, erased, runs)
+            result.restored_bytes += done * cb * lay.num_layers
+            # tiles that failed a check (they wrote nothing) are redone chunk by chunk
+            runs = sorted(slow + retry)
+        corrupt = [0]
+        segments = find_bad(st, survivors, runs, corrupt)
+        result.corrupt_chunks += corrupt[0]
+        done_segs, lost_segs = rebuild_verified(st, rank, target, survivors, base_erased, segments)
+        for seg in done_segs:
+            result.restored_bytes += (seg.c1 - seg.c0) * cb * lay.num_layers
+        for seg in lost_segs:
+            result.unrecoverable_bytes += (seg.c1 - seg.c0) * cb * lay.num_layers
+            st.mark_broken(seg.block, seg.c0, seg.c1)
+            unrecoverable.add(seg.block)
     result.unrecoverable_blocks = sorted(unrecoverable)
 
 
 # ---------------------------------------------------------------------- fetch
 
 
-def compatible(src: Group, dst: Group) -> list[str]:
-    """Why ``dst``'s blocks cannot receive ``src``'s (empty: they can)."""
-    a, b = src.layout, dst.layout
-    diff = [f for f in ("num_layers", "block_bytes", "chunk_bytes", "block_slots") if getattr(a, f) != getattr(b, f)]
-    if src.n != dst.n:
-        diff.append("world_size")
-    if not diff and src.slotted and not np.array_equal(src.store.slot_map, dst.store.slot_map):
-        diff.append("slot_map")
-    return diff
-
-
-def fetch(g: Group, rank: int, blocks: list[int], tokens: int, dst: Group, dst_rank: int,
-          dst_session: str, dst_blocks: list[int]) -> FetchResult:
+def fetch(st: Stripes, rank: int, held: Mapping[int, RankMemory], blocks: list[int], tokens: int,
+          dst_data: DataPath, dst_memory: RankMemory, dst_blocks: list[int]) -> FetchResult:
     """Write rank ``rank``'s protected bytes of ``blocks`` (covering ``tokens``
-    slots, block i holding slots [i*S, (i+1)*S)) into ``dst_blocks`` of rank
-    ``dst_rank`` of ``dst``. Read from the rank's kept memory when its bytes pass
-    their checksums, else decoded from the other ranks and parity. Every
-    delivered block is checked against the encode-time checksums; blocks that
-    cannot be delivered are reported (the engine recomputes them), and what was
-    written there does not count. The caller checked ``ended()`` and
-    :func:`compatible`."""
+    slots, block i holding slots [i*S, (i+1)*S)) into ``dst_blocks`` of another
+    group's rank (``dst_memory``, mapped by ``dst_data``). Read from the rank's kept memory (``held``) when its
+    bytes pass their checksums, else decoded from the other ranks and parity.
+    Every delivered block is checked against the encode-time checksums; blocks
+    that cannot be delivered are reported (the engine recomputes them), and what
+    was written there does not count. The caller checked the arguments and holds
+    the destination's ``io``; this takes the source's."""
     started = time.perf_counter()
-    lay, store = g.layout, g.store
-    if not 0 <= rank < g.n:
-        raise UnknownRank(g.name, rank, f"is outside 0..{g.n - 1}")
-    for b in blocks:
-        if b >= lay.num_blocks:
-            raise BlockOutOfRange(g.name, rank, b, f"outside 0..{lay.num_blocks - 1}")
-    for b in dst_blocks:
-        if b >= dst.layout.num_blocks:
-            raise BlockOutOfRange(dst.name, dst_rank, b, f"outside 0..{dst.layout.num_blocks - 1}")
-    slots = lay.block_slots
-    if slots and tokens > len(blocks) * slots:
-        raise InvalidRequest(f"{tokens} tokens do not fit in {len(blocks)} blocks of {slots} slots")
-    with g.lock:
-        held = {q: x.memory for q, x in g.ranks.items() if x.memory is not None}
-    with dst.lock:
-        target = dst.check_session(dst_rank, dst_session)
-        if target.state != RankState.ALIVE or target.memory is None:
-            raise WrongState(dst.name, dst_rank, f"rank is {target.state}: cannot receive a fetch")
-        tmem = target.memory  # held: the mapping stays alive while we write
+    lay, store, data = st.layout, st.store, st.data
     out = FetchResult(rebuilt=rank not in held)
-    data = g.data
-    with g.io_lock, dst.io_lock:
+    slots = lay.block_slots
+    with st.io:
         src_b = np.asarray(blocks, dtype=np.int64)
-        ok = (store.chunk_step[src_b] >= 0).all(axis=1)
         wanted = np.ones(len(src_b), dtype=bool)
+        need = None
         if slots:  # block i holds slots [i*S, (i+1)*S) of the tokens: past them nothing is needed
             need = np.minimum(slots, tokens - np.arange(len(src_b)) * slots)
             wanted = need > 0
-            ok &= store.fill[src_b] >= need
-        if g.broken:
-            ok &= np.array([not any((b, c) in g.broken for c in range(lay.chunks)) for b in blocks], dtype=bool)
+        ok = st.deliverable(blocks, need)
         out.unrecoverable_blocks += src_b[wanted & ~ok].tolist()
         todo = [(b, db) for b, db, use in zip(blocks, dst_blocks, (wanted & ok).tolist(), strict=True) if use]
-        fast = _fetch_tiles(g, rank, held, todo, Placement(dst.data, tmem, dict(todo)), out)
+        fast = _fetch_tiles(st, rank, held, todo, Placement(dst_data, dst_memory, dict(todo)), out)
         for b, db in todo:
             if b in fast:
                 out.fetched_bytes += lay.block_bytes * lay.num_layers
@@ -349,29 +260,25 @@ def fetch(g: Group, rank: int, blocks: list[int], tokens: int, dst: Group, dst_r
             src = held.get(rank)
             if src is not None and all(data.checksum(src, b, c) == store.crc[b, c, rank] for c in range(lay.chunks)):
                 for c in range(lay.chunks):  # the kept bytes are good: copy them
-                    data.copy(src, b, c, dst.data, tmem, db)
+                    data.copy(src, b, c, dst_data, dst_memory, db)
                 out.fetched_bytes += lay.block_bytes * lay.num_layers
                 continue
             others = {q: mem for q, mem in held.items() if q != rank}
             corrupt = [int(src is not None)]  # the kept copy failed its check
-            segments = find_bad(g, others, [(b, 0, lay.chunks)], corrupt)
+            segments = find_bad(st, others, [(b, 0, lay.chunks)], corrupt)
             out.corrupt_chunks += corrupt[0]
-            done, lost = rebuild_verified(g, rank, None, others, {q for q in range(g.n) if q not in others},
-                                          segments, Placement(dst.data, tmem, {b: db}))
+            done, lost = rebuild_verified(st, rank, None, others, {q for q in range(st.n) if q not in others},
+                                          segments, Placement(dst_data, dst_memory, {b: db}))
             out.rebuilt = True
             if lost:
                 out.unrecoverable_blocks.append(b)
             else:
                 out.fetched_bytes += lay.block_bytes * lay.num_layers
     out.seconds = time.perf_counter() - started
-    with g.lock:
-        g.metrics.fetches.labels(g.name, "ok" if not out.unrecoverable_blocks else "partial").inc()
-        g.metrics.fetch_seconds.labels(g.name).observe(out.seconds)
-        g.metrics.fetched_bytes.labels(g.name).inc(out.fetched_bytes)
     return out
 
 
-def _fetch_tiles(g: Group, rank: int, held: Mapping[int, RankMemory], todo: list[tuple[int, int]],
+def _fetch_tiles(st: Stripes, rank: int, held: Mapping[int, RankMemory], todo: list[tuple[int, int]],
                  place: Placement, out: FetchResult) -> set[int]:
     """Fetch's fast path (the data path's fused tiles): whole blocks (every slot
     filled), copied from the rank's kept memory, else rebuilt from the others
@@ -379,20 +286,19 @@ def _fetch_tiles(g: Group, rank: int, held: Mapping[int, RankMemory], todo: list
     blocks that lie back to back at both ends. Returns the blocks delivered;
     the caller takes the rest block by block (which finds bad chunks, repairs
     or reports them). Nothing here decides that a block is lost."""
-    lay, store = g.layout, g.store
-    if g.tile_bytes <= 0 or len({b for b, _ in todo}) != len(todo) or len({d for _, d in todo}) != len(todo):
+    lay, store = st.layout, st.store
+    if st.data.tile_bytes <= 0 or len({b for b, _ in todo}) != len(todo) or len({d for _, d in todo}) != len(todo):
         return set()
     full = [b for b, _ in todo if not lay.block_slots or store.fill[b] >= lay.block_slots]
     left = set(full)
-    g.data.tile_bytes = g.tile_bytes
     if rank in held and left:
-        _, failed = g.data.fetch_tiles(rank, {rank: held[rank]}, (), [(b, 0, lay.chunks) for b in sorted(left)],
-                                       place)
+        _, failed = st.data.fetch_tiles(rank, {rank: held[rank]}, (), [(b, 0, lay.chunks) for b in sorted(left)],
+                                        place)
         left = {b for b, _, _ in failed}
     others = {q: mem for q, mem in held.items() if q != rank}
-    erased = tuple(q for q in range(g.n) if q not in others)
-    if left and len(erased) <= g.m:
-        _, failed = g.data.fetch_tiles(rank, others, erased, [(b, 0, lay.chunks) for b in sorted(left)], place)
+    erased = tuple(q for q in range(st.n) if q not in others)
+    if left and len(erased) <= st.m:
+        _, failed = st.data.fetch_tiles(rank, others, erased, [(b, 0, lay.chunks) for b in sorted(left)], place)
         out.rebuilt = out.rebuilt or len(failed) < len(left)
         left = {b for b, _, _ in failed}
     return set(full) - left
@@ -401,20 +307,14 @@ def _fetch_tiles(g: Group, rank: int, held: Mapping[int, RankMemory], todo: list
 # ---------------------------------------------------------------------- scrub
 
 
-def scrub(g: Group) -> ScrubResult:
-    """Compare every protected chunk's live bytes with its checksums and its
-    stored parity with a fresh encode. Needs every rank alive, or, for an ended
-    group, checks the kept (detached) ranks' bytes only."""
-    with g.lock:
-        alive = all(g.ranks.get(q) is not None and g.ranks[q].state == RankState.ALIVE for q in range(g.n))
-        if not alive and not g.ended():
-            raise WrongState(g.name, None, "scrub needs every rank alive (or none: an ended group)")
-        mems = {q: r.memory for q, r in g.ranks.items() if r.memory is not None}
-    lay, store, data = g.layout, g.store, g.data
-    out = ScrubResult(parity_checked=alive)
+def scrub(st: Stripes, mems: Mapping[int, RankMemory], parity: bool) -> ScrubResult:
+    """Compare every protected chunk's live bytes in ``mems`` with its checksums
+    and, with ``parity`` (every rank alive), its stored parity with a fresh encode."""
+    lay, store, data = st.layout, st.store, st.data
+    out = ScrubResult(parity_checked=parity)
     bad_blocks: set[int] = set()
     bad_ranks: set[int] = set()
-    with g.io_lock:
+    with st.io:
         for block in range(lay.num_blocks):
             for c in np.flatnonzero(store.chunk_step[block] >= 0):
                 out.chunks_checked += 1
@@ -423,14 +323,12 @@ def scrub(g: Group) -> ScrubResult:
                     out.checksum_mismatches += 1
                     bad_blocks.add(block)
                     bad_ranks.update(bad)
-                if alive and data.parity_mismatch(mems, block, int(c)):
+                if parity and data.parity_mismatch(mems, block, int(c)):
                     out.parity_mismatches += 1
                     bad_blocks.add(block)
     out.bad_blocks, out.bad_ranks = sorted(bad_blocks), sorted(bad_ranks)
-    if out.checksum_mismatches:
-        g.metrics.corruption.labels(g.name).inc(out.checksum_mismatches)
     return out
 
 
-__all__ = ["FetchResult", "Placement", "RestoreResult", "ScrubResult", "Segment", "compatible", "fetch",
-           "find_bad", "rebuild_verified", "restore", "scrub"]
+__all__ = ["FetchResult", "Placement", "RestoreResult", "ScrubResult", "Segment", "fetch", "find_bad",
+           "rebuild_verified", "restore", "scrub"]

@@ -48,8 +48,9 @@ def manifest_slot(n: int) -> int:
 
 
 def checksum_width(manifest: dict[str, Any]) -> int:
-    """Bytes of one chunk checksum: 4 (CRC32C, host groups) or 8 (sum64, CUDA groups)."""
-    return 8 if manifest.get("kind") == "cuda" else 4
+    """Bytes of one chunk checksum, as the group's data path said at its creation
+    (CRC32C: 4; sum64: 8). Stores made before the manifest recorded it: 8 for CUDA."""
+    return int(manifest.get("checksum_width") or (8 if manifest.get("kind") == "cuda" else 4))
 
 
 def names(prefix: str, group: str) -> tuple[str, str]:

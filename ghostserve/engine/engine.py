@@ -48,19 +48,10 @@ from ghostserve.engine.model import ModelConfig
 from ghostserve.engine.paged import KVShape
 from ghostserve.engine.protect import MODES, REPLICA_HEADER
 from ghostserve.engine.scheduler import Request, Scheduler
-from ghostserve.errors import GhostServeError
+from ghostserve.errors import EngineConfigError, EngineError
 
 #: Name of each mode in reports: ``none`` recovers by recomputing.
 REPORT_NAME = {"none": "recompute", "replicate": "replicate", "ec": "ec"}
-
-
-class EngineError(GhostServeError):
-    """The engine cannot go on: a rank reported an error, did not answer in time,
-    or a failure could not be recovered. Raised by :class:`Engine` methods."""
-
-
-class EngineConfigError(EngineError, ValueError):
-    """An :class:`EngineConfig` or :class:`Kill` that cannot run. Raised at construction."""
 
 
 @dataclass(frozen=True)

@@ -28,14 +28,9 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from ghostserve.errors import GhostServeError
+from ghostserve.errors import ModelConfigError
 
 QUERY_BLOCK = 512  # query rows per attention block (bounds a long recompute's memory)
-
-
-class ModelConfigError(GhostServeError, ValueError):
-    """A model configuration that cannot run (or cannot be split over ``tp`` ranks),
-    or a weights directory that does not match it. Raised by ModelConfig and load_weights."""
 
 
 @dataclass(frozen=True)

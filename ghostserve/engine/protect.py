@@ -23,20 +23,15 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import grpc
 import numpy as np
 
 from ghostserve import shm
 from ghostserve.client import WorkerClient
 from ghostserve.engine.paged import PagedKV
-from ghostserve.errors import DaemonUnavailable, GhostServeError
+from ghostserve.errors import DaemonUnavailable, DuplicateRank, GhostServeError, ProtectionError
 
 MODES = ("none", "replicate", "ec")
 REPLICA_HEADER = 64  # int64 replicated step at byte 0
-
-
-class ProtectionError(GhostServeError):
-    """A protection mode could not start or restore (daemon refused, replica missing)."""
 
 
 class Protection:
@@ -129,13 +124,14 @@ class ErasureCoded(Protection):
                 break
             except DaemonUnavailable as exc:  # waited register_timeout for it
                 raise ProtectionError(f"rank {rank}: {exc}") from None
-            except grpc.RpcError as exc:
-                # a replacement can be faster than the daemon noticing the death (ALREADY_EXISTS until then)
-                retry = exc.code() == grpc.StatusCode.ALREADY_EXISTS
-                if not retry or time.monotonic() > deadline:
-                    raise ProtectionError(f"rank {rank}: the daemon refused registration: "
-                                          f"{exc.code().name}: {exc.details()}") from None
+            except DuplicateRank as exc:
+                # the old worker's pid may outlive its SIGKILL for a moment: the daemon
+                # answers ALREADY_EXISTS until it is gone
+                if time.monotonic() > deadline:
+                    raise ProtectionError(f"rank {rank}: the daemon refused registration: {exc}") from None
                 time.sleep(0.02)
+            except GhostServeError as exc:
+                raise ProtectionError(f"rank {rank}: the daemon refused registration: {exc.code}: {exc}") from None
         self.role = self.client.role
         self.last = resp.next_step - 1
 
@@ -151,8 +147,8 @@ class ErasureCoded(Protection):
         t = time.perf_counter()
         try:
             resp = self.client.restore()
-        except grpc.RpcError as exc:
-            raise ProtectionError(f"restore refused: {exc.code().name}: {exc.details()}") from None
+        except GhostServeError as exc:
+            raise ProtectionError(f"restore refused: {exc.code}: {exc}") from None
         self.last = resp.protected_step
         marks = {w.request_id: w.tokens for w in resp.watermarks}
         bt, ct = self.kv.shape.block_tokens, self.kv.shape.chunk_tokens

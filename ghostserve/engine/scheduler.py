@@ -21,11 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ghostserve.errors import GhostServeError
-
-
-class SchedulerError(GhostServeError, ValueError):
-    """A request that can never run (longer than the pool), or a bad request."""
+from ghostserve.errors import SchedulerError
 
 
 @dataclass

@@ -14,7 +14,7 @@ import sys
 from dataclasses import fields
 from typing import Any
 
-from ghostserve.config import ConfigError
+from ghostserve.errors import ConfigError
 from ghostserve.extras import require
 from ghostserve.front.config import ENV_PREFIX, FrontConfig, SupervisorConfig
 

@@ -18,7 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ghostserve import shm
-from ghostserve.config import LOG_LEVELS, ConfigError, _parse, default_socket
+from ghostserve.config import LOG_LEVELS, _parse, default_socket
+from ghostserve.errors import ConfigError
 
 ENV_PREFIX = "GHOSTSERVE_FRONT_"
 

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ghostserve.errors import ResumeFailed, ResumeRefused
+from ghostserve.errors import ResumeFailed, ResumeRefused, UpstreamFailure, UpstreamRejected
 from ghostserve.front import resume
 from ghostserve.front.boundary import Boundary, Repair
 from ghostserve.front.config import FrontConfig
@@ -31,7 +31,7 @@ from ghostserve.front.output import Logprobs, Shape
 from ghostserve.front.sse import DONE, error_event, error_object, event
 from ghostserve.front.text import TextStream
 from ghostserve.front.tracker import Ticket
-from ghostserve.front.upstream import Upstream, UpstreamFailure, UpstreamRejected
+from ghostserve.front.upstream import Upstream
 
 log = logging.getLogger("ghostserve.front")
 

@@ -32,11 +32,16 @@ import signal
 import sys
 import time
 
-import grpc
 from prometheus_client import CollectorRegistry
 
 from ghostserve.client import OperatorClient
-from ghostserve.errors import DaemonUnavailable, EngineFailed, GhostServeError
+from ghostserve.errors import (
+    DaemonUnavailable,
+    EngineFailed,
+    GhostServeError,
+    UnknownGroup,
+    WrongState,
+)
 from ghostserve.front.app import Front
 from ghostserve.front.config import SupervisorConfig
 from ghostserve.front.metrics import FrontMetrics
@@ -243,7 +248,7 @@ class Supervisor:
         while time.monotonic() < deadline:
             try:
                 g = self.op.status(group).groups
-            except (grpc.RpcError, GhostServeError):
+            except GhostServeError:
                 return
             if not g or any(r.rank == rank and r.state == "lost" for r in g[0].ranks):
                 return
@@ -267,13 +272,10 @@ class Supervisor:
         while True:
             try:
                 resp = await asyncio.to_thread(self.op.drop, server.group, True)
-            except grpc.RpcError as exc:
-                if exc.code() == grpc.StatusCode.NOT_FOUND:
-                    return  # dropped already (a clean shutdown), or never registered
-                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                    log.warning("could not drop group %s: %s", server.group, exc.details())
-                    return
-                now = f"the daemon has not seen every worker end ({exc.details()})"
+            except UnknownGroup:
+                return  # dropped already (a clean shutdown), or never registered
+            except WrongState as exc:
+                now = f"the daemon has not seen every worker end ({exc})"
             except DaemonUnavailable:
                 now = "the daemon does not answer (restarting?)"
             except GhostServeError as exc:

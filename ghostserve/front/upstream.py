@@ -22,42 +22,12 @@ from typing import Any
 
 import aiohttp
 
+from ghostserve.errors import UpstreamFailure, UpstreamRejected
 from ghostserve.front.config import FrontConfig
 from ghostserve.front.sse import SSEDecoder
 
 # exceptions of a connection that went away or never came up
 CONNECTION_ERRORS = (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, OSError)
-
-
-class UpstreamFailure(Exception):
-    """The engine failed under a request (see the module doc). ``accepted``:
-    the upstream had answered 200 before it failed."""
-
-    def __init__(self, reason: str, accepted: bool):
-        self.reason, self.accepted = reason, accepted
-        super().__init__(reason)
-
-
-class UpstreamRejected(Exception):
-    """A healthy upstream refused or failed this request. ``status`` and ``body``
-    (bytes, ``content_type``) are its response; ``streamed`` if it came as an error
-    event after a 200."""
-
-    def __init__(self, status: int, body: bytes, content_type: str = "application/json", streamed: bool = False):
-        self.status, self.body, self.content_type, self.streamed = status, body, content_type, streamed
-        super().__init__(f"upstream answered {status}")
-
-    @property
-    def error(self) -> dict[str, Any]:
-        try:
-            obj = json.loads(self.body)
-        except ValueError:
-            obj = None
-        if isinstance(obj, dict) and isinstance(obj.get("error"), dict):
-            return obj
-        text = self.body.decode("utf-8", "replace")[:500]
-        return {"error": {"message": text or f"upstream answered {self.status}", "type": "UpstreamError",
-                          "param": None, "code": self.status}}
 
 
 class Upstream:

@@ -10,11 +10,9 @@ from __future__ import annotations
 import errno
 import logging
 
-import grpc
-
-from ghostserve import shm
-from ghostserve.client import OperatorClient, channel, worker_stub
-from ghostserve.errors import DaemonUnavailable, ResourceExhausted
+from ghostserve import shm, wire
+from ghostserve.client import OperatorClient, channel
+from ghostserve.errors import DaemonUnavailable, GhostServeError, ResourceExhausted
 from ghostserve.v1 import ghostserve_pb2 as pb
 
 log = logging.getLogger("ghostserve.integrations")
@@ -42,12 +40,11 @@ def allocate(socket: str, name: str, size: int, ask_daemon: bool = True) -> shm.
     (a segment of that name exists) or :class:`ResourceExhausted` (no room)."""
     if ask_daemon and shm.free_bytes() < size:
         try:
-            resp = worker_stub(channel(socket)).Reclaim(pb.ReclaimRequest(bytes=size), timeout=30,
-                                                        wait_for_ready=True)
+            resp = wire.stub(channel(socket), "Worker").Reclaim(pb.ReclaimRequest(bytes=size), timeout=30,
+                                                                wait_for_ready=True)
             log.info("ghostserve: /dev/shm was short; the daemon dropped %s", list(resp.dropped_groups))
-        except grpc.RpcError as exc:  # no room made: the allocation below says whether it fits anyway
-            log.warning("ghostserve: /dev/shm is short and the daemon on %s could not make room (%s)", socket,
-                        exc.details())
+        except GhostServeError as exc:  # no room made: the allocation below says whether it fits anyway
+            log.warning("ghostserve: /dev/shm is short and the daemon on %s could not make room (%s)", socket, exc)
     try:
         return shm.Segment.create(name, size, reserve=True)
     except OSError as exc:

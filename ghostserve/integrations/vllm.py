@@ -51,7 +51,6 @@ import os
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import numpy as np
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -61,10 +60,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from ghostserve import shm
-from ghostserve.client import CONNECT_WAIT, WorkerClient, channel, worker_stub
-from ghostserve.config import ConfigError
-from ghostserve.errors import DaemonUnavailable, Unsupported
+from ghostserve import shm, wire
+from ghostserve.client import CONNECT_WAIT, WorkerClient, channel
+from ghostserve.errors import ConfigError, DaemonUnavailable, GhostServeError, Unsupported
 from ghostserve.integrations import kvsegment
 from ghostserve.v1 import ghostserve_pb2 as pb
 
@@ -338,8 +336,6 @@ class GhostServeConnector(KVConnectorBase_V1):
             log.error("ghostserve: rank %d runs UNPROTECTED: %s. Its KV is not checkpointed; a failure of "
                       "this engine recomputes its requests", rank, exc)
             return
-        except grpc.RpcError as exc:
-            raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
         log.info("ghostserve: rank %d registered %d MiB of KV as group %s (%s)", rank, size >> 20,
                  self.group, region)
 
@@ -357,8 +353,8 @@ class GhostServeConnector(KVConnectorBase_V1):
             return
         try:
             self._client.release(self._step, meta.finished, meta.released)
-        except grpc.RpcError as exc:  # the commit carries them too; only the early drop is lost
-            log.warning("ghostserve: release failed (%s)", exc.code().name)
+        except GhostServeError as exc:  # the commit carries them too; only the early drop is lost
+            log.warning("ghostserve: release failed (%s: %s)", exc.code, exc)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         """Fetch resumed requests' blocks into this rank's memory; blocks until
@@ -379,9 +375,8 @@ class GhostServeConnector(KVConnectorBase_V1):
             try:
                 resp = self._client.fetch(load.source_group, self._client.rank, load.source_blocks,
                                           load.tokens, load.blocks)
-            except grpc.RpcError as exc:  # vLLM recomputes these blocks
-                log.warning("ghostserve: fetch for %s failed (%s: %s)", load.request_id, exc.code().name,
-                            exc.details())
+            except GhostServeError as exc:  # vLLM recomputes these blocks
+                log.warning("ghostserve: fetch for %s failed (%s: %s)", load.request_id, exc.code, exc)
                 resp = pb.FetchResponse(unrecoverable_blocks=load.source_blocks)
             bad = set(resp.unrecoverable_blocks)
             self.stats.data["fetched_bytes"] += resp.fetched_bytes
@@ -513,11 +508,11 @@ class GhostServeConnector(KVConnectorBase_V1):
             return 0, False
         try:
             if self._lookup_stub is None:
-                self._lookup_stub = worker_stub(channel(self.options.socket))
+                self._lookup_stub = wire.stub(channel(self.options.socket), "Worker")
             resp = self._lookup_stub.Lookup(pb.LookupRequest(
                 tokens=np.asarray(tokens, dtype="<u4").tobytes(), namespace=self.namespace), timeout=5)
-        except grpc.RpcError as exc:
-            log.warning("ghostserve: lookup failed (%s); computing %s from scratch", exc.code().name,
+        except GhostServeError as exc:
+            log.warning("ghostserve: lookup failed (%s); computing %s from scratch", exc.code,
                         request.request_id)
             return 0, False
         usable = min(resp.tokens, len(tokens) - 1)  # vLLM computes at least the last token

@@ -6,13 +6,21 @@ rebuild erased shards from survivors and parity, copy blocks. The group, the
 step encoder and recovery never touch addresses or a codec themselves; they
 plan (which ranges, which erasures, which chunks are settled) and publish.
 
-Implementations, imported lazily by :func:`load` (``cuda`` needs CuPy; the
-daemon must start without it):
+Implementations, imported lazily by :func:`load` (``cuda`` needs CuPy to run,
+not to be imported; the daemon must start without it):
 
 * ``host``: POSIX shared memory and Intel ISA-L on the encode thread pool
-  (:mod:`ghostserve.daemon.datapath.host`);
+  (:mod:`ghostserve.daemon.datapath.host`), with restore's fused tiles
+  (:mod:`ghostserve.daemon.datapath.tiles`);
 * ``cuda``: CUDA IPC regions, the kernels of ``cuda/`` on the devices, parity
-  copied into the same pinned shared-memory arena (not built yet).
+  copied into the same pinned shared-memory arena
+  (:mod:`ghostserve.daemon.datapath.cuda`; run so far against a stand-in of
+  CUDA on the CPU, not on a GPU).
+
+What differs between kinds is asked of the class, never tested above this seam
+with the kind's name: :meth:`DataPath.check` and :meth:`DataPath.identity` of a
+region, ``checksum_width``, and ``shm_names`` (whether its regions are named
+shared-memory segments the daemon may unlink when it drops a group).
 
 Contract of every data path:
 
@@ -28,6 +36,7 @@ Contract of every data path:
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -57,7 +66,20 @@ class RegionSpec:
 
     @property
     def kind(self) -> str:
+        """Which data path maps it ("host", "cuda")."""
         return "cuda" if self.ipc_handle else "host"
+
+    @classmethod
+    def shm(cls, name: str, size: int) -> RegionSpec:
+        """A named POSIX shared-memory segment."""
+        return cls(name, size)
+
+    @classmethod
+    def cuda(cls, ipc_handle: bytes, offset: int, device_uuid: bytes, size: int) -> RegionSpec:
+        """A CUDA allocation's IPC handle, the region's offset in it and its device;
+        named ``cuda:<uuid>:<handle digest>+<offset>`` in status and logs."""
+        digest = hashlib.sha256(ipc_handle).hexdigest()[:16]
+        return cls(f"cuda:{device_uuid.hex()}:{digest}+{offset}", size, ipc_handle, offset, device_uuid)
 
     def sized(self, size: int) -> RegionSpec:
         return RegionSpec(self.name, size, self.ipc_handle, self.offset, self.device_uuid)
@@ -93,9 +115,23 @@ class Completion(Protocol):
 
 
 class DataPath(Protocol):
-    """See the module doc. One per group; thread-safe where the group needs it."""
+    """See the module doc. One per group; thread-safe where the group needs it.
+    Constructed as ``cls(store, pool, threads, tile_bytes, runtime)`` (``runtime``:
+    the CUDA runtime, None for the real one; the host path takes no runtime)."""
 
     kind: str
+    checksum_width: int                # bytes of one chunk checksum in the store
+    shm_names: bool                    # regions are named shared-memory segments
+    tile_bytes: int                    # restore's fused tiles: bytes of the lost rank per tile (0: none)
+
+    @staticmethod
+    def check(spec: RegionSpec) -> None:
+        """Raise ValueError unless ``spec`` can name a region of this kind."""
+
+    @staticmethod
+    def identity(spec: RegionSpec) -> tuple[int, int]:
+        """What makes two regions the same memory (two ranks may not share one).
+        Raises FileNotFoundError for a region that does not exist."""
 
     def attach(self, regions: Sequence[RegionSpec]) -> RankMemory:
         """Map a rank's regions (in the layout's region order). Raises
@@ -107,8 +143,9 @@ class DataPath(Protocol):
         ``mems`` (all N ranks) and record each touched chunk's checksums. ``ready``:
         per rank, the handle of an event after which its writes are complete."""
 
-    def checksum(self, mem: RankMemory, block: int, chunk: int) -> int:
-        """The chunk's CRC32C, chained over layers (masked to the filled slots)."""
+    def checksum(self, mem: RankMemory, block: int, chunk: int, fill: int | None = None) -> int:
+        """The chunk's checksum, chained over layers, masked to ``fill`` slots
+        (default: the store's fill of the block; slot-addressed layouts only)."""
 
     def intact(self, mem: RankMemory, rank: int, runs: Runs) -> np.ndarray:
         """Per run: do ``mem``'s bytes match rank ``rank``'s stored checksums?"""
@@ -122,13 +159,24 @@ class DataPath(Protocol):
         """Like :meth:`rebuild_tiles`, into another group's blocks (a fetch); copies
         when ``rank`` is a survivor. May do nothing (every run returned)."""
 
+    def rebuild_plan(self, erased: tuple[int, ...], want: tuple[int, ...]) -> tuple[tuple[int, ...], Any]:
+        """(the survivors to read, the decode matrix) that rebuild ``want`` when
+        ``erased`` are missing."""
+
     def decode(self, plans: Sequence[tuple[Any, ...]], mems: Mapping[int, RankMemory],
-               dest: Mapping[int, tuple[RankMemory, Any]] | None = None) -> None:
-        """Rebuild the wanted shards of every planned chunk range from survivors and parity."""
+               place: Mapping[int, Any] | None = None) -> None:
+        """Rebuild the wanted shards of every planned chunk range from survivors and
+        parity; ``place`` puts a rank's rebuilt chunks into another group's blocks."""
 
     def copy(self, src: RankMemory, block: int, chunk: int, dst_path: DataPath, dst: RankMemory,
              dst_block: int) -> None:
         """Copy one chunk (every layer) of ``src`` into ``dst_block`` of ``dst``."""
+
+    def zero(self, mem: RankMemory, block: int, c0: int, c1: int) -> None:
+        """Zero chunks [c0, c1) of ``block`` in every layer (a rebuild that did not verify)."""
+
+    def parity_mismatch(self, mems: Mapping[int, RankMemory], block: int, chunk: int) -> bool:
+        """Does the stored parity of the chunk differ from a fresh encode of ``mems`` (scrub)?"""
 
     def close(self) -> None:
         """The group is dropped: give back what the data path holds itself."""

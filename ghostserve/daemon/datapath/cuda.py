@@ -29,6 +29,7 @@ the tests run this module on the CPU with a stand-in of the runtime).
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -146,10 +147,23 @@ class CudaDataPath:
     ``attach`` may come from any RPC thread."""
 
     kind = "cuda"
+    checksum_width = 8   # sum64 (ghostserve.codec.gpu_checksum)
+    shm_names = False    # a GPU's memory goes with its process
+
+    @staticmethod
+    def check(spec: RegionSpec) -> None:
+        if len(spec.ipc_handle) != 64 or len(spec.device_uuid) != 16:
+            raise ValueError(f"region {spec.name!r}: a CUDA IPC handle is 64 bytes and a device UUID 16")
+
+    @staticmethod
+    def identity(spec: RegionSpec) -> tuple[int, int]:
+        """The device and IPC allocation (a digest of both), and the offset."""
+        return int.from_bytes(hashlib.sha256(spec.device_uuid + spec.ipc_handle).digest()[:8], "little"), spec.offset
 
     def __init__(self, store: ParityStore, pool: ThreadPoolExecutor, threads: int, tile_bytes: int,
                  runtime: CudaRuntime | None = None, ring_bytes: int = RING_BYTES):
         del pool, threads, tile_bytes  # the devices do the work
+        self.tile_bytes = 0  # no fused restore pass on the devices yet: the chunk path
         self.rt = runtime if runtime is not None else CupyRuntime()
         self.store, self.layout = store, store.layout
         self.n, self.m = store.k, store.m
@@ -184,10 +198,7 @@ class CudaDataPath:
             for h in handles:
                 self.rt.close_ipc(h)
             raise
-        import hashlib  # noqa: PLC0415
-
-        idents = [(int.from_bytes(hashlib.sha256(r.device_uuid + r.ipc_handle).digest()[:8], "little"), r.offset)
-                  for r in regions]
+        idents = [self.identity(r) for r in regions]
         return CudaMemory([r.name for r in regions], device, handles, bases, idents, self.rt)
 
     def pieces(self, mem: CudaMemory, layer: int, block: int, start: int, end: int) -> list[tuple[int, int, int]]:

@@ -25,8 +25,7 @@ import numpy as np
 from ghostserve import shm
 from ghostserve.codec import RSCode, crcfold
 from ghostserve.codec.isal import crc32c, encode_raw
-from ghostserve.daemon import rebuild
-from ghostserve.daemon.datapath import RegionSpec
+from ghostserve.daemon.datapath import RegionSpec, tiles
 from ghostserve.daemon.store import ParityStore
 
 PARALLEL_BYTES = 4 << 20  # less native work than this runs on one thread: Python-bound
@@ -107,10 +106,25 @@ class HostDataPath:
     is cut at the edges of both."""
 
     kind = "host"
+    checksum_width = 4   # CRC32C
+    shm_names = True
 
-    def __init__(self, store: ParityStore, pool: ThreadPoolExecutor, threads: int, tile_bytes: int):
+    @staticmethod
+    def check(spec: RegionSpec) -> None:
+        if spec.kind != "host":
+            raise ValueError(f"region {spec.name!r} is not a shared-memory segment")
+        shm.check_name(spec.name)
+
+    @staticmethod
+    def identity(spec: RegionSpec) -> tuple[int, int]:
+        """(device, inode) of the shared-memory object."""
+        return shm.identity(spec.name)
+
+    def __init__(self, store: ParityStore, pool: ThreadPoolExecutor, threads: int, tile_bytes: int,
+                 runtime: Any = None):
+        del runtime  # the CPU needs none
         self.store, self.pool, self.threads, self.tile_bytes = store, pool, threads, tile_bytes
-        rebuild.warm()  # restore's tile kernel, compiled off the first restore's path
+        tiles.warm()  # restore's tile kernel, compiled off the first restore's path
         self.layout = store.layout
         self.n, self.m = store.k, store.m
         self.slotted = self.layout.block_slots > 0
@@ -251,15 +265,15 @@ class HostDataPath:
     def rebuild_tiles(self, rank: int, target: HostMemory, survivors: Mapping[int, HostMemory],
                       erased: tuple[int, ...], runs: Sequence[tuple[int, int, int]]
                       ) -> tuple[int, list[tuple[int, int, int]]]:
-        """The fused pass (:mod:`ghostserve.daemon.rebuild`): (chunks rebuilt and
+        """The fused pass (:mod:`ghostserve.daemon.datapath.tiles`): (chunks rebuilt and
         verified, runs whose tiles failed a check: redo them chunk by chunk).
         Simple layouts only: others go chunk by chunk."""
         if not self.layout.simple:
             return 0, list(runs)
-        plan = rebuild.TilePlan(self.layout, rank, target.addr, {q: x.addr for q, x in survivors.items()},
+        plan = tiles.TilePlan(self.layout, rank, target.addr, {q: x.addr for q, x in survivors.items()},
                                 self._parity_addr, self.m, *self.rebuild_plan(erased, (rank,)),
                                 self.store.crc, self.n)
-        return rebuild.rebuild_runs(plan, runs, self.tile_bytes, self.pool, self.threads)
+        return tiles.rebuild_runs(plan, runs, self.tile_bytes, self.pool, self.threads)
 
     def fetch_tiles(self, rank: int, survivors: Mapping[int, HostMemory], erased: tuple[int, ...],
                     runs: Sequence[tuple[int, int, int]], place: Any) -> tuple[int, list[tuple[int, int, int]]]:
@@ -275,10 +289,10 @@ class HostDataPath:
             sources, tables = (rank,), self._tables(np.ones((1, 1), dtype=np.uint8))
         else:
             sources, tables = self.rebuild_plan(erased, (rank,))
-        plan = rebuild.TilePlan(self.layout, rank, place.memory.addr, {q: x.addr for q, x in survivors.items()},
+        plan = tiles.TilePlan(self.layout, rank, place.memory.addr, {q: x.addr for q, x in survivors.items()},
                                 self._parity_addr, self.m, sources, tables, self.store.crc, self.n,
                                 place.data.layout, place.blocks)
-        return rebuild.rebuild_runs(plan, runs, self.tile_bytes, self.pool, self.threads)
+        return tiles.rebuild_runs(plan, runs, self.tile_bytes, self.pool, self.threads)
 
     def _cuts(self, sources: Sequence[int], mems: Mapping[int, HostMemory], outs: Sequence[tuple],
               layer: int, block: int, start: int, end: int) -> list[tuple[int, list[int], list[int]]]:

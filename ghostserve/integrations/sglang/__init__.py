@@ -32,7 +32,7 @@ log = logging.getLogger("ghostserve.sglang")
 def plugin() -> None:
     """SGLang's entry point (``sglang.srt.plugins``): register the hooks when
     enabled. Runs in every SGLang process; imports SGLang only when enabled."""
-    from ghostserve.config import ConfigError  # noqa: PLC0415
+    from ghostserve.errors import ConfigError  # noqa: PLC0415
     from ghostserve.integrations.sglang import hooks  # noqa: PLC0415
     from ghostserve.integrations.sglang.options import PluginOptions  # noqa: PLC0415
 

@@ -14,7 +14,8 @@ import os
 from collections.abc import Mapping
 
 from ghostserve import shm
-from ghostserve.config import CONNECT_WAIT_SECONDS, ConfigError
+from ghostserve.config import CONNECT_WAIT_SECONDS
+from ghostserve.errors import ConfigError
 
 ENV = "GHOSTSERVE_SGLANG"
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")

@@ -37,13 +37,11 @@ import logging
 import os
 from typing import Any
 
-import grpc
 import numpy as np
 
 from ghostserve import shm
 from ghostserve.client import WorkerClient
-from ghostserve.config import ConfigError
-from ghostserve.errors import DaemonUnavailable, Unsupported
+from ghostserve.errors import ConfigError, DaemonUnavailable, GhostServeError, Unsupported
 from ghostserve.integrations import kvsegment
 from ghostserve.integrations.sglang.kvpool import PoolGeometry, fills_of, kv_buffers, pages_of
 from ghostserve.integrations.sglang.options import PluginOptions
@@ -214,9 +212,9 @@ class RankState:
             shm.unlink(self.region)
             self._unprotect(exc)
             return
-        except grpc.RpcError as exc:
+        except GhostServeError:  # the daemon refused the rank: the start fails with its reason
             self.client = None
-            raise DaemonUnavailable(f"ghostserve daemon on {self.options.socket}: {exc.details()}") from exc
+            raise
         log.info("ghostserve: rank %d registered as shard %d of group %s (%d+%d)", self.rank,
                  self.rank // self.replicas, self.group, self.shards, self.options.parity)
 

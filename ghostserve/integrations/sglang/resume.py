@@ -35,10 +35,10 @@ import time
 from array import array
 from typing import TYPE_CHECKING, Any
 
-import grpc
 import numpy as np
 
 from ghostserve import shm
+from ghostserve.errors import GhostServeError
 from ghostserve.integrations.sglang.kvpool import pages_of
 
 if TYPE_CHECKING:
@@ -113,8 +113,8 @@ class Planner:
             tokens = np.asarray(req.input_ids, dtype="<u4")
             try:
                 resp = self.state.client.lookup(tokens)
-            except grpc.RpcError as exc:
-                log.warning("ghostserve: lookup failed (%s); %s is prefilled from scratch", exc.code().name,
+            except GhostServeError as exc:
+                log.warning("ghostserve: lookup failed (%s); %s is prefilled from scratch", exc.code,
                             req.rid)
                 continue
             if not resp.group or resp.block_slots != page:
@@ -202,8 +202,8 @@ def _fetch(state: RankState, entry: ResumeEntry, cached: int, slots: Any) -> int
     dst = pages_of(slots.cpu().numpy(), page).tolist()
     try:
         resp = state.client.fetch(entry.source_group, state.client.rank, src, need, dst)
-    except grpc.RpcError as exc:
-        log.warning("ghostserve: fetch for %s failed (%s: %s); it is prefilled", entry.rid, exc.code().name,
+    except GhostServeError as exc:
+        log.warning("ghostserve: fetch for %s failed (%s: %s); it is prefilled", entry.rid, exc.code,
                     exc.details())
         return 0
     bad = set(resp.unrecoverable_blocks)
