@@ -26,7 +26,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -385,8 +386,36 @@ class WorkerClient:
             self.events.put(msg.event)
 
 
+@dataclass
+class Watched:
+    """A group as a watch has seen it so far (:meth:`OperatorClient.wait`)."""
+
+    group: str
+    protected_step: int = -1
+    state: str = ""                                          # healthy, degraded, stalled, ended, dropped
+    ranks: dict[int, str] = field(default_factory=dict)     # rank -> state
+    process_ended: dict[int, bool] = field(default_factory=dict)
+    restored: set[int] = field(default_factory=set)         # ranks whose restore finished during the watch
+
+    def apply(self, ev: pb.WatchEvent) -> None:
+        self.protected_step = max(self.protected_step, ev.protected_step)
+        self.state = ev.state
+        kind = pb.WatchEvent.Kind.Name(ev.kind)
+        if kind == "SNAPSHOT":
+            self.protected_step = ev.protected_step
+            self.ranks = {r.rank: r.state for r in ev.ranks}
+            self.process_ended = {r.rank: r.process_ended for r in ev.ranks}
+        elif kind == "RANK_STATE":
+            self.ranks[ev.rank] = ev.rank_state
+            self.process_ended[ev.rank] = ev.process_ended
+        elif kind == "RANK_RESTORED":
+            self.restored.add(ev.rank)
+
+
 class OperatorClient:
-    """Status, scrub and manual restore; health through ``grpc.health.v1``."""
+    """Status, scrub, manual restore, drop, and waiting on what happens (Watch);
+    health through ``grpc.health.v1``. A daemon's refusal raises its
+    :mod:`ghostserve.errors` class."""
 
     def __init__(self, socket: str, timeout: float = 10.0):
         self._channel = channel(socket)
@@ -412,6 +441,52 @@ class OperatorClient:
     def drop(self, group: str, unlink_regions: bool = False) -> pb.DropResponse:
         """Forget an ended group (no rank alive): parity, index, mappings."""
         return self._call("Drop", pb.DropRequest(group=group, unlink_regions=unlink_regions))
+
+    def watch(self, group: str = "", timeout: float | None = None) -> Iterator[pb.WatchEvent]:
+        """Operator.Watch, started now: a snapshot of each group (``group``: just
+        that one), then every change, until ``timeout`` (None: no end) or the
+        daemon stops. A refusal raises its ghostserve error when iterated."""
+        call = self._stub.Watch(pb.WatchRequest(group=group), timeout=timeout)
+
+        def events() -> Iterator[pb.WatchEvent]:
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return
+                raise wire.error_from(exc) from exc
+            finally:
+                call.cancel()
+        return events()
+
+    def wait(self, group: str, until: Callable[[Watched], bool], timeout: float, what: str = "") -> Watched:
+        """Follow ``group`` until ``until(seen)`` holds; the :class:`Watched` then.
+        Raises TimeoutError after ``timeout`` seconds (naming ``what`` and what was
+        seen), :class:`DaemonUnavailable` if the daemon went away."""
+        seen = Watched(group)
+        for ev in self.watch(group, timeout):
+            seen.apply(ev)
+            if pb.WatchEvent.Kind.Name(ev.kind) == "GROUP_DROPPED":
+                seen.state = "dropped"
+            if until(seen):
+                return seen
+        if seen.state == "" and seen.protected_step < 0 and not seen.ranks:
+            raise DaemonUnavailable(f"the watch of {group!r} on {self.socket} ended before it began")
+        raise TimeoutError(f"{what or 'condition'} not reached within {timeout:g} s; seen: {seen}")
+
+    def wait_ranks(self, group: str, states: Mapping[int, str | Iterable[str]], timeout: float) -> Watched:
+        """Until each rank of ``states`` is in its state (or one of its states)."""
+        want = {r: {s} if isinstance(s, str) else set(s) for r, s in states.items()}
+        return self.wait(group, lambda w: all(w.ranks.get(r) in s for r, s in want.items()), timeout,
+                         f"ranks {dict(states)}")
+
+    def wait_protected(self, group: str, step: int, timeout: float) -> Watched:
+        """Until ``group`` has protected ``step``."""
+        return self.wait(group, lambda w: w.protected_step >= step, timeout, f"step {step} protected")
+
+    def wait_ended(self, group: str, timeout: float) -> Watched:
+        """Until ``group``'s engine has ended (or the group was dropped)."""
+        return self.wait(group, lambda w: w.state in ("ended", "dropped"), timeout, "the engine's end")
 
     def healthy(self, wait_for_ready: bool = False) -> bool:
         """Does the daemon answer SERVING? With ``wait_for_ready``, one that does not

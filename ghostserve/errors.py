@@ -395,8 +395,8 @@ def status_name(exc: GhostServeError) -> str:
     return "INTERNAL"
 
 
-def _classes(base: type = GhostServeError) -> dict[str, type]:
-    out = {base.__name__: base}
+def _classes(base: type[GhostServeError] = GhostServeError) -> dict[str, type[GhostServeError]]:
+    out: dict[str, type[GhostServeError]] = {base.__name__: base}
     for sub in base.__subclasses__():
         out.update(_classes(sub))
     return out
@@ -407,6 +407,7 @@ def from_status(code: str, message: str, name: str | None = None) -> GhostServeE
     name) with ``message``: the class the daemon named (``name``) if it is one of
     these with that code, else the first class :data:`STATUS` lists for the code."""
     named = _classes().get(name or "")
+    cls: type[GhostServeError]
     if named is not None and status_name(named.__new__(named)) == code:
         cls = named
     else:

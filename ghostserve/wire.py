@@ -32,8 +32,8 @@ class Method:
 
     service: str               # "Worker", "Operator"
     name: str                  # "Register", ...
-    request: type              # the request message class
-    response: type             # the response message class
+    request: Any               # the request message class
+    response: Any              # the response message class
     client_streaming: bool
     server_streaming: bool
 

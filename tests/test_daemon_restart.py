@@ -46,14 +46,6 @@ def status(sock: str, group: str) -> pb.GroupStatus:
         op.close()
 
 
-def until(cond, timeout: float, what: str) -> None:
-    """Another process's state, which a test cannot be told about: polled."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout} s"
-        time.sleep(0.01)
-
-
 @pytest.fixture
 def sidecar():
     with Sidecar(log_level="info") as d:
@@ -96,8 +88,7 @@ def test_a_dead_engine_s_group_ends_when_its_last_worker_ends_unseen(sidecar, re
         want = [protected_bytes(k, [0, 1, 2], 20) for k in kv]
         end(workers[1])  # rank 1 dies: its stream ends with it
         clients[1].close()
-        until(lambda: {r.rank: r.state for r in status(sidecar.socket, "dead").ranks}[1] == "lost", 10,
-              "rank 1 lost")
+        OperatorClient(sidecar.socket).wait_ranks("dead", {1: "lost"}, 10)
         sidecar.kill()   # SIGKILL, while rank 0's worker is still "exiting" (it never rejoins)
         if last_worker_ends == "while_the_daemon_is_down":
             end(workers[0])
@@ -106,7 +97,7 @@ def test_a_dead_engine_s_group_ends_when_its_last_worker_ends_unseen(sidecar, re
             g = status(sidecar.socket, "dead")
             assert g.state != "ended" and {r.rank: r.state for r in g.ranks} == {0: "detached", 1: "lost"}
             end(workers[0])
-        until(lambda: status(sidecar.socket, "dead").state == "ended", 10, "the group ended")
+        OperatorClient(sidecar.socket).wait_ended("dead", 10)
         g = status(sidecar.socket, "dead")
         assert {r.rank: (r.state, r.process_ended) for r in g.ranks} == {0: ("detached", True), 1: ("lost", False)}
 
@@ -199,8 +190,7 @@ def test_a_restore_waits_for_the_commits_a_rejoined_survivor_resends(sidecar, re
                     for r in (0, 1)}
         assert {s.role for s in sessions.values()} == {pb.RegisterResponse.REJOINED}
         end(victim)  # it dies before it rejoined: its steps 4-7 never come
-        until(lambda: {r.rank: r.state for r in status(sidecar.socket, "rs").ranks}[2] == "lost", 10,
-              "rank 2 lost")
+        OperatorClient(sidecar.socket).wait_ranks("rs", {2: "lost"}, 10)
         fresh = region(SIZE3)
         new = WorkerClient(sidecar.socket, "rs", 2, 3, 1, N3, fresh.name, SIZE3)
         assert new.register().role == pb.RegisterResponse.REPLACEMENT
@@ -341,3 +331,84 @@ def _free_port() -> int:
 
     return free_port()
 
+
+
+# ---------------------------------------------------------------- Operator.Watch
+
+
+def test_watch_tells_what_happens_as_it_happens(sidecar, region):
+    """A snapshot first, then rank states, protected steps, the engine's end and the
+    drop; an unknown group is NOT_FOUND; a daemon that stops ends every watch."""
+    from ghostserve.errors import UnknownGroup  # noqa: PLC0415
+
+    op = OperatorClient(sidecar.socket, timeout=30)
+    with pytest.raises(UnknownGroup):
+        next(op.watch("nobody", timeout=5))
+    worker = sleeper()
+    segs = [region(SIZE3) for _ in range(2)]
+    clients = [WorkerClient(sidecar.socket, "w", r, 2, 1, N3, segs[r].name, SIZE3, keep_survivors=True,
+                            pid=worker.pid if r == 1 else None) for r in range(2)]
+    try:
+        clients[0].register()
+        events = op.watch("w", timeout=60)
+        first = next(events)
+        assert pb.WatchEvent.Kind.Name(first.kind) == "SNAPSHOT" and [r.rank for r in first.ranks] == [0]
+        clients[1].register()
+        ev = next(events)
+        assert (pb.WatchEvent.Kind.Name(ev.kind), ev.rank, ev.rank_state) == ("RANK_STATE", 1, "alive")
+        for step in range(50):
+            for c in clients:
+                c.commit(step, [(step % 8, 0, 256)])
+        assert clients[0].wait_protected(49)
+        time.sleep(0.2)
+        steps = []
+        while True:
+            ev = next(events)
+            assert pb.WatchEvent.Kind.Name(ev.kind) == "STEP_PROTECTED"
+            steps.append(ev.protected_step)
+            if ev.protected_step == 49:
+                break
+        assert steps == sorted(set(steps))
+        end(worker)  # rank 1's process ends: lost; rank 0 then ends too: kept, the engine ended
+        ev = next(events)
+        assert (pb.WatchEvent.Kind.Name(ev.kind), ev.rank, ev.rank_state, ev.state) == (
+            "RANK_STATE", 1, "lost", "degraded")
+        clients[0].close()
+        kinds = []
+        while "GROUP_ENDED" not in kinds:
+            ev = next(events)
+            kinds.append(pb.WatchEvent.Kind.Name(ev.kind))
+        assert kinds == ["RANK_STATE", "GROUP_ENDED"] and ev.state == "ended"
+        op.drop("w")
+        ev = next(events)
+        assert (pb.WatchEvent.Kind.Name(ev.kind), ev.detail) == ("GROUP_DROPPED", "operator")
+        everything = op.watch("", timeout=60)  # every group: none left, so nothing until the daemon stops
+        t0 = time.monotonic()
+        sidecar.stop()
+        try:
+            assert list(everything) == []  # the stream ended with the daemon...
+        except DaemonUnavailable:
+            pass  # ...or was cut off by its shutdown: either way at once, not at the timeout
+        assert time.monotonic() - t0 < 30
+    finally:
+        if worker.poll() is None:
+            end(worker)
+        for c in clients:
+            c.close()
+
+
+def test_a_slow_watcher_gets_the_newest_protected_step_not_every_one():
+    from ghostserve.daemon.calls import Notice, NoticeKind  # noqa: PLC0415
+    from ghostserve.daemon.watch import Watchers  # noqa: PLC0415
+
+    hub = Watchers()
+    mine, every = hub.subscribe("g"), hub.subscribe("")
+    for t in range(1000):
+        hub.publish(Notice(NoticeKind.STEP_PROTECTED, "g", t, "healthy"))
+    hub.publish(Notice(NoticeKind.RANK_STATE, "g", 999, "degraded", rank=1, rank_state="lost"))
+    hub.publish(Notice(NoticeKind.STEP_PROTECTED, "other", 5, "healthy"))
+    got = [mine.get(0) for _ in range(3)]
+    assert [(n.kind, n.protected_step) for n in got if n] == [("STEP_PROTECTED", 999), ("RANK_STATE", 999)]
+    assert [n.group for n in (every.get(0), every.get(0), every.get(0))] == ["g", "g", "other"]
+    hub.close()
+    assert mine.closed and mine.get(5) is None  # closed: no wait

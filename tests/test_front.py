@@ -135,7 +135,7 @@ class Freezer:
     Frozen when all ``requests`` have a watermark of at least ``decoding`` tokens
     (the longest prompt + KILL_AFTER: each is past its prompt) or, should one start
     late, when any reaches ``late`` (the shortest prompt + NEW // 2: none may
-    finish first). The daemon has no watch call, so its status is read every 50 ms."""
+    finish first). Watch carries no watermarks, so the status is read every 50 ms."""
 
     def __init__(self, op: OperatorClient, group: str, workers: list, requests: int, decoding: int, late: int):
         self.op, self.group, self.workers = op, group, workers

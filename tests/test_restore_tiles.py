@@ -290,10 +290,7 @@ def run_restore(daemon, region, name: str, spec: dict) -> dict:
             segs[q].array()[at] ^= flip
     for q in victims:
         clients[q].close()
-    deadline = time.monotonic() + 10
-    while any(ranks_of(daemon.sock, name)[q].state != "lost" for q in victims):
-        assert time.monotonic() < deadline, "loss not detected"
-        time.sleep(0.002)
+    OperatorClient(daemon.sock).wait_ranks(name, dict.fromkeys(victims, "lost"), 10)
     alive = [q for q in range(n) if q not in victims]
     for q in alive:  # the next step is in flight: its chunks are recomputed, not restored
         for b, s0, e0 in spec["flux"]:
@@ -481,8 +478,7 @@ def test_rebuilt_bytes_that_fail_their_checksum_are_zeroed_and_reported(tiled, r
     parity.array()[((1 * 1 + 0) * blocks + 2) * bb + 2 * cb + 5] ^= 0x11
     parity.close()
     clients[0].close()
-    while ranks_of(daemon.sock, name)[0].state != "lost":
-        time.sleep(0.002)
+    OperatorClient(daemon.sock).wait_ranks(name, {0: "lost"}, 10)
     fresh = region(size)
     fresh.array()[:] = 0xEE
     c = WorkerClient(daemon.sock, name, 0, 3, 1, layout, fresh.name, size)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from ghostserve.daemon.layout import Layout
 from ghostserve.errors import ConfigError
-from ghostserve.integrations.sglang.kvpool import PoolGeometry, fills_of, kv_buffers, pages_of
+from ghostserve.integrations.common import fills_of
+from ghostserve.integrations.sglang.kvpool import PoolGeometry, kv_buffers, pages_of
 from ghostserve.integrations.sglang.options import PluginOptions
 
 

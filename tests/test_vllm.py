@@ -260,7 +260,7 @@ def test_daemon_sigkilled_while_the_dead_engine_exits_and_the_new_one_registers(
         workers = [vllm_run.tp_worker(proc.pid, 0), vllm_run.tp_worker(proc.pid, 1)]
         workers[0].suspend()  # still exiting, as far as the daemon can tell
         workers[1].send_signal(signal.SIGKILL)
-        until(lambda: {r.rank: r.state for r in groups(env)[name].ranks}[1] == "lost", 30, "rank 1 lost")
+        env["op"].wait_ranks(name, {1: "lost"}, 30)
         daemon.kill()
         daemon.start()
         g = groups(env)[name]
@@ -273,7 +273,7 @@ def test_daemon_sigkilled_while_the_dead_engine_exits_and_the_new_one_registers(
     with open(out_path) as f:
         dead = json.load(f)
     assert proc.returncode == 3 and dead["dead"], stdout[-3000:]
-    until(lambda: groups(env)[name].state == "ended", 30, "the dead engine's group ended")
+    env["op"].wait_ended(name, 30)
     g = groups(env)[name]
     assert {r.rank: (r.state, r.process_ended) for r in g.ranks} == {0: ("detached", True), 1: ("lost", False)}
     kept = next(r.region for r in g.ranks if r.rank == 0)

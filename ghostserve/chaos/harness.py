@@ -264,15 +264,11 @@ class Chaos:
             # the new daemon maps the zeros (and must find the worker gone)
             self.restart_daemon(DaemonMoment.DEATH, step, f"right after rank {rank}'s SIGKILL",
                                 then=lambda: self._zero(name))
-        detected = float("nan")
-        while time.perf_counter() - t0 < 30:
-            ranks = self.op.status("chaos").groups[0].ranks
-            if any(r.rank == rank and r.state == "lost" for r in ranks):
-                detected = time.perf_counter() - t0
-                break
-            time.sleep(0.002)
-        else:
-            raise ChaosError(f"the daemon did not mark rank {rank} lost within 30 s of its SIGKILL")
+        try:
+            self.op.wait_ranks("chaos", {rank: "lost"}, timeout=30)
+        except TimeoutError as exc:
+            raise ChaosError(f"the daemon did not mark rank {rank} lost within 30 s of its SIGKILL: {exc}") from None
+        detected = time.perf_counter() - t0
         self._zero(name)
         shm.unlink(name)
         self.generation[rank] += 1
@@ -309,14 +305,11 @@ class Chaos:
     def wait_protected(self, step: int, timeout: float = 60) -> bool:
         """Wait until the daemon has protected ``step`` (after a daemon restart: until
         the workers have rejoined and resent); False on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            groups = self.op.status("chaos").groups
-            if groups and groups[0].protected_step >= step:
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(0.005)
+        try:
+            self.op.wait_protected("chaos", step, timeout)
+            return True
+        except TimeoutError:
+            return False
 
     def corrupt(self, rank: int, step: int) -> None:
         """Flip bytes of an old, protected token of a live request on ``rank``."""

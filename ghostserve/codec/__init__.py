@@ -166,9 +166,11 @@ class RSCode:
         """True when the parity rows of ``shards`` (k + m shards) match its data rows."""
         views = as_shards(shards, self.k + self.m, writable=False, what="shards")
         length = len(views[0])
-        xp = np
+        xp: Any = np
         if is_device_array(views[0]):
-            import cupy as xp  # noqa: PLC0415
+            import cupy  # noqa: PLC0415
+
+            xp = cupy
         fresh = xp.empty((self.m, length), dtype=xp.uint8)
         self._apply(
             self.parity_matrix, views.pick(range(self.k)), as_shards(fresh, self.m, writable=True, what="parity")

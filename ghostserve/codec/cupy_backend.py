@@ -281,7 +281,7 @@ class CupyBackend(Backend):
         # Sources: device arrays as they are (contiguous copies of strided views),
         # host arrays through one staging buffer.
         host_src = [i for i, s in enumerate(src) if not is_device_array(s)]
-        staging = _rows(cp, len(host_src), length) if host_src else None
+        staging: Any = _rows(cp, len(host_src), length) if host_src else None
         dsrc: list[Any] = list(src)
         for n, i in enumerate(host_src):
             staging[n].set(np.ascontiguousarray(src[i]))
@@ -293,7 +293,7 @@ class CupyBackend(Backend):
         # Outputs: contiguous device arrays written in place, the rest through
         # one scratch buffer copied out after the kernel.
         scratch_rows = [j for j, d in enumerate(dst) if not (is_device_array(d) and d.flags.c_contiguous)]
-        scratch = _rows(cp, len(scratch_rows), length) if scratch_rows else None
+        scratch: Any = _rows(cp, len(scratch_rows), length) if scratch_rows else None
         ddst: list[Any] = list(dst)
         for n, j in enumerate(scratch_rows):
             ddst[j] = scratch[n]

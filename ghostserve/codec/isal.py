@@ -66,7 +66,7 @@ def library() -> ctypes.CDLL:
         lib.gf_gen_cauchy1_matrix.restype = None
         lib.gf_invert_matrix.argtypes = [_u8p, _u8p, ctypes.c_int]
         lib.gf_invert_matrix.restype = ctypes.c_int
-        lib.path = path
+        lib.path = path  # type: ignore[attr-defined]  # where it came from, for reports
         return lib
     raise BackendUnavailable(
         "isal",
@@ -75,7 +75,7 @@ def library() -> ctypes.CDLL:
     )
 
 
-def _ptr(a: np.ndarray) -> ctypes.POINTER(ctypes.c_ubyte):
+def _ptr(a: np.ndarray) -> Any:  # a ctypes pointer to unsigned bytes
     return a.ctypes.data_as(_u8p)
 
 

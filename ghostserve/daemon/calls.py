@@ -9,6 +9,7 @@ the groups see nothing of the wire. Results of restore, fetch and scrub are
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from ghostserve.daemon.datapath import RegionSpec
@@ -104,4 +105,32 @@ class GroupView:
     expires_seconds: float = 0.0
 
 
-__all__ = ["FetchCall", "GroupView", "LookupHit", "RankView", "Registered", "Registration"]
+
+
+class NoticeKind(StrEnum):
+    """``WatchEvent.Kind`` names."""
+
+    SNAPSHOT = "SNAPSHOT"              # the group as a watch starts
+    RANK_STATE = "RANK_STATE"          # a rank changed state
+    RANK_RESTORED = "RANK_RESTORED"    # a replacement's restore finished
+    STEP_PROTECTED = "STEP_PROTECTED"  # the protected step advanced
+    GROUP_ENDED = "GROUP_ENDED"        # the group's engine ended
+    GROUP_DROPPED = "GROUP_DROPPED"    # the group is gone
+
+
+@dataclass(frozen=True)
+class Notice:
+    """What a watcher hears about a group (``WatchEvent``)."""
+
+    kind: NoticeKind
+    group: str
+    protected_step: int
+    state: str                         # the group's: healthy, degraded, stalled, ended
+    rank: int = 0
+    rank_state: str = ""
+    process_ended: bool = False
+    detail: str = ""
+    ranks: tuple[RankView, ...] = ()   # SNAPSHOT only
+
+
+__all__ = ["FetchCall", "GroupView", "LookupHit", "Notice", "NoticeKind", "RankView", "Registered", "Registration"]

@@ -31,12 +31,22 @@ from prometheus_client import CollectorRegistry
 from ghostserve import shm
 from ghostserve.config import Config
 from ghostserve.daemon import datapath
-from ghostserve.daemon.calls import FetchCall, GroupView, LookupHit, Registered, Registration
-from ghostserve.daemon.datapath import RegionSpec
+from ghostserve.daemon.calls import (
+    FetchCall,
+    GroupView,
+    LookupHit,
+    Notice,
+    NoticeKind,
+    Registered,
+    Registration,
+)
+from ghostserve.daemon.datapath import DataPath, RegionSpec
 from ghostserve.daemon.group import EndReason, Group, open_group
+from ghostserve.daemon.layout import Layout
 from ghostserve.daemon.pidwatch import PidWatch
 from ghostserve.daemon.recovery import FetchResult
 from ghostserve.daemon.store import ParityStore
+from ghostserve.daemon.watch import Subscription, Watchers
 from ghostserve.errors import (
     ForeignStore,
     GhostServeError,
@@ -87,6 +97,7 @@ class Daemon:
         self._procs: dict[int, psutil.Process] = {}
         self._pids = PidWatch()
         self._watcher = threading.Thread(target=self._watch_pids, name="gs-pids", daemon=True)
+        self.watchers = Watchers()
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -120,6 +131,7 @@ class Daemon:
         group = open_group(name, store, self.metrics, self.pool, self.config, self.cuda_runtime)
         self.groups[name] = group
         group.on_change = self._pids.kick  # new pids and ended engines: the watcher looks again
+        group.on_notice = self.watchers.publish
         group.start()
         return group
 
@@ -127,6 +139,7 @@ class Daemon:
         self.draining = True
         self._stop.set()
         self._pids.kick()
+        self.watchers.close()
         for group in list(self.groups.values()):
             group.stop()
         self.pool.shutdown(wait=True)
@@ -134,6 +147,7 @@ class Daemon:
     def end_streams(self) -> None:
         """Drain: end every worker stream (ranks stay registered, detached; parity stays)."""
         self.draining = True
+        self.watchers.close()  # watches end now, not when the drain's grace runs out
         for group in list(self.groups.values()):
             group.end_streams()
 
@@ -221,6 +235,7 @@ class Daemon:
                     held += size
             self.groups.pop(g.name)
         self.metrics.forget_group(g.name)
+        self.watchers.publish(Notice(NoticeKind.GROUP_DROPPED, g.name, -1, "dropped", detail=str(reason)))
         self.metrics.groups_dropped.labels(reason).inc()
         self.metrics.dropped_bytes.labels(reason).inc(held)
         log.info("dropped group %s (%s): %d bytes of shared memory given back%s", g.name, reason, held,
@@ -309,9 +324,9 @@ class Daemon:
                 if ident in idents:
                     raise InvalidRequest(f"region {spec.name!r} is another name of a region given before")
                 idents.add(ident)
-            group = self.groups.get(reg.group)
-            created = group is None
-            if created:
+            known = self.groups.get(reg.group)
+            created = known is None
+            if known is None:
                 need = sum(ParityStore.sizes(layout, n, m, path.checksum_width))
                 self.make_room(need)
                 try:
@@ -327,6 +342,7 @@ class Daemon:
                     self.metrics.forget_group(reg.group)
                     raise
             else:
+                group = known
                 conflict = group.conflict(manifest, reg.slot_map)
                 if conflict:
                     raise InvalidRequest(conflict)
@@ -344,7 +360,7 @@ class Daemon:
                 raise
         return Registered(role, session, group.protected_step)
 
-    def _check_region(self, i: int, spec: RegionSpec, layout: Any, path: type) -> None:
+    def _check_region(self, i: int, spec: RegionSpec, layout: Layout, path: type[DataPath[Any]]) -> None:
         """Region ``i`` of a registration: big enough for the layout, well formed
         for its data path, and, for named shared memory, the engine's KV: not a
         segment of the daemon's own (parity, metadata, index, lock), and under
@@ -425,6 +441,15 @@ class Daemon:
             return self.drop_group(g, DropReason.OPERATOR, unlink_regions=unlink_regions)
 
     # ---------------------------------------------------------------- status
+
+    def watch(self, group: str) -> Subscription:
+        """A new watcher of ``group`` (every group if empty): first a snapshot of
+        each, then what happens. The caller ends it with ``watchers.unsubscribe``."""
+        groups = [self.group(group)] if group else list(self.groups.values())
+        sub = self.watchers.subscribe(group)  # first: nothing after the snapshots is missed
+        for g in groups:
+            sub.put(g.snapshot())
+        return sub
 
     def status(self, name: str = "") -> list[GroupView]:
         """A view of group ``name`` (every group if empty), with the memory each holds."""

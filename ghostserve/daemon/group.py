@@ -46,11 +46,11 @@ import numpy as np
 
 from ghostserve.config import Config
 from ghostserve.daemon import datapath, recovery
-from ghostserve.daemon.calls import GroupView, RankView
+from ghostserve.daemon.calls import GroupView, Notice, NoticeKind, RankView
 from ghostserve.daemon.commits import CommitRecord, validate
 from ghostserve.daemon.datapath import DataPath, RankMemory, RegionSpec
 from ghostserve.daemon.encoder import Pending, StepEncoder, failed_news, news
-from ghostserve.daemon.index import StepNews
+from ghostserve.daemon.index import RequestIndex, StepNews
 from ghostserve.daemon.layout import Layout
 from ghostserve.daemon.messages import SUPERSEDED, Ack, Event, EventKind, OutboxItem
 from ghostserve.daemon.ranks import Rank, RankState, Role
@@ -95,7 +95,9 @@ class Group:
         self.pending = Pending()
         self.encoder = StepEncoder(self.stripes)
         # watermarks, the Lookup index (Commit.records), releases: in shared memory
-        self.index = store.index
+        if store.index is None:
+            raise ValueError(f"group {name}: its store has no request index")
+        self.index: RequestIndex = store.index
         self.keep_survivors = bool(store.manifest.get("keep_survivors"))
         self.namespace = str(store.manifest.get("namespace", ""))
         # keep_survivors groups: set once no rank is alive (persisted: a restarted
@@ -111,6 +113,8 @@ class Group:
         # called (under ``lock``, must not block) when a rank registers or the engine ends:
         # the daemon's pid watcher sleeps until then
         self.on_change: Callable[[], None] = lambda: None
+        # called (under ``lock``, must not block) with what watchers hear (Operator.Watch)
+        self.on_notice: Callable[[Notice], None] = lambda notice: None
         # (step, monotonic time it was first committed) of committed steps not yet known
         # protected, oldest first: how long protection has kept a step waiting
         self._waiting: collections.deque[tuple[int, float]] = collections.deque()
@@ -197,6 +201,7 @@ class Group:
             return  # detached ranks of a daemon restart: their workers may still rejoin
         self.ended_at = time.time()
         log.info("group %s: engine ended (%s)", self.name, self.end_reason)
+        self._notify(NoticeKind.GROUP_ENDED, detail=str(self.end_reason))
         self.on_change()
 
     def conflict(self, manifest: Mapping[str, Any], slot_map: bytes) -> str | None:
@@ -262,6 +267,7 @@ class Group:
             self.ranks[rank] = new
             self.manifest_ranks()
             self.update_gauges()
+            self._rank_changed(new, str(role))
             self.cond.notify_all()
             self.on_change()
             return role, new.session
@@ -319,6 +325,7 @@ class Group:
             if r.state == DETACHED and r.mapped:
                 r.state = ALIVE  # its last stream was refused; this one carries on
                 self.update_gauges()
+                self._rank_changed(r, "stream opened")
             if r.outbox is not None:
                 r.outbox.put(SUPERSEDED)  # ends an older stream of this rank
             r.outbox = queue.Queue()
@@ -338,6 +345,7 @@ class Group:
             else:
                 r.state = DETACHED
                 self.update_gauges()
+                self._rank_changed(r, "stream ended by the daemon")
 
     def goodbye(self, rank: int, session: str, release_region: bool) -> bool:
         """The rank ends cleanly (its engine shuts down): not a failure. Its memory
@@ -357,6 +365,7 @@ class Group:
             else:
                 r.state = LEFT
             log.info("group %s: rank %d said goodbye", self.name, rank)
+            self._rank_changed(r, "goodbye")
             self._note_end()
             self.manifest_ranks()
             self.update_gauges()
@@ -383,6 +392,7 @@ class Group:
                 r.process_ended = True
                 self.pending.drop_rank(rank)
                 self._check_ended()
+                self._rank_changed(r, kind)
                 self._note_end()
                 self.manifest_ranks()
                 self.update_gauges()
@@ -399,6 +409,7 @@ class Group:
                 self._check_ended()
             self.pending.drop_rank(rank)
             self.metrics.failures.labels(self.name, kind).inc()
+            self._rank_changed(r, kind)
             self._note_end()
             self.manifest_ranks()
             self.update_gauges()
@@ -482,7 +493,7 @@ class Group:
                     return
                 t = self.protected_step + 1
                 commits = self.pending.take(t)
-                mems = {q: self.ranks[q].memory for q in range(self.n)}
+                mems = self._memories()
             started = time.perf_counter()
             try:
                 nbytes = self.encoder.encode(t, commits, mems, functools.partial(self._still_mapped, t, commits, mems))
@@ -502,6 +513,16 @@ class Group:
                 self.metrics.steps_encoded.labels(self.name).inc()
                 self.update_gauges()
                 self.broadcast(Ack(t, changed))
+                self._notify(NoticeKind.STEP_PROTECTED)
+
+    def _memories(self) -> dict[int, RankMemory]:
+        """Every rank's memory (all alive: all mapped). Caller holds ``lock``."""
+        mems: dict[int, RankMemory] = {}
+        for q in range(self.n):
+            mem = self.ranks[q].memory
+            assert mem is not None, f"rank {q} is alive with no memory"
+            mems[q] = mem
+        return mems
 
     def _still_mapped(self, t: int, commits: Mapping[int, CommitRecord], mems: Mapping[int, RankMemory]) -> bool:
         """Are ``mems`` still the ranks' memories? If a rank was lost while the
@@ -529,6 +550,7 @@ class Group:
             self.stripes.publish(t)
             self.metrics.encode_failures.labels(self.name).inc()
             self.update_gauges()
+            self._notify(NoticeKind.STEP_PROTECTED, detail="failed")
             self.broadcast(Ack(t, changed))
             self.broadcast(Event(EventKind.STEP_FAILED, 0, f"step {t}: {len(n.unprotect)} requests unprotected"))
 
@@ -602,6 +624,7 @@ class Group:
             if r.state == REPLACING:
                 r.state = ALIVE
                 r.committed = self.protected_step
+                self._rank_changed(r, "restored")
             self.metrics.restores.labels(self.name, "ok" if not result.unrecoverable_blocks else "partial").inc()
             self.metrics.restore_seconds.labels(self.name).observe(result.seconds)
             self.metrics.restored_bytes.labels(self.name).inc(result.restored_bytes)
@@ -612,6 +635,7 @@ class Group:
             self.manifest_ranks()
             self.update_gauges()
             self.broadcast(Event(EventKind.RANK_RESTORED, rank))
+            self._notify(NoticeKind.RANK_RESTORED, rank=rank)
             self.cond.notify_all()
         return result
 
@@ -711,6 +735,21 @@ class Group:
                 watermarks=dict(sorted(self.watermarks.items())),
                 last_restore=dict(self.last_restore) if self.last_restore else None,
                 ended_seconds=time.time() - self.ended_at if self.ended_at is not None else 0.0)
+
+    def snapshot(self) -> Notice:
+        """The group for a new watcher: every rank, the protected step, the state."""
+        with self.lock:
+            v = self.view()
+            return Notice(NoticeKind.SNAPSHOT, self.name, v.protected_step, v.state, ranks=tuple(v.ranks))
+
+    def _notify(self, kind: NoticeKind, rank: int = 0, detail: str = "") -> None:
+        """Tell the watchers. Caller holds ``lock``."""
+        self.on_notice(Notice(kind, self.name, self.protected_step, self.state(), rank=rank, detail=detail))
+
+    def _rank_changed(self, r: Rank, why: str) -> None:
+        """Tell the watchers a rank's new state. Caller holds ``lock``."""
+        self.on_notice(Notice(NoticeKind.RANK_STATE, self.name, self.protected_step, self.state(), rank=r.rank,
+                              rank_state=str(r.state), process_ended=r.process_ended, detail=why))
 
     def _update_lag(self) -> None:
         self.metrics.lag_steps.labels(self.name).set(self.newest_step() - self.protected_step)

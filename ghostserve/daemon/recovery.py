@@ -170,7 +170,7 @@ def rebuild_verified(st: Stripes, rank: int, target: RankMemory | None, survivor
             continue
         if place is not None:
             place.data.zero(place.memory, place.blocks[seg.block], seg.c0, seg.c1)
-        else:
+        elif target is not None:
             data.zero(target, seg.block, seg.c0, seg.c1)
         lost.append(seg)
     return done, lost

@@ -101,7 +101,7 @@ class Server:
         self.grpc = grpc.server(ThreadPoolExecutor(max_workers=config.rpc_threads, thread_name_prefix="gs-rpc"),
                                 options=[("grpc.so_reuseport", 0)])
         self.health = health.HealthServicer()
-        self.metrics_server = None
+        self.metrics_server: Any = None  # prometheus_client's WSGI server, when --metrics-port
         self.metrics_port = 0
         self._lock = shm.PrefixLock(config.shm_prefix)
         self._bound = False

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 
 from ghostserve import wire
-from ghostserve.daemon.calls import FetchCall, GroupView, Registration
+from ghostserve.daemon.calls import FetchCall, GroupView, Notice, Registration
 from ghostserve.daemon.commits import CommitRecord
 from ghostserve.daemon.daemon import Daemon, DropReason
 from ghostserve.daemon.datapath import RegionSpec
@@ -129,6 +129,16 @@ def group_status(v: GroupView) -> pb.GroupStatus:
     if v.last_restore:
         gs.last_restore.CopyFrom(pb.LastRestore(**v.last_restore))
     return gs
+
+
+def watch_event(n: Notice) -> pb.WatchEvent:
+    ev = pb.WatchEvent(kind=pb.WatchEvent.Kind.Value(n.kind), group=n.group, rank=n.rank, rank_state=n.rank_state,
+                       process_ended=n.process_ended, protected_step=n.protected_step, state=n.state,
+                       detail=n.detail)
+    for r in n.ranks:
+        ev.ranks.add(rank=r.rank, state=r.state, pid=r.pid, committed_step=r.committed_step, region=r.region,
+                     process_ended=r.process_ended)
+    return ev
 
 
 class _StreamEnd:
@@ -310,6 +320,25 @@ class Services:
         """Forget an ended group with its shared memory."""
         return pb.DropResponse(released_bytes=self.d.drop(req.group, req.unlink_regions))
 
+    def watch(self, req: Any, context: grpc.ServicerContext) -> Iterator[pb.WatchEvent]:
+        """A snapshot of each watched group, then every change, until the client
+        goes or the daemon stops."""
+        try:
+            if isinstance(req, _Malformed):
+                raise InvalidRequest(f"malformed Watch message: {req.error}")
+            sub = self.d.watch(req.group)
+        except GhostServeError as exc:
+            self._refuse("Watch", exc, context)
+            return
+        context.add_callback(sub.close)  # the client went: wake the wait below
+        try:
+            while context.is_active() and not sub.closed:
+                notice = sub.get(timeout=5.0)
+                if notice is not None:
+                    yield watch_event(notice)
+        finally:
+            self.d.watchers.unsubscribe(sub)
+
     # ---------------------------------------------------------------- the table
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
@@ -320,17 +349,19 @@ class Services:
                        "Release": ("Release", self.release), "Fetch": ("Fetch", self.fetch),
                        "Stream": ("Stream", self.stream)},
             "Operator": {"Status": ("Status", self.status), "Scrub": ("Scrub", self.scrub),
-                         "Restore": ("OperatorRestore", self.operator_restore), "Drop": ("Drop", self.drop)},
+                         "Restore": ("OperatorRestore", self.operator_restore), "Drop": ("Drop", self.drop),
+                         "Watch": ("Watch", self.watch)},
         }
         out = []
         for service, methods in wire.SERVICES.items():
             missing = sorted(set(methods) - set(impl.get(service, {})))
             if missing:
                 raise RuntimeError(f"the daemon has no handler for {service}.{', '.join(missing)}")
-            table = {}
+            table: dict[str, grpc.RpcMethodHandler] = {}
             for name, m in methods.items():
                 label, fn = impl[service][name]
-                kw = dict(request_deserializer=_parser(m.request), response_serializer=m.response.SerializeToString)
+                kw: dict[str, Any] = dict(request_deserializer=_parser(m.request),
+                                          response_serializer=m.response.SerializeToString)
                 if m.client_streaming:
                     table[name] = grpc.stream_stream_rpc_method_handler(fn, **kw)
                 elif m.server_streaming:
@@ -341,4 +372,4 @@ class Services:
         return out
 
 
-__all__ = ["Services", "commit_record", "group_status", "registration", "restore_response"]
+__all__ = ["Services", "commit_record", "group_status", "registration", "restore_response", "watch_event"]

@@ -59,7 +59,7 @@ class Stripes:
         if self._broken:
             ok &= np.array([not any((x, c) in self._broken for c in range(self.layout.chunks)) for x in blocks],
                            dtype=bool)
-        return ok
+        return np.asarray(ok, dtype=bool)
 
     def settled_runs(self, flux: Iterable[tuple[int, int]], freed: Iterable[int]) -> tuple[Runs, list[tuple[int, int]]]:
         """What a restore rebuilds: (runs of consecutive protected chunks that no

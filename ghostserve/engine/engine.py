@@ -574,13 +574,10 @@ class Engine:
 
     def _await_daemon_lost(self, dead: list[int], timeout: float = 10.0) -> None:
         """The daemon must stop reading a dead rank before its memory is destroyed."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            ranks = {x.rank: x.state for x in self.op.status(self.group).groups[0].ranks}
-            if all(ranks.get(r) == "lost" for r in dead):
-                return
-            time.sleep(0.002)
-        raise EngineError(f"the daemon did not mark ranks {dead} lost within {timeout} s")
+        try:
+            self.op.wait_ranks(self.group, dict.fromkeys(dead, "lost"), timeout)
+        except TimeoutError as exc:
+            raise EngineError(f"the daemon did not mark ranks {dead} lost within {timeout} s: {exc}") from None
 
     def _destroy_memory(self, rank: int) -> None:
         """A dead GPU's memory is gone: zero the rank's pool, then unlink it."""

@@ -244,16 +244,14 @@ class Supervisor:
         await server.kill()
 
     def _wait_lost(self, group: str, rank: int) -> None:
-        deadline = time.monotonic() + self.config.lost_wait
-        while time.monotonic() < deadline:
-            try:
-                g = self.op.status(group).groups
-            except GhostServeError:
-                return
-            if not g or any(r.rank == rank and r.state == "lost" for r in g[0].ranks):
-                return
-            time.sleep(0.01)  # the daemon marks a lost rank within ~50 ms: this waits that long at most
-        log.warning("the daemon did not mark rank %d of %s lost within %g s", rank, group, self.config.lost_wait)
+        """Until the daemon has marked ``rank`` of ``group`` lost (its Watch says so;
+        within ~50 ms), at most ``lost_wait`` seconds."""
+        try:
+            self.op.wait_ranks(group, {rank: "lost"}, self.config.lost_wait)
+        except TimeoutError:
+            log.warning("the daemon did not mark rank %d of %s lost within %g s", rank, group, self.config.lost_wait)
+        except GhostServeError:
+            return  # no such group (it never registered), or no daemon: nothing to wait for
 
     # ------------------------------------------------------------------ groups
 

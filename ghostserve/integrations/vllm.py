@@ -8,6 +8,10 @@ Enable it like any out-of-tree connector::
 
 What it does (docs/vllm.md has the operator's view):
 
+vLLM builds one connector per role, and so does this one: the connector holds a
+:class:`SchedulerSide` in the engine core or a :class:`WorkerSide` in each TP
+worker, and passes each hook to it; :class:`Setup` is what both derive alike.
+
 * **Worker side** (one instance per TP rank, in vLLM's worker process). At
   ``register_kv_caches`` it moves the rank's KV storage into a named POSIX
   shared-memory segment (``Tensor.set_``: vLLM keeps its tensors, their bytes now
@@ -38,9 +42,10 @@ set registers, so the daemon's group has num_kv_heads data shards and parity
 covers distinct bytes only. The other ranks need no parity and send nothing; on
 resume they copy their primary's freshly fetched blocks (after a TP barrier).
 
-Limits: CPU KV only (GPU ranks need CUDA IPC in the daemon, not built);
-pipeline parallelism is refused; sampling must be deterministic (greedy, or
-seeded) for a resumed request to continue as it would have.
+Limits: CPU KV only (the daemon has a CUDA data path, but this connector does
+not yet export GPU KV over CUDA IPC); pipeline parallelism is refused; sampling
+must be deterministic (greedy, or seeded) for a resumed request to continue as
+it would have.
 """
 
 from __future__ import annotations
@@ -62,8 +67,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from ghostserve import shm, wire
 from ghostserve.client import CONNECT_WAIT, WorkerClient, channel
-from ghostserve.errors import ConfigError, DaemonUnavailable, GhostServeError, Unsupported
-from ghostserve.integrations import kvsegment
+from ghostserve.errors import ConfigError, GhostServeError, Unsupported
+from ghostserve.integrations import common, kvsegment
+from ghostserve.integrations.common import ShardMap, fills_of, namespace_of
 from ghostserve.v1 import ghostserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -198,44 +204,61 @@ def probe_slot_map(layer: Any, kv: torch.Tensor, block_size: int) -> np.ndarray:
     return slot_of.astype("<u2")
 
 
-class GhostServeConnector(KVConnectorBase_V1):
-    """vLLM KV connector (V1 API) backed by the ghostserve daemon; see the module doc."""
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What both sides of the connector derive alike from vLLM's configuration.
+    Raises :class:`Unsupported` or :class:`ConfigError` for what ghostserve
+    cannot protect."""
 
-    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
-        super().__init__(vllm_config, role, kv_cache_config)
-        self.options = ConnectorOptions.from_extra(self._kv_transfer_config.kv_connector_extra_config)
-        engine_id = self._kv_transfer_config.engine_id or "default"
-        self.group = self.options.group or f"vllm-{engine_id}"[:64]
-        self._engine_tag = "".join(c for c in engine_id if c.isalnum())[:12] or "engine"
-        self.namespace = model_namespace(vllm_config)
+    options: ConnectorOptions
+    group: str                   # daemon group: vllm-<engine_id> unless named
+    engine_tag: str              # in the ranks' segment names
+    namespace: str               # Lookup scope (model_namespace)
+    block_size: int
+    shard_map: ShardMap
+
+    @classmethod
+    def of(cls, vllm_config: Any, transfer: Any, kv_cache_config: Any) -> Setup:
+        options = ConnectorOptions.from_extra(transfer.kv_connector_extra_config)
+        engine_id = transfer.engine_id or "default"
         if kv_cache_config is not None:
             specs = [type(g.kv_cache_spec).__name__ for g in kv_cache_config.kv_cache_groups]
             if specs != ["FullAttentionSpec"]:
                 raise Unsupported(f"KV cache groups {specs}: ghostserve handles one full-attention group "
                                   "(no sliding window, hybrid or Mamba layers)")
-        if role == KVConnectorRole.SCHEDULER and self._kv_transfer_config.kv_load_failure_policy != "recompute":
-            # a block ghostserve cannot deliver must be recomputed, not fail the request
-            log.info("ghostserve: kv_load_failure_policy set to recompute")
-            self._kv_transfer_config.kv_load_failure_policy = "recompute"
-        self.block_size = vllm_config.cache_config.block_size
         par = vllm_config.parallel_config
         if getattr(par, "pipeline_parallel_size", 1) > 1:
             raise Unsupported("ghostserve protects tensor-parallel groups; pipeline parallelism is not supported")
-        self.tp = par.tensor_parallel_size
-        heads = vllm_config.model_config.get_total_num_kv_heads()
-        # ranks r and r' hold the same KV when r // replicas == r' // replicas
-        self.replicas = self.tp // heads if heads < self.tp else 1
-        self.shards = self.tp // self.replicas
-        if self.shards + self.options.parity > 255:  # GF(2^8): at most 255 shards per stripe
-            raise ConfigError("parity", f"{self.options.parity}: with {self.shards} data shards "
-                              f"(TP {self.tp}) at most {255 - self.shards} parity shards fit")
-        self._primary: shm.Segment | None = None  # a replica's view of its primary's KV
-        # worker side
-        if role == KVConnectorRole.WORKER:
-            request_amx_permission()  # before this process's first AMX attention (resume: 1-token steps)
+        shard_map = ShardMap.of(par.tensor_parallel_size, vllm_config.model_config.get_total_num_kv_heads())
+        shard_map.check_parity(options.parity, "parity")
+        return cls(options, options.group or f"vllm-{engine_id}"[:64],
+                   "".join(c for c in engine_id if c.isalnum())[:12] or "engine", model_namespace(vllm_config),
+                   vllm_config.cache_config.block_size, shard_map)
+
+    def region(self, rank: int) -> str:
+        """The shared-memory name of TP rank ``rank``'s KV segment."""
+        return f"{self.options.shm_prefix}{self.group}-{self.engine_tag}-r{rank}"
+
+
+class WorkerSide:
+    """The connector in one TP worker process (vLLM's worker main thread calls
+    every method): at ``register_kv_caches`` the rank's KV moves into a named
+    POSIX shared-memory segment and is registered; each step queues one commit
+    (``wait_for_save``); a resumed request's blocks are fetched from the ended
+    engine's group before the forward that needs them (``start_load_kv``).
+    A replica rank (replicated KV heads) registers nothing and copies its
+    primary's fetched blocks. The ``WorkerClient``'s thread owns the gRPC stream."""
+
+    def __init__(self, setup: Setup, vllm_config: Any):
+        self.setup, self.options = setup, setup.options
+        self.block_size, self.replicas = setup.block_size, setup.shard_map.replicas
+        self._vllm_config = vllm_config
         self._client: WorkerClient | None = None   # None: a replica rank, or unprotected
         self._replica = False                        # holds a copy of its primary's KV heads
         self._segment: shm.Segment | None = None
+        self._primary: shm.Segment | None = None     # a replica's view of its primary's KV
+        self._layout: dict[str, Any] = {}
+        self._rank = 0
         self._first_layer = ""
         self._block_bytes = 0
         self._step = 0
@@ -243,20 +266,6 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._loaded: dict[int, int] = {}
         self._load_errors: set[int] = set()
         self.stats = GhostServeStats()
-        # scheduler side
-        self._lookup_stub: Any = None
-        self._reqs: dict[str, Request] = {}
-        self._recorded: dict[str, int] = {}
-        self._blocks: dict[str, list[int]] = {}
-        self._refs: Counter[int] = Counter()
-        self._finished: list[str] = []
-        self._released: list[int] = []
-        self._matches: dict[str, tuple[pb.LookupResponse, int, int]] = {}
-        self._loads: dict[str, Load] = {}
-        self._loaded_local: dict[str, int] = {}
-        self.matched_tokens = 0
-
-    # ================================================================ worker side
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Move this rank's KV into shared memory and register it. Runs once, on
@@ -266,7 +275,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         names, tensors = list(kv_caches), list(kv_caches.values())
         first = tensors[0]
         if first.device.type != "cpu":
-            raise Unsupported("GPU KV needs CUDA IPC registration, which this daemon build lacks")
+            raise Unsupported("GPU KV: the connector does not export it over CUDA IPC yet (CPU KV only)")
         storage = first.untyped_storage()
         es = first.element_size()
         for t in tensors:
@@ -286,7 +295,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         slot_map = probe_slot_map(layer, first, self.block_size)
         rank = get_tensor_model_parallel_rank()
         self._rank = rank
-        region = self._region(rank)
+        region = self.setup.region(rank)
         size = storage.nbytes()
         try:
             self._segment = kvsegment.allocate(self.options.socket, region, size)
@@ -318,29 +327,21 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._layout = layout = dict(num_layers=len(tensors), num_blocks=first.shape[0], block_bytes=self._block_bytes,
                       chunk_bytes=self._block_bytes, layer_stride=layer_stride, block_stride=block_stride,
                       offset=offsets[0], block_slots=self.block_size, slot_map=slot_map.tobytes())
-        if rank % self.replicas:
+        smap = self.setup.shard_map
+        if smap.is_replica(rank):
             self._replica = True
             shm.unlink(region)  # nobody maps a replica's KV by name: let it go with the process
             log.info("ghostserve: rank %d replicates rank %d's KV heads: no parity needed", rank,
-                     rank - rank % self.replicas)
+                     smap.primary(rank))
             return
-        self._client = WorkerClient(self.options.socket, self.group, rank // self.replicas, self.shards,
-                                    self.options.parity, layout, region, size, keep_survivors=True,
-                                    namespace=self.namespace)
-        try:
-            self._client.register(wait=self.options.daemon_wait)
-        except DaemonUnavailable as exc:
-            # an engine must not die because its sidecar did: it runs, unprotected, and says so
-            self._client = None
-            shm.unlink(region)  # nobody will map it by name: it goes with the process
-            log.error("ghostserve: rank %d runs UNPROTECTED: %s. Its KV is not checkpointed; a failure of "
-                      "this engine recomputes its requests", rank, exc)
-            return
+        client = WorkerClient(self.options.socket, self.setup.group, smap.shard(rank), smap.shards,
+                              self.options.parity, layout, region, size, keep_survivors=True,
+                              namespace=self.setup.namespace)
+        if not common.register(client, self.options.daemon_wait, rank, region):
+            return  # an engine must not die because its sidecar did: it runs unprotected, and said so
+        self._client = client
         log.info("ghostserve: rank %d registered %d MiB of KV as group %s (%s)", rank, size >> 20,
-                 self.group, region)
-
-    def _region(self, rank: int) -> str:
-        return f"{self.options.shm_prefix}{self.group}-{self._engine_tag}-r{rank}"
+                 self.setup.group, region)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Before the step's forward (vLLM calls this every step): requests that
@@ -356,10 +357,9 @@ class GhostServeConnector(KVConnectorBase_V1):
         except GhostServeError as exc:  # the commit carries them too; only the early drop is lost
             log.warning("ghostserve: release failed (%s: %s)", exc.code, exc)
 
-    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+    def start_load_kv(self, meta: GhostServeMetadata | None) -> None:
         """Fetch resumed requests' blocks into this rank's memory; blocks until
         written (these loads are synchronous: the same step's forward reads them)."""
-        meta = self._meta()
         if meta is None or not meta.loads:
             return
         if self._replica:
@@ -405,8 +405,7 @@ class GhostServeConnector(KVConnectorBase_V1):
         """A replica rank: the same blocks, from its primary's shared memory (same layout)."""
         self._loads_done()
         if self._primary is None:
-            primary = self._rank - self._rank % self.replicas
-            self._primary = shm.Segment.attach(self._region(primary))
+            self._primary = shm.Segment.attach(self.setup.region(self.setup.shard_map.primary(self._rank)))
         src, dst = self._primary.array(), self._segment.array()
         lay = self._layout
         for load in loads:
@@ -415,10 +414,7 @@ class GhostServeConnector(KVConnectorBase_V1):
                     at = lay["offset"] + layer * lay["layer_stride"] + b * lay["block_stride"]
                     dst[at : at + lay["block_bytes"]] = src[at : at + lay["block_bytes"]]
 
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # start_load_kv already waited
-
-    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(self, layer_name: str, attn_metadata: Any) -> None:
         """Note the slots this step wrote (the first layer's ``slot_mapping``)."""
         if layer_name != self._first_layer or self._client is None:  # replicas send nothing
             return
@@ -432,9 +428,8 @@ class GhostServeConnector(KVConnectorBase_V1):
         arr = slots[:n].numpy()
         self._slots.append(arr[arr >= 0].copy())
 
-    def wait_for_save(self) -> None:
+    def wait_for_save(self, meta: GhostServeMetadata | None) -> None:
         """Queue this step's commit (no network wait; the daemon encodes later)."""
-        meta = self._meta()
         if self._client is None or meta is None:
             self._slots.clear()
             self._loaded.clear()
@@ -443,14 +438,8 @@ class GhostServeConnector(KVConnectorBase_V1):
         for b, f in self._loaded.items():
             fills[b] = max(f, fills.get(b, 0))
         if self._slots:
-            slots = np.concatenate(self._slots)
-            if slots.size:
-                blocks, offs = np.divmod(slots, self.block_size)
-                order = np.lexsort((offs, blocks))
-                blocks, offs = blocks[order], offs[order]
-                last = np.r_[blocks[1:] != blocks[:-1], True]
-                for b, f in zip(blocks[last].tolist(), (offs[last] + 1).tolist(), strict=True):
-                    fills[b] = max(f, fills.get(b, 0))
+            for b, f in fills_of(np.concatenate(self._slots), self.block_size).items():
+                fills[b] = max(f, fills.get(b, 0))
         self._slots.clear()
         self._loaded.clear()
         records = [pb.RequestRecord(request_id=r, tokens=t, blocks=b, reset=reset)
@@ -463,22 +452,10 @@ class GhostServeConnector(KVConnectorBase_V1):
         self.stats.data["commits"] += 1
         self._step += 1
 
-    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None
-
-    def get_kv_connector_stats(self) -> GhostServeStats | None:
-        if self.stats.is_empty():
-            return None
-        out, self.stats = self.stats, GhostServeStats()
-        return out
-
-    @classmethod
-    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> GhostServeStats:
-        return GhostServeStats(data=dict(data or {}))
-
     def get_block_ids_with_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
         return errors
+
 
     def shutdown(self) -> None:
         """vLLM's worker shutdown: a clean end, so the daemon drops the group and
@@ -487,13 +464,31 @@ class GhostServeConnector(KVConnectorBase_V1):
             self._client.goodbye(release_region=True)
             self._client = None
 
-    def _meta(self) -> GhostServeMetadata | None:
-        if not self.has_connector_metadata():
-            return None
-        meta = self._get_connector_metadata()
-        return meta if isinstance(meta, GhostServeMetadata) else None
 
-    # ============================================================= scheduler side
+
+class SchedulerSide:
+    """The connector in vLLM's engine core (its scheduler thread calls every
+    method): it tracks each request's tokens and block table, ships them to the
+    workers in the step's metadata (rank 0 forwards them to the daemon's index),
+    frees parity when a request finishes or is preempted (reference-counted:
+    prefix-cached blocks may be shared), and answers ``get_num_new_matched_tokens``
+    from the daemon's ``Lookup``: a resubmitted request whose KV an ended engine
+    left protected is loaded, not recomputed."""
+
+    def __init__(self, setup: Setup):
+        self.setup, self.options = setup, setup.options
+        self.block_size, self.namespace = setup.block_size, setup.namespace
+        self._lookup_stub: Any = None
+        self._reqs: dict[str, Request] = {}
+        self._recorded: dict[str, int] = {}
+        self._blocks: dict[str, list[int]] = {}
+        self._refs: Counter[int] = Counter()
+        self._finished: list[str] = []
+        self._released: list[int] = []
+        self._matches: dict[str, tuple[pb.LookupResponse, int, int]] = {}
+        self._loads: dict[str, Load] = {}
+        self._loaded_local: dict[str, int] = {}
+        self.matched_tokens = 0
 
     def on_new_request(self, request: Request) -> None:
         self._reqs[request.request_id] = request
@@ -611,6 +606,103 @@ class GhostServeConnector(KVConnectorBase_V1):
         self._finished.append(rid)
 
 
+
+
+class GhostServeConnector(KVConnectorBase_V1):
+    """vLLM KV connector (V1 API) backed by the ghostserve daemon. vLLM builds one
+    per role, as its own connectors are built: in the engine core a scheduler-side
+    object (:class:`SchedulerSide`), in each TP worker a worker-side one
+    (:class:`WorkerSide`); each hook goes to its side. See the module doc."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        setup = Setup.of(vllm_config, self._kv_transfer_config, kv_cache_config)
+        self.setup = setup
+        self.scheduler_side: SchedulerSide | None = None
+        self.worker_side: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+                # a block ghostserve cannot deliver must be recomputed, not fail the request
+                log.info("ghostserve: kv_load_failure_policy set to recompute")
+                self._kv_transfer_config.kv_load_failure_policy = "recompute"
+            self.scheduler_side = SchedulerSide(setup)
+        else:
+            request_amx_permission()  # before this process's first AMX attention (resume: 1-token steps)
+            self.worker_side = WorkerSide(setup, vllm_config)
+
+    def _worker(self) -> WorkerSide:
+        assert self.worker_side is not None, "a worker-side hook called on the scheduler's connector"
+        return self.worker_side
+
+    def _scheduler(self) -> SchedulerSide:
+        assert self.scheduler_side is not None, "a scheduler-side hook called on a worker's connector"
+        return self.scheduler_side
+
+    def _meta(self) -> GhostServeMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, GhostServeMetadata) else None
+
+    # ================================================================ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker().register_kv_caches(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
+        self._worker().handle_preemptions(kv_connector_metadata)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._worker().start_load_kv(self._meta())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv already waited
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        self._worker().save_kv_layer(layer_name, attn_metadata)
+
+    def wait_for_save(self) -> None:
+        self._worker().wait_for_save(self._meta())
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None
+
+    def get_kv_connector_stats(self) -> GhostServeStats | None:
+        side = self.worker_side
+        if side is None or side.stats.is_empty():
+            return None
+        out, side.stats = side.stats, GhostServeStats()
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> GhostServeStats:
+        return GhostServeStats(data=dict(data or {}))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker().get_block_ids_with_load_errors()
+
+    def shutdown(self) -> None:
+        if self.worker_side is not None:
+            self.worker_side.shutdown()
+
+    # ============================================================= scheduler side
+
+    def on_new_request(self, request: Request) -> None:
+        self._scheduler().on_new_request(request)
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._scheduler().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: Any, num_external_tokens: int) -> None:
+        self._scheduler().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._scheduler().build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler().request_finished(request, block_ids)
+
+
 def request_amx_permission() -> bool:
     """Ask Linux for this process's AMX tile permission (``arch_prctl(ARCH_REQ_XCOMP_PERM,
     XTILEDATA)``, via torch); True if granted. A no-op returning False on CPUs without AMX.
@@ -645,15 +737,13 @@ def plain_tokens(request: Any) -> bool:
 
 def model_namespace(vllm_config: Any) -> str:
     """Names the weights and numerics a KV was computed with (Lookup matches within it)."""
-    import hashlib  # noqa: PLC0415
-
     mc, cc = vllm_config.model_config, vllm_config.cache_config
     load = vllm_config.load_config
     parts = [mc.model, getattr(mc, "revision", None), str(mc.dtype), getattr(mc, "quantization", None),
              cc.cache_dtype, cc.block_size, vllm_config.parallel_config.tensor_parallel_size,
              getattr(load, "load_format", None), mc.seed if str(getattr(load, "load_format", "")) == "dummy" else None,
              getattr(mc, "hf_overrides", None)]
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+    return namespace_of(parts)
 
 
 def resume_request(prompt_token_ids: list[int], output_token_ids: list[int], sampling_params: Any) -> tuple[dict, Any]:
@@ -669,4 +759,5 @@ def resume_request(prompt_token_ids: list[int], output_token_ids: list[int], sam
 
 
 __all__ = ["ConnectorOptions", "GhostServeConnector", "GhostServeMetadata", "GhostServeStats", "Load",
-           "model_namespace", "plain_tokens", "probe_slot_map", "request_amx_permission", "resume_request"]
+           "SchedulerSide", "Setup", "WorkerSide", "model_namespace", "plain_tokens", "probe_slot_map",
+           "request_amx_permission", "resume_request"]

@@ -443,6 +443,48 @@ class ScrubResponse(_message.Message):
     parity_checked: bool
     def __init__(self, chunks_checked: _Optional[int] = ..., parity_mismatches: _Optional[int] = ..., checksum_mismatches: _Optional[int] = ..., bad_blocks: _Optional[_Iterable[int]] = ..., bad_ranks: _Optional[_Iterable[int]] = ..., parity_checked: _Optional[bool] = ...) -> None: ...
 
+class WatchRequest(_message.Message):
+    __slots__ = ("group",)
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    group: str
+    def __init__(self, group: _Optional[str] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("kind", "group", "rank", "rank_state", "process_ended", "protected_step", "state", "detail", "ranks")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        SNAPSHOT: _ClassVar[WatchEvent.Kind]
+        RANK_STATE: _ClassVar[WatchEvent.Kind]
+        RANK_RESTORED: _ClassVar[WatchEvent.Kind]
+        STEP_PROTECTED: _ClassVar[WatchEvent.Kind]
+        GROUP_ENDED: _ClassVar[WatchEvent.Kind]
+        GROUP_DROPPED: _ClassVar[WatchEvent.Kind]
+    SNAPSHOT: WatchEvent.Kind
+    RANK_STATE: WatchEvent.Kind
+    RANK_RESTORED: WatchEvent.Kind
+    STEP_PROTECTED: WatchEvent.Kind
+    GROUP_ENDED: WatchEvent.Kind
+    GROUP_DROPPED: WatchEvent.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    RANK_STATE_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_ENDED_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_STEP_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    RANKS_FIELD_NUMBER: _ClassVar[int]
+    kind: WatchEvent.Kind
+    group: str
+    rank: int
+    rank_state: str
+    process_ended: bool
+    protected_step: int
+    state: str
+    detail: str
+    ranks: _containers.RepeatedCompositeFieldContainer[RankStatus]
+    def __init__(self, kind: _Optional[_Union[WatchEvent.Kind, str]] = ..., group: _Optional[str] = ..., rank: _Optional[int] = ..., rank_state: _Optional[str] = ..., process_ended: _Optional[bool] = ..., protected_step: _Optional[int] = ..., state: _Optional[str] = ..., detail: _Optional[str] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ...) -> None: ...
+
 class DropRequest(_message.Message):
     __slots__ = ("group", "unlink_regions")
     GROUP_FIELD_NUMBER: _ClassVar[int]

@@ -386,6 +386,11 @@ class OperatorStub:
                 request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.DropRequest.SerializeToString,
                 response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.DropResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/ghostserve.v1.Operator/Watch',
+                request_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.WatchRequest.SerializeToString,
+                response_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.WatchEvent.FromString,
+                _registered_method=True)
 
 
 class OperatorServicer:
@@ -420,6 +425,15 @@ class OperatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """What happens to groups, as it happens: first a snapshot of each, then every
+        change. For tools and tests that wait for something (a rank lost, a step
+        protected, an engine ended) instead of polling Status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -442,6 +456,11 @@ def add_OperatorServicer_to_server(servicer, server):
                     servicer.Drop,
                     request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.DropRequest.FromString,
                     response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.DropResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=ghostserve_dot_v1_dot_ghostserve__pb2.WatchRequest.FromString,
+                    response_serializer=ghostserve_dot_v1_dot_ghostserve__pb2.WatchEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -552,6 +571,33 @@ class Operator:
             '/ghostserve.v1.Operator/Drop',
             ghostserve_dot_v1_dot_ghostserve__pb2.DropRequest.SerializeToString,
             ghostserve_dot_v1_dot_ghostserve__pb2.DropResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ghostserve.v1.Operator/Watch',
+            ghostserve_dot_v1_dot_ghostserve__pb2.WatchRequest.SerializeToString,
+            ghostserve_dot_v1_dot_ghostserve__pb2.WatchEvent.FromString,
             options,
             channel_credentials,
             insecure,

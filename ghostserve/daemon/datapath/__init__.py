@@ -40,7 +40,7 @@ import hashlib
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -98,13 +98,19 @@ Runs = Sequence[tuple[int, int, int]]      # (block, first chunk, end chunk)
 
 
 class RankMemory(Protocol):
-    """One rank's KV region as the data path mapped it."""
+    """One rank's KV regions as the data path mapped them."""
 
-    region: str                        # the name the worker registered
-    ident: tuple[int, int] | None      # identity of the memory object (to refuse sharing it)
+    idents: list[tuple[int, int]]      # identity of each region (two ranks may not share one)
+
+    @property
+    def region(self) -> str:
+        """The first region's name (in status and logs)."""
 
     def close(self) -> None:
         """Forget the mapping (a lost rank's bytes must never feed a restore)."""
+
+
+M = TypeVar("M", bound=RankMemory)
 
 
 class Completion(Protocol):
@@ -114,15 +120,19 @@ class Completion(Protocol):
     def result(self) -> int: ...
 
 
-class DataPath(Protocol):
+class DataPath(Protocol[M]):
     """See the module doc. One per group; thread-safe where the group needs it.
-    Constructed as ``cls(store, pool, threads, tile_bytes, runtime)`` (``runtime``:
+    ``M`` is the implementation's own :class:`RankMemory`: its methods take only
+    memories it attached. Constructed as ``cls(store, pool, threads, tile_bytes, runtime)`` (``runtime``:
     the CUDA runtime, None for the real one; the host path takes no runtime)."""
 
     kind: str
     checksum_width: int                # bytes of one chunk checksum in the store
     shm_names: bool                    # regions are named shared-memory segments
     tile_bytes: int                    # restore's fused tiles: bytes of the lost rank per tile (0: none)
+
+    def __init__(self, store: Any, pool: Any, threads: int, tile_bytes: int, runtime: Any = None) -> None:
+        """Over ``store`` (the group's ParityStore), with the daemon's encode pool."""
 
     @staticmethod
     def check(spec: RegionSpec) -> None:
@@ -133,28 +143,28 @@ class DataPath(Protocol):
         """What makes two regions the same memory (two ranks may not share one).
         Raises FileNotFoundError for a region that does not exist."""
 
-    def attach(self, regions: Sequence[RegionSpec]) -> RankMemory:
+    def attach(self, regions: Sequence[RegionSpec]) -> M:
         """Map a rank's regions (in the layout's region order). Raises
         FileNotFoundError or ValueError (the region is not there, or too small)."""
 
-    def encode(self, ranges: Runs, mems: Mapping[int, RankMemory],
+    def encode(self, ranges: Runs, mems: Mapping[int, M],
                ready: Mapping[int, bytes] | None = None) -> Completion:
         """Encode parity of every (block, start, end) byte range of every layer from
         ``mems`` (all N ranks) and record each touched chunk's checksums. ``ready``:
         per rank, the handle of an event after which its writes are complete."""
 
-    def checksum(self, mem: RankMemory, block: int, chunk: int, fill: int | None = None) -> int:
+    def checksum(self, mem: M, block: int, chunk: int, fill: int | None = None) -> int:
         """The chunk's checksum, chained over layers, masked to ``fill`` slots
         (default: the store's fill of the block; slot-addressed layouts only)."""
 
-    def intact(self, mem: RankMemory, rank: int, runs: Runs) -> np.ndarray:
+    def intact(self, mem: M, rank: int, runs: Runs) -> np.ndarray:
         """Per run: do ``mem``'s bytes match rank ``rank``'s stored checksums?"""
 
-    def rebuild_tiles(self, rank: int, target: RankMemory, survivors: Mapping[int, RankMemory],
+    def rebuild_tiles(self, rank: int, target: M, survivors: Mapping[int, M],
                       erased: tuple[int, ...], runs: Runs) -> tuple[int, list[tuple[int, int, int]]]:
         """The fused fast path: (chunks rebuilt and verified, runs to redo chunk by chunk)."""
 
-    def fetch_tiles(self, rank: int, survivors: Mapping[int, RankMemory], erased: tuple[int, ...],
+    def fetch_tiles(self, rank: int, survivors: Mapping[int, M], erased: tuple[int, ...],
                     runs: Runs, place: Any) -> tuple[int, list[tuple[int, int, int]]]:
         """Like :meth:`rebuild_tiles`, into another group's blocks (a fetch); copies
         when ``rank`` is a survivor. May do nothing (every run returned)."""
@@ -163,31 +173,32 @@ class DataPath(Protocol):
         """(the survivors to read, the decode matrix) that rebuild ``want`` when
         ``erased`` are missing."""
 
-    def decode(self, plans: Sequence[tuple[Any, ...]], mems: Mapping[int, RankMemory],
+    def decode(self, plans: Sequence[tuple[Any, ...]], mems: Mapping[int, M],
                place: Mapping[int, Any] | None = None) -> None:
         """Rebuild the wanted shards of every planned chunk range from survivors and
         parity; ``place`` puts a rank's rebuilt chunks into another group's blocks."""
 
-    def copy(self, src: RankMemory, block: int, chunk: int, dst_path: DataPath, dst: RankMemory,
+    def copy(self, src: M, block: int, chunk: int, dst_path: DataPath[M], dst: M,
              dst_block: int) -> None:
         """Copy one chunk (every layer) of ``src`` into ``dst_block`` of ``dst``."""
 
-    def zero(self, mem: RankMemory, block: int, c0: int, c1: int) -> None:
+    def zero(self, mem: M, block: int, c0: int, c1: int) -> None:
         """Zero chunks [c0, c1) of ``block`` in every layer (a rebuild that did not verify)."""
 
-    def parity_mismatch(self, mems: Mapping[int, RankMemory], block: int, chunk: int) -> bool:
+    def parity_mismatch(self, mems: Mapping[int, M], block: int, chunk: int) -> bool:
         """Does the stored parity of the chunk differ from a fresh encode of ``mems`` (scrub)?"""
 
     def close(self) -> None:
         """The group is dropped: give back what the data path holds itself."""
 
 
-def load(kind: str) -> type:
+def load(kind: str) -> type[DataPath[Any]]:
     """The data path class for ``kind`` ("host", "cuda"). Raises :class:`Unsupported`."""
     if kind not in IMPLEMENTATIONS:
         raise Unsupported(f"no {kind!r} data path in this build (have: {', '.join(sorted(IMPLEMENTATIONS))})")
     module, _, name = IMPLEMENTATIONS[kind].partition(":")
-    return getattr(importlib.import_module(module), name)
+    cls: type[DataPath[Any]] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 __all__ = ["Completion", "DataPath", "RankMemory", "RegionSpec", "load"]

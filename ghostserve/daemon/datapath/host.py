@@ -18,14 +18,14 @@ import ctypes
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ghostserve import shm
 from ghostserve.codec import RSCode, crcfold
-from ghostserve.codec.isal import crc32c, encode_raw
-from ghostserve.daemon.datapath import RegionSpec, tiles
+from ghostserve.codec.isal import IsalBackend, crc32c, encode_raw
+from ghostserve.daemon.datapath import DataPath, RankMemory, RegionSpec, tiles
 from ghostserve.daemon.store import ParityStore
 
 PARALLEL_BYTES = 4 << 20  # less native work than this runs on one thread: Python-bound
@@ -129,7 +129,9 @@ class HostDataPath:
         self.n, self.m = store.k, store.m
         self.slotted = self.layout.block_slots > 0
         self.code = RSCode(self.n, self.m, "isal", threads=1)
-        self._tables = self.code.backend.tables
+        backend = self.code.backend
+        assert isinstance(backend, IsalBackend)  # asked for "isal" above
+        self._tables = backend.tables
         self._parity_addr = store.parity.ctypes.data
         self._masks: dict[int, np.ndarray] = {}
 
@@ -286,7 +288,8 @@ class HostDataPath:
             return 0, list(runs)
         if rank in survivors:
             survivors = {rank: survivors[rank]}
-            sources, tables = (rank,), self._tables(np.ones((1, 1), dtype=np.uint8))
+            sources: tuple[int, ...] = (rank,)
+            tables = self._tables(np.ones((1, 1), dtype=np.uint8))
         else:
             sources, tables = self.rebuild_plan(erased, (rank,))
         plan = tiles.TilePlan(self.layout, rank, place.memory.addr, {q: x.addr for q, x in survivors.items()},
@@ -331,10 +334,11 @@ class HostDataPath:
 
         self.in_slices(run, list(plans), sum(c1 - c0 for _, c0, c1, *_ in plans) * cb * lay.num_layers)
 
-    def copy(self, src: HostMemory, block: int, chunk: int, dst_path: HostDataPath, dst: HostMemory,
+    def copy(self, src: HostMemory, block: int, chunk: int, dst_path: DataPath[HostMemory], dst: HostMemory,
              dst_block: int) -> None:
         """Copy one chunk (every layer) of ``src`` into ``dst_block`` of ``dst``
-        (laid out by ``dst_path``)."""
+        (laid out by ``dst_path``, a host path too: it attached ``dst``)."""
+        assert isinstance(dst_path, HostDataPath)
         cb = self.layout.chunk_bytes
         for layer in range(self.layout.num_layers):
             a = self.pieces(src, layer, block, chunk * cb, (chunk + 1) * cb)
@@ -380,6 +384,12 @@ class HostDataPath:
 def _at(addr: int, n: int) -> np.ndarray:
     """The ``n`` bytes at ``addr`` as a numpy array (no copy)."""
     return np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(addr))
+
+if TYPE_CHECKING:  # the seam, checked by the type checker (bin/test): this class is a DataPath
+    _PATH: type[DataPath[HostMemory]] = HostDataPath
+
+    def _memory(m: HostMemory) -> RankMemory:
+        return m
 
 
 __all__ = ["HostDataPath", "HostMemory"]

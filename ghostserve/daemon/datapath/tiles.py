@@ -119,6 +119,7 @@ class TilePlan:
         if self.target_blocks is None:
             return True
         t = self.target_layout
+        assert t is not None  # set with target_blocks
         return (t.block_stride == t.block_bytes and block - 1 in self.target_blocks
                 and self.target_blocks[block] == self.target_blocks[block - 1] + 1)
 
@@ -130,6 +131,7 @@ class TilePlan:
             return self.target + lay.offset
         b0 = g0 // lay.chunks
         t = self.target_layout
+        assert t is not None  # set with target_blocks
         return self.target + t.offset + self.target_blocks[b0] * t.block_stride - b0 * lay.block_stride
 
 
@@ -162,7 +164,8 @@ def run_tiles(plan: TilePlan, units: list[tuple[int, int]], pool: ThreadPoolExec
     it = iter(range(len(units)))  # shared: list iterators hand out items atomically under the GIL
     parts = min(threads, len(units)) if pool is not None and nbytes >= PARALLEL_BYTES else 1
     # the caller works too: progress does not wait for pool threads busy elsewhere
-    futures = [pool.submit(_work, kernel, plan, units, checked, it, status) for _ in range(parts - 1)]
+    futures = [pool.submit(_work, kernel, plan, units, checked, it, status)  # type: ignore[union-attr]
+               for _ in range(parts - 1)]  # parts > 1 only with a pool
     try:
         _work(kernel, plan, units, checked, it, status)
     finally:

@@ -96,15 +96,4 @@ def pages_of(slots: np.ndarray, page: int) -> np.ndarray:
     return slots[::page] // page if page > 1 else slots
 
 
-def fills_of(slots: np.ndarray, page: int) -> dict[int, int]:
-    """page -> filled slots, for the slots a step wrote (a page fills in slot order)."""
-    if not slots.size:
-        return {}
-    pages, offs = np.divmod(slots, page)
-    order = np.lexsort((offs, pages))
-    pages, offs = pages[order], offs[order]
-    last = np.r_[pages[1:] != pages[:-1], True]
-    return dict(zip(pages[last].tolist(), (offs[last] + 1).tolist(), strict=True))
-
-
-__all__ = ["PoolGeometry", "fills_of", "kv_buffers", "pages_of"]
+__all__ = ["PoolGeometry", "kv_buffers", "pages_of"]

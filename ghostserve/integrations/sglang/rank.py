@@ -41,9 +41,10 @@ import numpy as np
 
 from ghostserve import shm
 from ghostserve.client import WorkerClient
-from ghostserve.errors import ConfigError, DaemonUnavailable, GhostServeError, Unsupported
-from ghostserve.integrations import kvsegment
-from ghostserve.integrations.sglang.kvpool import PoolGeometry, fills_of, kv_buffers, pages_of
+from ghostserve.errors import DaemonUnavailable, Unsupported
+from ghostserve.integrations import common, kvsegment
+from ghostserve.integrations.common import ShardMap, fills_of, namespace_of
+from ghostserve.integrations.sglang.kvpool import PoolGeometry, kv_buffers, pages_of
 from ghostserve.integrations.sglang.options import PluginOptions
 from ghostserve.v1 import ghostserve_pb2 as pb
 
@@ -104,7 +105,7 @@ class RankState:
         self.client: WorkerClient | None = None   # None on a replica rank, or unprotected
         self.replica = False                      # holds a copy of its primary's KV heads
         self.unprotected = False                  # no daemon answered: nothing is protected
-        self.replicas, self.shards = 1, tp
+        self.shard_map = ShardMap(tp, 1)  # set from the model's KV heads at attach
         self.namespace = ""
         self.can_resume = False
         self.scheduler: Any = None
@@ -179,12 +180,8 @@ class RankState:
             problems.append("the hierarchical cache")
         if problems:
             raise Unsupported("ghostserve's SGLang plug-in does not support " + ", ".join(problems))
-        heads = scheduler.model_config.get_total_num_kv_heads()
-        self.replicas = self.tp // heads if heads < self.tp else 1
-        self.shards = self.tp // self.replicas
-        if self.shards + self.options.parity > 255:
-            raise ConfigError("GHOSTSERVE_SGLANG_PARITY", f"{self.options.parity}: with {self.shards} data "
-                              f"shards at most {255 - self.shards} parity shards fit")
+        self.shard_map = ShardMap.of(self.tp, scheduler.model_config.get_total_num_kv_heads())
+        self.shard_map.check_parity(self.options.parity, "GHOSTSERVE_SGLANG_PARITY")
         self.scheduler = scheduler
         self.namespace = self.options.namespace or model_namespace(scheduler)
         tree = getattr(scheduler, "tree_cache", None)
@@ -195,31 +192,25 @@ class RankState:
         if self.unprotected:
             self.can_resume = False
             return
-        if self.rank % self.replicas:
+        if self.shard_map.is_replica(self.rank):
             self.replica = True
             shm.unlink(self.region)  # nobody maps a replica's KV by name: it goes with the process
             log.info("ghostserve: rank %d replicates rank %d's KV heads: no parity needed", self.rank,
                      self.primary)
             return
-        geom = self.geometry
-        self.client = WorkerClient(self.options.socket, self.group, self.rank // self.replicas, self.shards,
-                                   self.options.parity, geom.layout(), self.region, geom.size,
-                                   keep_survivors=True, namespace=self.namespace)
-        try:
-            self.client.register(wait=self.options.daemon_wait)
-        except DaemonUnavailable as exc:
-            self.client = None
-            shm.unlink(self.region)
-            self._unprotect(exc)
+        geom, smap = self.geometry, self.shard_map
+        client = WorkerClient(self.options.socket, self.group, smap.shard(self.rank), smap.shards,
+                              self.options.parity, geom.layout(), self.region, geom.size,
+                              keep_survivors=True, namespace=self.namespace)
+        if not common.register(client, self.options.daemon_wait, self.rank, self.region):
+            self.unprotected, self.can_resume = True, False
             return
-        except GhostServeError:  # the daemon refused the rank: the start fails with its reason
-            self.client = None
-            raise
+        self.client = client
         log.info("ghostserve: rank %d registered as shard %d of group %s (%d+%d)", self.rank,
-                 self.rank // self.replicas, self.group, self.shards, self.options.parity)
+                 smap.shard(self.rank), self.group, smap.shards, self.options.parity)
 
     def _unprotect(self, why: Exception) -> None:
-        """No daemon answered: this rank runs without protection, and says so."""
+        """No daemon answered at start-up: this rank runs without protection, and says so."""
         self.unprotected, self.can_resume = True, False
         log.error("ghostserve: rank %d runs UNPROTECTED: %s. Its KV is not checkpointed; a failure of this "
                   "server recomputes its requests", self.rank, why)
@@ -227,7 +218,7 @@ class RankState:
     @property
     def primary(self) -> int:
         """The rank whose KV this rank's equals (itself unless a replica)."""
-        return self.rank - self.rank % self.replicas
+        return self.shard_map.primary(self.rank)
 
     # ------------------------------------------------------------------ steps
 
@@ -323,7 +314,7 @@ def model_namespace(scheduler: Any) -> str:
              getattr(sa, "quantization", None), getattr(sa, "kv_cache_dtype", None), scheduler.page_size,
              scheduler.tp_size, getattr(sa, "load_format", None), getattr(sa, "json_model_override_args", None),
              getattr(sa, "random_seed", None) if str(getattr(sa, "load_format", "")) == "dummy" else None]
-    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+    return namespace_of(parts)
 
 
 __all__ = ["Capture", "RankState", "launch_group", "model_namespace", "plain", "token_slice"]
