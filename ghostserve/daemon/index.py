@@ -22,7 +22,7 @@ none; ``synchronous=OFF`` because only a process crash is in the fault model
 in-memory copy serves reads; every change goes to both.
 
 Threads: the group's encoder thread and the RPC threads of ``Release`` call
-:meth:`apply`, serialised by the group's ``io_lock``; readers hold the group's
+:meth:`apply`, serialised by the stripes' ``io`` lock; readers hold the group's
 ``lock``. The connection is shared across those threads (``check_same_thread``
 off), never used by two at once.
 """

@@ -26,10 +26,11 @@ Contract of every data path:
 
 * :meth:`DataPath.encode` returns a :class:`Completion` at once; parity and the
   encode-time checksums (``store.crc``) of the ranges are written when it is
-  done. The caller marks the chunks unprotected before and publishes them
-  (``store.chunk_step``, the protected step) only after ``result()`` returned.
+  done. The caller (the group's stripes) marks the chunks unprotected before and
+  protects them (``store.chunk_step``, then the protected step) only after
+  ``result()`` returned.
 * Everything else blocks until done and is called under the group's
-  ``io_lock``, so a restore never sees half a step.
+  stripes' ``io`` lock, so a restore never sees half a step.
 * A :class:`RankMemory` is owned by the data path that attached it; ``close``
   unmaps it once no caller holds it (a restore in flight keeps it alive).
 """

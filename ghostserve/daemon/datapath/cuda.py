@@ -142,7 +142,7 @@ def encode_device(block: int, mems: Mapping[int, CudaMemory], n: int) -> int:
 
 
 class CudaDataPath:
-    """See the module doc. Calls come under the group's ``io_lock`` (encode,
+    """See the module doc. Calls come under the stripes' ``io`` lock (encode,
     restore, fetch, scrub never overlap), so the rings need no lock of their own;
     ``attach`` may come from any RPC thread."""
 
