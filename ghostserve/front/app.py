@@ -1,12 +1,12 @@
-"""The front's HTTP server (aiohttp): OpenAI-compatible routes in front of an
-upstream vLLM OpenAI server.
+"""The front's HTTP server (aiohttp): OpenAI-compatible routes in front of one
+or more upstream vLLM OpenAI servers (:class:`~ghostserve.front.upstream.Upstreams`).
 
 * ``POST /v1/completions``, ``POST /v1/chat/completions``: a resumable request
   (:func:`ghostserve.front.resume.refusal` is None) is a :class:`Job`; any other
   is relayed as it is and, if the engine fails under it, ended with an error.
-* ``GET /health``: 200 while the upstream takes requests, else 503 with
+* ``GET /health``: 200 while some upstream takes requests, else 503 with
   ``Retry-After`` (a readiness probe); ``GET /metrics``: the front's Prometheus text.
-* Every other path and method is relayed to the upstream unchanged.
+* Every other path and method is relayed unchanged to a healthy upstream.
 
 Handlers are cancelled when their client disconnects (``handler_cancellation``);
 that closes the upstream connection, and vLLM aborts the request.
@@ -29,7 +29,7 @@ from ghostserve.front.job import Job, Reply
 from ghostserve.front.metrics import FrontMetrics
 from ghostserve.front.sse import DONE, SSEDecoder, error_event, error_object
 from ghostserve.front.tracker import Tracker
-from ghostserve.front.upstream import CONNECTION_ERRORS, SupervisedUpstream, Upstream
+from ghostserve.front.upstream import CONNECTION_ERRORS, Upstream, Upstreams
 
 log = logging.getLogger("ghostserve.front")
 
@@ -61,11 +61,13 @@ class Front:
     port; ``stop()`` stops listening, gives in-flight requests
     ``config.drain_seconds`` and ends the rest with an error event."""
 
-    def __init__(self, config: FrontConfig, upstream: Upstream, registry: CollectorRegistry | None = None,
+    def __init__(self, config: FrontConfig, upstreams: Upstreams, registry: CollectorRegistry | None = None,
                  metrics: FrontMetrics | None = None):
-        self.config, self.upstream = config, upstream
+        self.config, self.upstreams = config, upstreams
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = metrics or FrontMetrics(self.registry)
+        for u in upstreams.members:
+            self.metrics.add_upstream(u.name)
         self.tracker = Tracker()
         self.stopping = False
         self._tasks: set[asyncio.Task] = set()
@@ -81,7 +83,7 @@ class Front:
         self.app = app
 
     async def start(self) -> int:
-        await self.upstream.start()
+        await self.upstreams.start()
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, self.config.host, self.config.port)
@@ -99,25 +101,23 @@ class Front:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
-        if isinstance(self.upstream, SupervisedUpstream):
-            self.upstream.shut()
+        self.upstreams.shut()
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.upstream.close()
+        await self.upstreams.close()
 
     # ------------------------------------------------------------------ routes
 
     async def health(self, request: web.Request) -> web.Response:
-        ready = self.upstream.accepting() and not self.stopping
-        if ready and not isinstance(self.upstream, SupervisedUpstream):
-            ready = await self.upstream.healthy()
-        if ready:
+        if self.upstreams.accepting() and not self.stopping:
             return web.Response(status=200)
         return web.Response(status=503, headers={"Retry-After": str(self.config.retry_after)})
 
     async def metrics_page(self, request: web.Request) -> web.Response:
-        self.metrics.upstream_up.set(1 if self.upstream.accepting() else 0)
-        self.metrics.upstream_streams.set(self.upstream.open_streams)
+        for u in self.upstreams.members:
+            self.metrics.upstream_up.labels(u.name).set(1 if u.up else 0)
+            self.metrics.upstream_streams.labels(u.name).set(u.open_streams)
+            self.metrics.upstream_in_flight.labels(u.name).set(u.in_flight)
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -130,7 +130,7 @@ class Front:
             return _json(400, error_object(f"the request body is not a JSON object: {exc}", 400, "BadRequestError"))
         stream = bool(body.get("stream"))
         self.metrics.requests.labels(request.path, "true" if stream else "false").inc()
-        if self.stopping or not self.upstream.accepting():
+        if self.stopping or not self.upstreams.accepting():
             self.metrics.failed.labels("upstream_down").inc()
             return self._unavailable("the upstream is not up (an engine is starting); retry later")
         headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARDED}
@@ -143,7 +143,7 @@ class Front:
         try:
             if refusal is not None:
                 return await self._relay_generation(request, body, headers, refusal, ticket)
-            job = Job(request.path, body, headers, self.config, self.upstream, self.metrics, ticket, sink)
+            job = Job(request.path, body, headers, self.config, self.upstreams, self.metrics, ticket, sink)
             reply = await job.run()
             if reply is None:
                 return sink.response
@@ -167,12 +167,13 @@ class Front:
 
     async def relay(self, request: web.Request) -> web.StreamResponse:
         """Any other path: sent upstream as it came, answered as the upstream answered."""
-        url = self.upstream.url
-        if url is None:
+        upstream = self.upstreams.pick()
+        url = upstream.url if upstream is not None else None
+        if upstream is None or url is None:
             return self._unavailable("the upstream is not up; retry later")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP}
         try:
-            async with self.upstream.session.request(request.method, url + request.rel_url.path_qs,
+            async with upstream.session.request(request.method, url + request.rel_url.path_qs,
                                                      data=await request.read(), headers=headers) as resp:
                 out = web.StreamResponse(status=resp.status, headers={
                     k: v for k, v in resp.headers.items() if k.lower() not in HOP_BY_HOP})
@@ -190,15 +191,22 @@ class Front:
                                 refusal: str, ticket: Any) -> web.StreamResponse:
         """A request the front cannot continue: sent as it is; if the engine dies
         under it, the client gets an error saying why it was not continued."""
-        url = self.upstream.url
+        upstream = self.upstreams.pick()
         failed = str(ResumeRefused(refusal))
-        ticket.attempt(self.upstream.generation)
+        if upstream is None or upstream.url is None:
+            return self._unavailable("the upstream is not up; retry later")
+        ticket.attempt(upstream.generation)
+        with upstream.submitted():
+            return await self._relay_stream(request, upstream, upstream.url, body, headers, failed)
+
+    async def _relay_stream(self, request: web.Request, upstream: Upstream, url: str, body: dict[str, Any],
+                            headers: dict[str, str], failed: str) -> web.StreamResponse:
         out: web.StreamResponse | None = None
         try:
-            async with self.upstream.session.post(url + request.path, json=body, headers=headers) as resp:
+            async with upstream.session.post(url + request.path, json=body, headers=headers) as resp:
                 if resp.status != 200 or "text/event-stream" not in resp.headers.get("Content-Type", ""):
                     data = await resp.read()
-                    if resp.status >= 500 and not await self.upstream.healthy(url):
+                    if resp.status >= 500 and not await upstream.healthy():
                         self.metrics.failed.labels("unresumable").inc()
                         return _json(503, error_object(failed))
                     return web.Response(status=resp.status, body=data,
@@ -207,13 +215,13 @@ class Front:
                                                               "Cache-Control": "no-cache"})
                 await out.prepare(request)
                 decoder = SSEDecoder()
-                with self.upstream.streaming():
+                with upstream.streaming():
                     async for chunk in resp.content.iter_any():
                         for data in decoder.feed(chunk):
                             if data.strip() == "[DONE]":
                                 await out.write(DONE)
                                 return out
-                            if '"error"' in data[:20] and not await self.upstream.healthy(url):
+                            if '"error"' in data[:20] and not await upstream.healthy():
                                 raise ConnectionError("the engine died")
                             await out.write(b"data: " + data.encode() + b"\n\n")
                 raise ConnectionError("the stream ended early")

@@ -25,11 +25,16 @@ _SUP = {f.name: f.default for f in fields(SupervisorConfig) if not callable(f.de
 FRONT_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("host", "--host", str, "address the front listens on"),
     ("port", "--port", int, "port the front listens on (0: any free port, printed as 'front port=N')"),
-    ("resume_wait", "--resume-wait", float, "seconds an accepted request waits for the upstream to come back"),
+    ("resume_wait", "--resume-wait", float, "seconds an accepted request waits for an upstream to come back "
+                                            "(when none is healthy to move it to)"),
     ("retry_after", "--retry-after", int, "Retry-After seconds of a 503 (the upstream is down when a request "
                                           "arrives)"),
-    ("max_resumes", "--max-resumes", int, "resumes per request before it is failed"),
-    ("health_interval", "--health-interval", float, "seconds between /health probes of a down upstream"),
+    ("max_moves", "--max-moves", int, "resumes per request (moved to another upstream or to a restarted one) "
+                                      "before it is failed"),
+    ("handover_wait", "--handover-wait", float, "ghostserve vllm: seconds a moved request waits at most for the "
+                                                "dead engine's ghostserve group to end (its KV then loads)"),
+    ("health_interval", "--health-interval", float, "seconds between /health probes of the upstreams "
+                                                    "(ghostserve front)"),
     ("connect_timeout", "--connect-timeout", float, "seconds to connect to the upstream"),
     ("drain_seconds", "--drain-seconds", float, "SIGTERM: seconds in-flight requests get to finish"),
     ("log_level", "--log-level", str, "log level: debug, info, warning, error"),
@@ -49,8 +54,11 @@ def _front_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_front_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--upstream", metavar="URL", default=None,
-                   help=f"the vLLM OpenAI server's base URL, e.g. http://127.0.0.1:8000 (env {ENV_PREFIX}UPSTREAM)")
+    p.add_argument("--upstream", metavar="URL", action="append", default=None,
+                   help="a vLLM OpenAI server's base URL, e.g. http://127.0.0.1:8000; repeat it for several "
+                        "(same model and layout): new requests go to the healthy one with the fewest in flight, "
+                        f"and a request whose upstream dies moves to another (env {ENV_PREFIX}UPSTREAM, "
+                        "comma-separated)"),
     _front_args(p)
 
 
@@ -65,6 +73,16 @@ def add_vllm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-kv-resume", dest="kv_resume", action="store_false", default=None,
                    help="the connector does not load ended engines' KV: resumed requests are recomputed "
                         "(for comparisons)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="vLLM servers behind the front, each with its own engine and ghostserve group on the one "
+                        "daemon; a request whose engine dies moves to a live one with its KV "
+                        f"(default: {_SUP['replicas']}: it waits for the restart)")
+    p.add_argument("--devices", default=None, metavar="IDS:IDS",
+                   help="each replica's CUDA_VISIBLE_DEVICES, separated by ':' (e.g. 0,1:2,3); default: the "
+                        "visible GPUs split by the TP size")
+    p.add_argument("--cpu-binds", dest="cpu_binds", default=None, metavar="BIND:BIND",
+                   help="vLLM's CPU build: each replica's VLLM_CPU_OMP_THREADS_BIND, separated by ':' "
+                        "(e.g. 0|1:2|3); default: every replica inherits the environment's and they share cores")
     p.add_argument("--python", default=None, help="the interpreter that runs vLLM (default: this one)")
     p.add_argument("--max-restarts", type=int, default=None,
                    help=f"engine restarts allowed within --restart-window (default: {_SUP['max_restarts']})")
@@ -92,7 +110,7 @@ def front_config(args: argparse.Namespace, standalone: bool) -> FrontConfig:
         values["upstream"] = args.upstream
         config = FrontConfig.from_env(**values)
         if not config.upstream:
-            raise ConfigError("upstream", "give --upstream URL (the vLLM OpenAI server)")
+            raise ConfigError("upstream", "give --upstream URL (a vLLM OpenAI server; repeat it for several)")
         return config
     # ghostserve vllm runs its own upstream: GHOSTSERVE_FRONT_UPSTREAM is not for it
     return FrontConfig.from_env({k: v for k, v in os.environ.items() if k != ENV_PREFIX + "UPSTREAM"}, **values)
@@ -103,7 +121,8 @@ def supervisor_config(args: argparse.Namespace) -> SupervisorConfig:
     if rest and rest[0] == "--":
         rest = rest[1:]
     values: dict[str, Any] = {
-        "socket": args.socket, "parity": args.parity, "kv_shm_prefix": args.kv_shm_prefix, "kv_resume": args.kv_resume,
+        "socket": args.socket, "parity": args.parity, "replicas": args.replicas, "devices": args.devices,
+        "cpu_binds": args.cpu_binds, "kv_shm_prefix": args.kv_shm_prefix, "kv_resume": args.kv_resume,
         "python": args.python, "max_restarts": args.max_restarts, "restart_window": args.restart_window,
         "backoff": args.backoff, "backoff_max": args.backoff_max, "startup_timeout": args.startup_timeout,
         "health_interval": args.engine_health_interval, "health_failures": args.health_failures,
@@ -123,16 +142,21 @@ def cmd_front(args: argparse.Namespace) -> int:
 
 async def _serve_front(config: FrontConfig) -> int:
     from ghostserve.front.app import Front  # noqa: PLC0415
-    from ghostserve.front.upstream import StaticUpstream  # noqa: PLC0415
+    from ghostserve.front.upstream import Upstreams  # noqa: PLC0415
 
-    front = Front(config, StaticUpstream(config))
+    front = Front(config, Upstreams(config))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    port = await front.start()
+    try:
+        port = await front.start()
+    except ConfigError:  # upstreams serving different models
+        await front.upstreams.close()
+        raise
     print(f"front port={port}", flush=True)
-    logging.getLogger("ghostserve.front").info("front on %s:%d, upstream %s", config.host, port, config.upstream)
+    logging.getLogger("ghostserve.front").info("front on %s:%d, upstreams %s", config.host, port,
+                                               ", ".join(config.upstream))
     await stop.wait()
     await front.stop()
     return 0

@@ -26,52 +26,60 @@ ENV_PREFIX = "GHOSTSERVE_FRONT_"
 
 @dataclass(frozen=True)
 class FrontConfig:
-    """The OpenAI-compatible front. ``upstream`` is the vLLM OpenAI server's base
-    URL (``http://host:port``); it is empty when ``ghostserve vllm`` supervises
-    the upstream and tells the front where it is."""
+    """The OpenAI-compatible front. ``upstream`` holds the base URLs
+    (``http://host:port``) of the vLLM OpenAI servers it sends to (a string is
+    split at commas); it is empty when ``ghostserve vllm`` supervises the
+    upstreams and tells the front where they are."""
 
-    upstream: str = ""
+    upstream: tuple[str, ...] = ()
     host: str = "0.0.0.0"
     port: int = 8080                  # 0: any free port (printed on the ready line)
     resume_wait: float = 300.0        # how long an accepted request waits for the upstream to come back
     health_interval: float = 0.5      # polling of the upstream's /health while waiting (standalone front)
     connect_timeout: float = 10.0     # TCP connect and /health probes to the upstream
     retry_after: int = 5              # Retry-After of a 503 (upstream down when a request arrives)
-    max_resumes: int = 3              # per request; a request that keeps killing engines is failed
+    max_moves: int = 3                # resumes per request (on another upstream or a restarted one); then failed
+    handover_wait: float = 10.0       # a moved request waits this long at most for the dead engine's KV
     resume_info: bool = False         # add a "ghostserve" object (resumes, cached tokens) to responses
     upstream_parses_chat: bool = False  # the upstream runs a reasoning or tool-call parser: chat is not resumed
     drain_seconds: float = 30.0       # SIGTERM: in-flight requests get this long to finish
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        if self.upstream:
-            url = urlsplit(self.upstream)
+        ups = self.upstream
+        if isinstance(ups, str):
+            ups = tuple(u.strip() for u in ups.split(",") if u.strip())
+        object.__setattr__(self, "upstream", tuple(ups))
+        for one in self.upstream:
+            url = urlsplit(one)
             if url.scheme not in ("http", "https") or not url.hostname or url.path not in ("", "/"):
-                raise ConfigError("upstream", f"{self.upstream!r}: give the server's base URL, "
+                raise ConfigError("upstream", f"{one!r}: give the server's base URL, "
                                   "e.g. http://127.0.0.1:8000")
             try:
                 url.port  # noqa: B018 - validates the port
             except ValueError:
-                raise ConfigError("upstream", f"{self.upstream!r}: bad port") from None
+                raise ConfigError("upstream", f"{one!r}: bad port") from None
+        if len(set(self.upstream_urls)) != len(self.upstream):
+            raise ConfigError("upstream", "the same upstream is given twice")
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError("port", f"{self.port!r} is not a port")
         if not self.host:
             raise ConfigError("host", "give an address to listen on")
-        for name in ("resume_wait", "health_interval", "connect_timeout"):
+        for name in ("resume_wait", "health_interval", "connect_timeout", "handover_wait"):
             if not getattr(self, name) > 0:
                 raise ConfigError(name, f"{getattr(self, name)} must be > 0")
         if self.drain_seconds < 0:
             raise ConfigError("drain_seconds", f"{self.drain_seconds} must be >= 0")
         if not isinstance(self.retry_after, int) or self.retry_after < 1:
             raise ConfigError("retry_after", f"{self.retry_after!r} must be a whole number of seconds >= 1")
-        if not isinstance(self.max_resumes, int) or self.max_resumes < 0:
-            raise ConfigError("max_resumes", f"{self.max_resumes!r} must be >= 0")
+        if not isinstance(self.max_moves, int) or self.max_moves < 0:
+            raise ConfigError("max_moves", f"{self.max_moves!r} must be >= 0")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError("log_level", f"{self.log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
 
     @property
-    def upstream_url(self) -> str:
-        return self.upstream.rstrip("/")
+    def upstream_urls(self) -> tuple[str, ...]:
+        return tuple(u.rstrip("/") for u in self.upstream)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> FrontConfig:
@@ -95,10 +103,17 @@ OWNED_VLLM_OPTIONS = ("--host", "--port", "--uds", "--kv-transfer-config", "--he
 
 @dataclass(frozen=True)
 class SupervisorConfig:
-    """``ghostserve vllm``: one vLLM OpenAI server (restarted when it or its
-    engine dies), the ghostserve daemon it checkpoints into, and the front."""
+    """``ghostserve vllm``: ``replicas`` vLLM OpenAI servers (each restarted
+    when it or its engine dies), the ghostserve daemon they checkpoint into, and
+    the front. ``devices``: each replica's ``CUDA_VISIBLE_DEVICES`` (empty: split
+    the visible GPUs by the TP size, or nothing on a machine without GPUs);
+    ``cpu_binds``: each replica's ``VLLM_CPU_OMP_THREADS_BIND`` on vLLM's CPU build
+    (empty: every replica inherits the environment's, and they share the cores)."""
 
     vllm_args: tuple[str, ...]
+    replicas: int = 1
+    devices: tuple[str, ...] = ()
+    cpu_binds: tuple[str, ...] = ()
     front: FrontConfig = dataclasses.field(default_factory=FrontConfig)
     socket: str = dataclasses.field(default_factory=lambda: os.environ.get("GHOSTSERVE_SOCKET") or default_socket())
     parity: int = 1
@@ -147,6 +162,38 @@ class SupervisorConfig:
         if self.front.upstream:
             raise ConfigError("upstream", "ghostserve vllm runs the upstream itself")
         object.__setattr__(self, "vllm_args", args)
+        if not isinstance(self.replicas, int) or isinstance(self.replicas, bool) or not 1 <= self.replicas <= 64:
+            raise ConfigError("replicas", f"{self.replicas!r}: an integer from 1 to 64")
+        for name, sep in (("devices", ":"), ("cpu_binds", ":")):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = tuple(v for v in value.split(sep)) if value else ()
+            value = tuple(value)
+            object.__setattr__(self, name, value)
+            if value and len(value) != self.replicas:
+                raise ConfigError(name, f"{len(value)} groups for {self.replicas} replicas "
+                                  f"(one per replica, separated by {sep!r})")
+        for group in self.devices:
+            ids = group.split(",")
+            if len(ids) != self.tp_size or not all(i.strip() for i in ids):
+                raise ConfigError("devices", f"{group!r}: give {self.tp_size} device(s) per replica "
+                                  "(the TP size), e.g. 0,1:2,3")
+        if len({d.strip() for g in self.devices for d in g.split(",")}) != self.tp_size * len(self.devices):
+            raise ConfigError("devices", "a device is given to two replicas")
+
+    @property
+    def tp_size(self) -> int:
+        """vLLM's --tensor-parallel-size (-tp) among the arguments; 1 if absent."""
+        args = self.vllm_args
+        for i, a in enumerate(args):
+            name, _, value = a.partition("=")
+            if name in ("--tensor-parallel-size", "-tp"):
+                value = value or (args[i + 1] if i + 1 < len(args) else "")
+                try:
+                    return max(1, int(value))
+                except ValueError:
+                    raise ConfigError("vllm_args", f"{a} {value}: not a TP size") from None
+        return 1
 
     def flag_given(self, name: str) -> bool:
         """Was vLLM option ``name`` (``--foo``) among the arguments after ``--``?"""

@@ -3,7 +3,8 @@
 :class:`Job` sends the request upstream (always streamed, with token ids),
 turns what comes back into the client's response (:mod:`ghostserve.front.output`,
 :mod:`ghostserve.front.text`), and when the engine fails under it, waits for the
-upstream to come back and sends the continuation (:mod:`ghostserve.front.resume`).
+upstream to come back, or moves to another healthy one at once, and sends the
+continuation there (:mod:`ghostserve.front.resume`).
 A request the front cannot continue faithfully ends with an error instead.
 
 Contract with the app: :meth:`Job.run` writes a streaming response through the
@@ -31,7 +32,7 @@ from ghostserve.front.output import Logprobs, Shape
 from ghostserve.front.sse import DONE, error_event, error_object, event
 from ghostserve.front.text import TextStream
 from ghostserve.front.tracker import Ticket
-from ghostserve.front.upstream import Upstream
+from ghostserve.front.upstream import Upstream, Upstreams
 
 log = logging.getLogger("ghostserve.front")
 
@@ -58,9 +59,11 @@ class Job:
     """One request to ``path`` (completions or chat) with JSON ``body``."""
 
     def __init__(self, path: str, body: dict[str, Any], headers: dict[str, str], config: FrontConfig,
-                 upstream: Upstream, metrics: FrontMetrics, ticket: Ticket, sink: Sink | None):
+                 upstreams: Upstreams, metrics: FrontMetrics, ticket: Ticket, sink: Sink | None):
         self.path, self.body, self.headers = path, body, headers
-        self.config, self.upstream, self.metrics, self.ticket = config, upstream, metrics, ticket
+        self.config, self.upstreams, self.metrics, self.ticket = config, upstreams, metrics, ticket
+        self.at: Upstream = upstreams.members[0]  # where the current submission goes
+        self._how = "restarted"               # how the last resume went on (the resume_seconds label)
         self.sink = sink                      # None: the client did not ask for a stream
         self.chat = path == resume.CHAT
         self.want_usage = bool((body.get("stream_options") or {}).get("include_usage")) if sink else True
@@ -91,10 +94,14 @@ class Job:
     # ------------------------------------------------------------------ running
 
     async def run(self) -> Reply | None:
-        submissions = 0
+        submissions, tries = 0, 0
         loop = asyncio.get_running_loop()
+        upstream = self.upstreams.pick()
+        if upstream is None:
+            return self._down(UpstreamFailure("no upstream is up", accepted=False))
         while True:
-            generation = self.upstream.generation
+            self.at = upstream
+            generation = upstream.generation
             if not self.tokens:
                 path, body = self.path, resume.first_submission(self.path, self.body)
             else:
@@ -102,11 +109,12 @@ class Job:
             self.ticket.attempt(generation)
             submissions += 1
             try:
-                async with contextlib.aclosing(self.upstream.events(path, body, self.headers)) as events:
-                    async for obj in events:
-                        await self._absorb(obj, generation, continuation=submissions > 1)
-                        if self.cut or self.again or self.refused:
-                            break  # the front ended it (a stop string across the resume), or goes on elsewhere
+                with upstream.submitted():
+                    async with contextlib.aclosing(upstream.events(path, body, self.headers)) as events:
+                        async for obj in events:
+                            await self._absorb(obj, generation, continuation=submissions > 1)
+                            if self.cut or self.again or self.refused:
+                                break  # the front ended it (a stop string across the resume), or goes on elsewhere
                 if self.refused:
                     return await self._fail("unresumable", str(ResumeRefused(self.refused)))
                 if self.again:
@@ -121,26 +129,45 @@ class Job:
                 if self.finish is not None:  # everything was generated; only the usage chunk was lost
                     return await self._done()
                 if submissions == 1 and not exc.accepted:
-                    return self._down(exc)
-                log.warning("front: upstream failed under %s after %d tokens: %s", self.shape.id or "a request",
-                            len(self.tokens), exc.reason)
+                    # never reached an engine: another upstream may take it, else 503
+                    tries += 1
+                    other = self.upstreams.pick(avoid=upstream)
+                    if other is None or tries >= len(self.upstreams.members):
+                        return self._down(exc)
+                    submissions, upstream = 0, other
+                    continue
+                log.warning("front: upstream %s failed under %s after %d tokens: %s", upstream.name,
+                            self.shape.id or "a request", len(self.tokens), exc.reason)
                 if self.tokens and self.prompt_ids is None:
                     self.unresumable = self.unresumable or "the upstream did not report the prompt's token ids"
                 if self.unresumable:
                     return await self._fail("unresumable", str(ResumeRefused(self.unresumable)))
-                if len(self.resumes) >= self.config.max_resumes:
+                if len(self.resumes) >= self.config.max_moves:
                     return await self._fail("resume_limit", str(ResumeFailed(
-                        "resume_limit", f"the engine failed {len(self.resumes) + 1} times under this request")))
+                        "resume_limit", f"the engine failed {len(self.resumes) + 1} times under this request "
+                        f"(--max-moves {self.config.max_moves})")))
                 if self._gap_from is None:  # a new outage (not a resubmission that failed again)
                     self._gap_from = self.last_out
                     self._deadline = loop.time() + self.config.resume_wait
-                if not await self.upstream.wait_ready(generation, max(0.0, self._deadline - loop.time())):
-                    if self.upstream.closed:
+                seen = time.monotonic()
+                nxt = await self.upstreams.next_after(upstream, generation, max(0.0, self._deadline - loop.time()))
+                if nxt is None:
+                    if self.upstreams.closed:
                         return await self._fail("shutdown", "the server is stopping (or gave up restarting "
                                                 "the engine): the request cannot be resumed")
                     return await self._fail("resume_timeout", str(ResumeFailed(
-                        "resume_timeout", f"the upstream did not come back within {self.config.resume_wait:g} s")))
-                self.resumes.append({"after_tokens": len(self.tokens), "failure": exc.reason})
+                        "resume_timeout", f"no upstream came back within {self.config.resume_wait:g} s")))
+                self._how = "restarted" if nxt is upstream else "moved"
+                if nxt is not upstream:
+                    self.metrics.moves_out.labels(upstream.name).inc()
+                    self.metrics.moves_in.labels(nxt.name).inc()
+                # seen / resubmitted: seconds from the client's last output to the failure
+                # seen, and to the resubmission (the parts of gap_seconds)
+                self.resumes.append({"after_tokens": len(self.tokens), "failure": exc.reason,
+                                     "from": upstream.name, "to": nxt.name,
+                                     "seen_seconds": round(seen - self._gap_from, 4),
+                                     "resubmitted_seconds": round(time.monotonic() - self._gap_from, 4)})
+                upstream = nxt
                 if self.tokens:
                     self.text.resumed()
                     self.logprobs.resumed()
@@ -149,7 +176,7 @@ class Job:
     async def _continuation(self) -> dict[str, Any]:
         model_len = None
         if self.chat and self.body.get("max_tokens") is None and self.body.get("max_completion_tokens") is None:
-            model_len = await self.upstream.max_model_len(self.headers)  # a chat's default is the rest of it
+            model_len = await self.at.max_model_len(self.headers)  # a chat's default is the rest of it
         return resume.continuation(self.path, self.body, self.prompt_ids or [], self.tokens, model_len)
 
     # ------------------------------------------------------------------ events
@@ -213,8 +240,8 @@ class Job:
         repair, self.repair = self.repair, None
         before, after = repair.windows()
         model = self.body.get("model")
-        a = await self.upstream.detokenize(before, model, self.headers)
-        b = await self.upstream.detokenize(after, model, self.headers) if a is not None else None
+        a = await self.at.detokenize(before, model, self.headers)
+        b = await self.at.detokenize(after, model, self.headers) if a is not None else None
         fixed = Boundary.text(a, b) if a is not None and b is not None else None
         if fixed is None:
             self.refused = ("the engine died inside a character and the upstream could not detokenize "
@@ -245,7 +272,7 @@ class Job:
         now = time.monotonic()
         if self._gap_from is not None and (self.tokens or self.finish):
             gap = now - self._gap_from
-            self.metrics.resume_seconds.observe(gap)
+            self.metrics.resume_seconds.labels(self._how).observe(gap)
             self.metrics.resumed.labels(self.path).inc()
             if self.resumes:
                 self.resumes[-1]["gap_seconds"] = round(gap, 4)

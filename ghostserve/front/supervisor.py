@@ -5,13 +5,16 @@
 1. the ghostserve daemon: the one answering on ``--socket``, or one it starts
    there (started again if it exits unasked: parity and the request index
    re-attach from shared memory, the workers rejoin; stopped at the end);
-2. vLLM's OpenAI server with the ghostserve connector (:class:`VllmServer`): a
-   fresh engine id per start; when it or its engine dies (each death logged with
-   its cause) it is killed whole and started again, at once if it had been
-   healthy, else after a doubling backoff; at most ``max_restarts`` restarts
-   within ``restart_window``;
-3. the front (:class:`~ghostserve.front.app.Front`) on ``--port``, which holds
-   its clients' requests across the restart and resumes them on the new engine.
+2. ``--replicas`` vLLM OpenAI servers with the ghostserve connector
+   (:class:`VllmServer`), each on its own devices (:func:`placements`): a fresh
+   engine id (so a fresh ghostserve group) per start; when one or its engine dies
+   (each death logged with its cause) it is killed whole and started again, at
+   once if it had been healthy, else after a doubling backoff; at most
+   ``max_restarts`` restarts within ``restart_window``, per replica;
+3. the front (:class:`~ghostserve.front.app.Front`) on ``--port``. When a replica
+   dies, its requests move at once to a live one, which loads their KV from the
+   dead engine's group (once the daemon has seen that engine end: the
+   supervisor then *hands it over*); with one replica they wait for the restart.
 
 A dead engine's ghostserve group is dropped (parity, index and the ranks' KV
 memory) as soon as every request that ran on it has resumed or ended
@@ -28,14 +31,18 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import os
+import re
 import signal
 import sys
 import time
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry
 
 from ghostserve.client import OperatorClient
 from ghostserve.errors import (
+    ConfigError,
     DaemonUnavailable,
     EngineFailed,
     GhostServeError,
@@ -45,7 +52,7 @@ from ghostserve.errors import (
 from ghostserve.front.app import Front
 from ghostserve.front.config import SupervisorConfig
 from ghostserve.front.metrics import FrontMetrics
-from ghostserve.front.upstream import SupervisedUpstream
+from ghostserve.front.upstream import Upstreams
 from ghostserve.front.vllm_server import Death, VllmServer
 
 log = logging.getLogger("ghostserve.vllm")
@@ -54,21 +61,58 @@ log = logging.getLogger("ghostserve.vllm")
 CHAT_PARSERS = ("--reasoning-parser", "--tool-call-parser", "--enable-auto-tool-choice")
 
 
+def visible_gpus(environ: Mapping[str, str], dev: str = "/dev") -> list[str]:
+    """The GPUs a replica may be given: ``CUDA_VISIBLE_DEVICES`` if set, else
+    the NVIDIA devices present (``/dev/nvidiaN``); none on a CPU machine."""
+    given = environ.get("CUDA_VISIBLE_DEVICES")
+    if given is not None:
+        return [d.strip() for d in given.split(",") if d.strip()]
+    try:
+        found = sorted(int(m.group(1)) for n in os.listdir(dev) if (m := re.fullmatch(r"nvidia(\d+)", n)))
+    except OSError:
+        return []
+    return [str(i) for i in found]
+
+
+def placements(config: SupervisorConfig, environ: Mapping[str, str]) -> list[dict[str, str]]:
+    """Each replica's environment additions: ``CUDA_VISIBLE_DEVICES`` (``--devices``,
+    or the visible GPUs split by the TP size when there are several replicas) and
+    ``VLLM_CPU_OMP_THREADS_BIND`` (``--cpu-binds``). ConfigError when the GPUs do
+    not go round."""
+    out: list[dict[str, str]] = [{} for _ in range(config.replicas)]
+    if config.devices:
+        for env, ids in zip(out, config.devices, strict=True):
+            env["CUDA_VISIBLE_DEVICES"] = ids
+    elif config.replicas > 1 and (gpus := visible_gpus(environ)):
+        need = config.replicas * config.tp_size
+        if len(gpus) < need:
+            raise ConfigError("replicas", f"{config.replicas} replicas of TP {config.tp_size} need {need} GPUs; "
+                              f"{len(gpus)} are visible ({','.join(gpus)}); give --devices or fewer replicas")
+        for r, env in enumerate(out):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[r * config.tp_size:(r + 1) * config.tp_size])
+    for env, bind in zip(out, config.cpu_binds, strict=False):
+        env["VLLM_CPU_OMP_THREADS_BIND"] = bind
+    return out
+
+
 class Supervisor:
     """Runs until stopped (:meth:`request_stop`, or SIGTERM/SIGINT under
     :meth:`run`) or until the restart budget is spent; :meth:`run` returns the
     exit status (0, or 1 when it gave up)."""
 
-    def __init__(self, config: SupervisorConfig, registry: CollectorRegistry | None = None):
+    def __init__(self, config: SupervisorConfig, registry: CollectorRegistry | None = None,
+                 environ: Mapping[str, str] | None = None):
         front = config.front
         if any(config.flag_given(f) for f in CHAT_PARSERS) and not front.upstream_parses_chat:
             front = dataclasses.replace(front, upstream_parses_chat=True)
         self.config = config
+        self.placements = placements(config, os.environ if environ is None else environ)
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = FrontMetrics(self.registry)
-        self.upstream = SupervisedUpstream(front)
-        self.front = Front(front, self.upstream, self.registry, self.metrics)
-        self.server: VllmServer | None = None
+        self.upstreams = Upstreams(front, supervised=config.replicas)
+        self.front = Front(front, self.upstreams, self.registry, self.metrics)
+        self.servers: list[VllmServer | None] = [None] * config.replicas
+        self._engines = 0  # engines started, all replicas: each start's index
         self.daemon: asyncio.subprocess.Process | None = None  # one this command started
         self._daemon_keeper: asyncio.Task | None = None
         self._stop = asyncio.Event()
@@ -91,24 +135,27 @@ class Supervisor:
             port = await self.front.start()
             print(f"front port={port}", flush=True)
             log.info("front on %s:%d; daemon on %s", self.front.config.host, port, self.config.socket)
-            keeper = asyncio.create_task(self._keep_engine())
+            keepers = [asyncio.create_task(self._keep_replica(r)) for r in range(self.config.replicas)]
+            everyone = asyncio.gather(*keepers, return_exceptions=True)
             stop = asyncio.create_task(self._stop.wait())
-            await asyncio.wait([keeper, stop], return_when=asyncio.FIRST_COMPLETED)
-            if keeper.done() and keeper.exception() is not None:
-                log.error("ghostserve vllm: %s", keeper.exception())
-                self.gave_up = str(keeper.exception())
+            await asyncio.wait([everyone, stop], return_when=asyncio.FIRST_COMPLETED)
+            if everyone.done() and not self._stop.is_set():  # every replica gave up
+                self.gave_up = "; ".join(str(e) for e in everyone.result() if isinstance(e, BaseException))
             log.info("stopping: the front first (in-flight requests get %g s)", self.front.config.drain_seconds)
             self._stop.set()
-            if self.upstream.url is None:
-                self.upstream.shut()  # no engine up, and none will start: waiting requests end now
+            if not self.upstreams.accepting():
+                self.upstreams.shut()  # no engine up, and none will start: waiting requests end now
             await self.front.stop()
-            keeper.cancel()
-            await asyncio.gather(keeper, return_exceptions=True)
+            for k in keepers:
+                k.cancel()
+            await asyncio.gather(everyone, return_exceptions=True)
             stop.cancel()
-            if self.server is not None:
-                log.info("stopping vLLM (engine %d)", self.server.index)
-                await self.server.stop(self.config.stop_timeout)
-                self._drop_later(self.server, None)  # a clean stop leaves nothing; an unclean one might
+            servers = [s for s in self.servers if s is not None]
+            for server in servers:
+                log.info("stopping vLLM (engine %d)", server.index)
+            await asyncio.gather(*(s.stop(self.config.stop_timeout) for s in servers))
+            for server in servers:
+                self._drop_later(server, None)  # a clean stop leaves nothing; an unclean one might
             if self._drops:
                 await asyncio.wait(list(self._drops), timeout=self.config.stop_timeout)
         finally:
@@ -184,39 +231,53 @@ class Supervisor:
 
     # ------------------------------------------------------------------ engine
 
-    async def _keep_engine(self) -> None:
+    async def _keep_replica(self, r: int) -> None:
+        """Replica ``r``: start its engine, and start it again each time it dies,
+        until stopped or its restart budget is spent (then it is given up on,
+        EngineFailed; the others go on)."""
+        try:
+            await self._keep_engine(r)
+        except EngineFailed as exc:
+            log.error("ghostserve vllm: replica %d: %s", r, exc)
+            self.upstreams.set_stopped(r)
+            raise
+
+    async def _keep_engine(self, r: int) -> None:
         restarts: collections.deque[float] = collections.deque()
         quick_deaths = 0
-        index = 0
         while not self._stop.is_set():
-            index += 1
-            server = self.server = VllmServer(self.config, index)
+            self._engines += 1
+            index = self._engines
+            server = self.servers[r] = VllmServer(self.config, index, replica=r, env=self.placements[r])
             self.metrics.engine_starts.inc()
             await server.start()
-            cause = await server.wait_healthy(self.upstream.session)
+            cause = await server.wait_healthy(self.upstreams.session)
             generation = None
             if cause is None:
                 seconds = server.start_seconds
                 self.metrics.engine_start_seconds.observe(seconds)
-                generation = self.upstream.set_ready(server.url)
-                log.info("engine %d up in %.1f s (generation %d, group %s)", index, seconds, generation,
-                         server.group)
-                print(f"engine {index} url={server.url} group={server.group} start_seconds={seconds:.2f}",
-                      flush=True)  # for tools that follow restarts
+                generation = self.upstreams.set_ready(r, server.url)
+                log.info("engine %d (replica %d) up in %.1f s (generation %d, group %s)", index, r, seconds,
+                         generation, server.group)
+                print(f"engine {index} url={server.url} group={server.group} start_seconds={seconds:.2f} "
+                      f"replica={r} pid={server.proc.pid}", flush=True)  # for tools that follow restarts
                 quick_deaths = 0
                 cause = await server.wait_death()
             else:
                 quick_deaths += 1
-            self.upstream.set_down()
+            self.upstreams.set_down(r)
             if self._stop.is_set():
-                self.upstream.shut()  # requests waiting for an engine: none is coming
                 return  # run() stops the server
             words = server.last_words()
-            log.warning("engine %d died: %s%s", index, cause, f"; vLLM said: {words}" if words else "")
+            log.warning("engine %d (replica %d) died: %s%s", index, r, cause, f"; vLLM said: {words}" if words else "")
             self.metrics.engine_deaths.labels(cause.kind.value).inc()
             t0 = time.monotonic()
+            # the hand-over waits for the daemon to see the engine end, not for the kill's tidying
+            hand_over = asyncio.create_task(self._hand_over(server, generation)) if generation is not None else None
             await self._kill(server, cause)
             log.info("engine %d: every process ended %.2f s after its death was seen", index, time.monotonic() - t0)
+            if hand_over is not None:
+                await hand_over
             self._drop_later(server, generation)
             now = time.monotonic()
             while restarts and restarts[0] < now - self.config.restart_window:
@@ -234,6 +295,23 @@ class Supervisor:
                     return
                 except TimeoutError:
                     pass
+
+    async def _hand_over(self, server: VllmServer, generation: int) -> None:
+        """Once the daemon has seen every process of a dead engine end (its group
+        ended; Lookup finds only ended groups' KV), the front may send its
+        requests to another engine, which then loads their KV. Runs beside
+        :meth:`_kill`, which ends those processes."""
+        t0, bound = time.monotonic(), self.config.lost_wait + self.config.stop_timeout
+        try:
+            await asyncio.to_thread(self.op.wait_ended, server.group, bound)
+            log.info("engine %d handed over %.2f s after its death was seen (group %s ended)", server.index,
+                     time.monotonic() - t0, server.group)
+        except TimeoutError:
+            log.warning("the daemon did not see engine %d's group %s end within %g s", server.index, server.group,
+                        bound)
+        except GhostServeError:
+            pass  # never registered, or no daemon: nothing to wait for
+        self.upstreams.handed_over(generation)
 
     async def _kill(self, server: VllmServer, cause: Death) -> None:
         """End a dead engine's processes. After a worker death, first let the
@@ -266,6 +344,7 @@ class Supervisor:
             if pending:
                 log.info("group %s: kept until its %d request(s) resumed", server.group, pending)
             await self.front.tracker.settled(generation)
+            self.upstreams.forget(generation)
         delay, why = 0.1, ""
         while True:
             try:

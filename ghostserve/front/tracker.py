@@ -1,10 +1,12 @@
 """Which engine generations still have requests that may need their KV.
 
 A request that ran on engine generation g may be resumed from g's KV (kept by
-the ghostserve daemon after g died) until it produced output on a later
-engine: the new engine fetched the KV before computing that output. So g's
-ghostserve group can be dropped once every request that ran on it has either
-ended or produced output on a later generation: :meth:`Tracker.settled`.
+the ghostserve daemon after g died) until it produced output on another
+engine (a restarted one, or another replica's): that engine fetched the KV
+before computing that output. So g's ghostserve group can be dropped once
+every request that ran on it has either ended or produced output on another
+generation: :meth:`Tracker.settled`. Generations are numbered across replicas;
+their order means nothing here.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ class Ticket:
         self.generations: set[int] = set()
 
     def ran_on(self, generation: int) -> None:
-        """Output came from ``generation``: the request no longer needs older ones."""
-        for g in [g for g in self.generations if g < generation]:
+        """Output came from ``generation``: the request no longer needs any other."""
+        for g in [g for g in self.generations if g != generation]:
             self._tracker._release(self, g)
         if generation not in self.generations:
             self.generations.add(generation)

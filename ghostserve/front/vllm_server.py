@@ -118,8 +118,9 @@ def free_port(host: str = "127.0.0.1") -> int:
 class VllmServer:
     """One start of vLLM's server. Not reusable: a restart is a new instance."""
 
-    def __init__(self, config: SupervisorConfig, index: int):
-        self.config, self.index = config, index
+    def __init__(self, config: SupervisorConfig, index: int, replica: int = 0, env: dict[str, str] | None = None):
+        self.config, self.index, self.replica = config, index, replica
+        self.env = dict(env or {})  # added to this process's environment (devices, CPU binding)
         self.engine_id = f"gs{uuid.uuid4().hex[:12]}"
         self.group = f"vllm-{self.engine_id}"[:64]  # the connector's default group name
         self.port = free_port()
@@ -152,9 +153,10 @@ class VllmServer:
         self._shm_before = vllm_shm()
         self.proc = await asyncio.create_subprocess_exec(
             *self.command(), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True)  # its own group: killed as one
-        log.info("engine %d: vLLM server pid %d on %s, engine id %s", self.index, self.proc.pid, self.url,
-                 self.engine_id)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True,  # its own group: killed as one
+            env=dict(os.environ, **self.env) if self.env else None)
+        log.info("engine %d: vLLM server pid %d on %s, engine id %s%s", self.index, self.proc.pid, self.url,
+                 self.engine_id, "".join(f", {k}={v}" for k, v in sorted(self.env.items())))
         self._tasks += [asyncio.create_task(self._pump()), asyncio.create_task(self._wait_exit())]
 
     async def _pump(self) -> None:
@@ -321,5 +323,5 @@ class VllmServer:
             return []
 
     def summary(self) -> dict[str, Any]:
-        return {"index": self.index, "engine_id": self.engine_id, "group": self.group, "url": self.url,
+        return {"index": self.index, "replica": self.replica, "engine_id": self.engine_id, "group": self.group, "url": self.url,
                 "pid": self.proc.pid if self.proc else None, "start_seconds": self.start_seconds}
