@@ -37,6 +37,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -170,16 +171,19 @@ def bench_mode(vr, args, mode: str, replicas: int, root: str, env: dict,
             pids[int(m.group(2))] = int(m.group(3))
         for ctx, prompt in prompts.items():
             print(f"front resume benchmark: {name}, context {ctx}...", file=sys.stderr)
-            answer = stream(base, args.model_dir, prompt, args.new_tokens)
             for pid in pids.values():  # or, on 2 cores, the kill lands after the client's tokens (lower_priority)
                 for rank in (0, 1):
                     vr.lower_priority(vr.tp_worker(pid, rank))
             bystander = None
             victim = 0
-            if replicas > 1:  # the bystander goes first (replica 0, the fewest in flight), the measured one to 1
+            if replicas > 1:
+                # the bystander goes first (to replica 0: the fewest in flight, the first of equals), the
+                # answer and the measured request to replica 1: the replica they move to has not computed
+                # this prompt (vLLM's own prefix cache would serve it there, not ghostserve)
                 bystander = Bystander(base, args.model_dir, prompts[min(prompts)][:64], args.max_model_len - 64)
                 bystander.wait_started(8, 600)
                 victim = 1
+            answer = stream(base, args.model_dir, prompt, args.new_tokens)
             _, _, offset = daemon_fetches(daemon_log, 0)
 
             def kill(victim: int = victim) -> None:
@@ -197,6 +201,8 @@ def bench_mode(vr, args, mode: str, replicas: int, root: str, env: dict,
             r = resumes[0]
             g = r["gap_seconds"]  # the front's: the client's own arrivals come in bursts on 2 busy cores
             row = {"gap_seconds": g, "client_gap_seconds": gap(run), "engine_start_seconds": float(m.group(1)),
+                   "death_seen_seconds": r["seen_at"] - run["killed_at"],
+                   "from_death_seconds": r["seen_at"] - run["killed_at"] + g - r["seen_seconds"],
                    "seen_seconds": r["seen_seconds"], "handover_seconds": r["resubmitted_seconds"] - r["seen_seconds"],
                    "fetch_seconds": fetch_seconds, "fetched_bytes": fetch_bytes,
                    "first_token_seconds": r["gap_seconds"] - r["resubmitted_seconds"],
@@ -210,6 +216,10 @@ def bench_mode(vr, args, mode: str, replicas: int, root: str, env: dict,
             out[ctx] = row
     finally:
         code = gv.stop(timeout=120)
+        if args.keep:
+            os.makedirs(args.keep, exist_ok=True)
+            shutil.copy(gv.log_path, os.path.join(args.keep, f"{name}.log"))
+            shutil.copy(daemon_log, os.path.join(args.keep, f"{name}-daemon.log"))
         daemon.stop()
     if code != 0:
         raise RuntimeError(f"ghostserve vllm ({name}) exited {code}: {gv.tail(30)}")
@@ -223,13 +233,14 @@ def table(result: dict[str, Any]) -> None:
     console = Console()
     t = Table(title="client-visible pause across a SIGKILLed TP worker under ghostserve vllm (s; the front's "
                     "last output before the failure -> first after it)")
-    for col in ("context", "run", "pause", "seen", "hand-over", "fetch", "first token", "start-up", "cached",
-                "vs r1", "bystander step"):
+    for col in ("context", "run", "pause", "from death", "seen", "hand-over", "fetch", "first token", "start-up",
+                "cached", "vs r1", "bystander step"):
         t.add_column(col, justify="right")
     for r in result["contexts"]:
         for name, row in r["runs"].items():
             by = row.get("bystander")
-            t.add_row(f"{r['context']:,}", name, f"{row['gap_seconds']:.2f}", f"{row['seen_seconds']:.2f}",
+            t.add_row(f"{r['context']:,}", name, f"{row['gap_seconds']:.2f}", f"{row['from_death_seconds']:.2f}",
+                      f"{row['seen_seconds']:.2f}",
                       f"{row['handover_seconds']:.2f}", f"{row['fetch_seconds']:.2f}",
                       f"{row['first_token_seconds']:.2f}",
                       "-" if "rest_seconds" not in row else f"{row['engine_start_seconds']:.1f}",
@@ -237,7 +248,8 @@ def table(result: dict[str, Any]) -> None:
                       "-" if by is None else f"{by['step_ms_before']:.0f} -> {by['longest_step_ms_during']:.0f} ms "
                                              f"({by['slowdown']:.1f}x)")
     console.print(t)
-    console.print("pause: the client's last token before the kill -> first after it; seen: -> the front saw the "
+    console.print("pause: the client's last token before the kill -> first after it; from death: the SIGKILL -> "
+                  "the first token after it; seen: -> the front saw the "
                   "failure; hand-over: -> resubmitted (the dead engine's group ended, a replica to go to); fetch: "
                   "the daemon's Fetch time; first token: resubmitted -> first token (lookup, fetch, 1-token "
                   "prefill); start-up: the restarted engine's (what a single replica waits for); vs r1: the "
@@ -254,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=160)
     p.add_argument("--kill-after", type=int, default=24, help="tokens the client has when rank 1 is killed")
     p.add_argument("--replicas", default="1,2", help="replica counts to run, e.g. 1,2 (each with ghostserve's KV)")
+    p.add_argument("--keep", metavar="DIR", help="copy each run's ghostserve vllm and daemon logs here")
     p.add_argument("--no-recompute", action="store_true",
                    help="skip the one-replica run whose resumes recompute (--no-kv-resume)")
     args = p.parse_args(argv)

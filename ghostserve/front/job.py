@@ -162,9 +162,10 @@ class Job:
                     self.metrics.moves_out.labels(upstream.name).inc()
                     self.metrics.moves_in.labels(nxt.name).inc()
                 # seen / resubmitted: seconds from the client's last output to the failure
-                # seen, and to the resubmission (the parts of gap_seconds)
+                # seen, and to the resubmission (the parts of gap_seconds); seen_at: this
+                # host's CLOCK_MONOTONIC then (to line it up with a fault injected on the host)
                 self.resumes.append({"after_tokens": len(self.tokens), "failure": exc.reason,
-                                     "from": upstream.name, "to": nxt.name,
+                                     "from": upstream.name, "to": nxt.name, "seen_at": round(seen, 4),
                                      "seen_seconds": round(seen - self._gap_from, 4),
                                      "resubmitted_seconds": round(time.monotonic() - self._gap_from, 4)})
                 upstream = nxt
