@@ -96,6 +96,16 @@ def daemon_fetches(log_path: str, offset: int) -> tuple[float, int, int]:
     return max((float(t) for _, t in found), default=0.0), sum(int(b) for b, _ in found), offset + len(text.encode())
 
 
+def in_flight(base: str) -> dict[int, int]:
+    """The front's requests in flight per replica (its metrics)."""
+    import re  # noqa: PLC0415
+    import urllib.request  # noqa: PLC0415
+
+    text = urllib.request.urlopen(base + "/metrics", timeout=60).read().decode()
+    return {int(r): int(float(v)) for r, v in re.findall(
+        r'^ghostserve_front_upstream_requests_in_flight\{upstream="r(\d+)"\} (\S+)$', text, re.M)}
+
+
 class Bystander:
     """A long streaming request on the live replica while the other's request
     moves there: its inter-token times before the kill and during the move."""
@@ -110,19 +120,28 @@ class Bystander:
         self.thread.start()
 
     def _run(self, base: str, model: str, prompt: list[int], max_tokens: int) -> None:
-        import openai  # noqa: PLC0415
+        """Plain HTTP, one timestamp per event line: cheap, so that this thread does
+        not slow the measured client's reading (one process, one GIL)."""
+        import urllib.request  # noqa: PLC0415
 
-        c = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=1800)
+        body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                           "stream": True, "ignore_eos": True}).encode()
+        req = urllib.request.Request(base + "/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
         try:
-            with c.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                      stream=True, extra_body={"ignore_eos": True}) as events:
-                for chunk in events:
-                    if chunk.choices:
+            with urllib.request.urlopen(req, timeout=1800) as resp:
+                for line in resp:
+                    if line.startswith(b"data: {"):
                         self.arrivals.append(time.monotonic())
                     if self.stop.is_set():
                         return
         except Exception as exc:  # reported by wait_started
             self.error = exc
+
+    def end(self) -> None:
+        """Stop reading and close the request (the front cancels it upstream)."""
+        self.stop.set()
+        self.thread.join(60)
 
     def wait_started(self, tokens: int, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -182,11 +201,14 @@ def bench_mode(vr, args, mode: str, replicas: int, root: str, env: dict,
                 # this prompt (vLLM's own prefix cache would serve it there, not ghostserve)
                 bystander = Bystander(base, args.model_dir, prompts[min(prompts)][:64], args.max_model_len - 64)
                 bystander.wait_started(8, 600)
-                victim = 1
+                flying = in_flight(base)
+                victim = min(flying, key=flying.get)  # the replica the bystander is not on
             answer = stream(base, args.model_dir, prompt, args.new_tokens)
             _, _, offset = daemon_fetches(daemon_log, 0)
 
             def kill(victim: int = victim) -> None:
+                if replicas > 1 and in_flight(base)[victim] != 1:
+                    raise RuntimeError(f"the measured request is not on replica {victim}: {in_flight(base)}")
                 vr.tp_worker(pids[victim], 1).send_signal(signal.SIGKILL)
 
             run = stream(base, args.model_dir, prompt, args.new_tokens, kill, args.kill_after)
@@ -210,7 +232,10 @@ def bench_mode(vr, args, mode: str, replicas: int, root: str, env: dict,
                    "after_tokens": r["after_tokens"], "moved": f"{r['from']}->{r['to']}"}
             if bystander is not None:
                 row["bystander"] = bystander.slowdown(run["killed_at"], g + 1.0)
-                bystander.stop.set()
+                bystander.end()
+                deadline = time.monotonic() + 120
+                while sum(in_flight(base).values()) and time.monotonic() < deadline:  # none left for the next
+                    time.sleep(0.1)
             else:
                 row["rest_seconds"] = g - row["engine_start_seconds"]
             out[ctx] = row

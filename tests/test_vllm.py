@@ -308,6 +308,13 @@ def test_daemon_sigkilled_while_the_dead_engine_exits_and_the_new_one_registers(
         assert out["cached_tokens"][r["id"]] == len(r["prompt"]) + len(dead["tokens"][r["id"]]) - 1
     OperatorClient(daemon.socket).drop(name, unlink_regions=True)
     assert name not in groups(env) and kept not in shm.list_names(daemon.prefix)
+    if "force killing" in stdout:
+        # vLLM's own shutdown gave up on its workers (seen on a loaded 2-core machine): then
+        # no goodbye, the group ended by failure and is kept for a resume; drop it here
+        until(lambda: all(g.state == "ended" for n, g in groups(env).items() if n not in before), 30,
+              "the resumed engine's group ended after vLLM killed its workers")
+        for n in set(groups(env)) - before:
+            OperatorClient(daemon.socket).drop(n, unlink_regions=True)
     until(lambda: set(groups(env)) <= before, 30, "the resumed engine's group dropped at its clean shutdown")
 
 

@@ -301,12 +301,17 @@ def _compile():
         log.info("numba is not installed: restores check and decode tiles in Python (slower on threads)")
         return tile
     try:
-        jitted = numba.njit(nogil=True, cache=True)(tile)
-    except RuntimeError:  # nowhere to write numba's cache (read-only install and home)
-        jitted = numba.njit(nogil=True)(tile)
-    z, zz = np.zeros(1, dtype=np.int64), np.zeros((1, 1), dtype=np.int64)
-    jitted(*native_fns(), 0, 0, 1, 1, 1, 0, 0, z, z, zz, 0, z, 0, 0, np.zeros((1, 1), dtype=np.uint32), z,
-           shift_table(1), np.zeros(1, dtype=np.uint8))  # compile (or load) now
+        try:
+            jitted = numba.njit(nogil=True, cache=True)(tile)
+        except RuntimeError:  # nowhere to write numba's cache (read-only install and home)
+            jitted = numba.njit(nogil=True)(tile)
+        z, zz = np.zeros(1, dtype=np.int64), np.zeros((1, 1), dtype=np.int64)
+        jitted(*native_fns(), 0, 0, 1, 1, 1, 0, 0, z, z, zz, 0, z, 0, 0, np.zeros((1, 1), dtype=np.uint32), z,
+               shift_table(1), np.zeros(1, dtype=np.uint8))  # compile (or load) now
+    except Exception as exc:  # noqa: BLE001 - numba broken here (seen once: a half-done import); restores still work
+        log.warning("numba could not compile the tile kernel (%s: %s): restores check and decode tiles in Python "
+                    "(slower on threads)", type(exc).__name__, exc)
+        return tile
     return jitted
 
 
