@@ -37,7 +37,7 @@ from typing import Any
 
 import aiohttp
 
-from ghostserve.errors import UpstreamFailure, UpstreamRejected
+from ghostserve.errors import ConfigError, UpstreamFailure, UpstreamRejected
 from ghostserve.front.config import FrontConfig
 from ghostserve.front.sse import SSEDecoder
 
@@ -120,12 +120,12 @@ class Upstream:
         except CONNECTION_ERRORS:
             return False
 
-    async def served_model(self) -> tuple[str, int | None] | None:
+    async def served_model(self, headers: dict[str, str] | None = None) -> tuple[str, int | None] | None:
         """(model id, max_model_len) from /v1/models; None if it does not answer."""
         if self.url is None:
             return None
         try:
-            async with self.session.get(self.url + "/v1/models", timeout=aiohttp.ClientTimeout(
+            async with self.session.get(self.url + "/v1/models", headers=headers, timeout=aiohttp.ClientTimeout(
                     total=self.config.connect_timeout)) as resp:
                 data = (await resp.json(content_type=None))["data"][0]
             length = data.get("max_model_len")
@@ -137,12 +137,10 @@ class Upstream:
         """The served model's context length (/v1/models), cached per engine."""
         gen = self.generation
         if gen not in self._model_len:
-            try:
-                async with self.session.get(self.url + "/v1/models", headers=headers) as resp:
-                    data = await resp.json(content_type=None)
-                self._model_len[gen] = int(data["data"][0]["max_model_len"])
-            except (*CONNECTION_ERRORS, ValueError, KeyError, IndexError, TypeError):
+            served = await self.served_model(headers)
+            if served is None:
                 return None
+            self._model_len[gen] = served[1]
         return self._model_len[gen]
 
     async def detokenize(self, tokens: list[int], model: str | None, headers: dict[str, str]) -> str | None:
@@ -384,16 +382,12 @@ class Upstreams:
         others = {m.model for m in self.members if m.model is not None and m is not u}
         u.model = f"{served[0]} (max_model_len {served[1]})"
         if others and others != {u.model}:
-            from ghostserve.errors import ConfigError  # noqa: PLC0415
-
             raise ConfigError("upstream", f"{u.name} serves {u.model}, the others {sorted(others)[0]}: "
                               "every upstream of a front must serve the same model with the same layout")
         return True
 
     async def _poll(self) -> None:
         """Static upstreams: /health of each, every ``health_interval``."""
-        from ghostserve.errors import ConfigError  # noqa: PLC0415
-
         while not self.closed:
             for u in self.members:
                 if u.state == UpstreamState.STOPPED:
