@@ -38,7 +38,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -209,7 +208,7 @@ def bench_mode(vr, args, mode: str, replicas: int, root: str, env: dict,
             def kill(victim: int = victim) -> None:
                 if replicas > 1 and in_flight(base)[victim] != 1:
                     raise RuntimeError(f"the measured request is not on replica {victim}: {in_flight(base)}")
-                vr.tp_worker(pids[victim], 1).send_signal(signal.SIGKILL)
+                vr.sigkill(vr.tp_worker(pids[victim], 1))
 
             run = stream(base, args.model_dir, prompt, args.new_tokens, kill, args.kill_after)
             fetch_seconds, fetch_bytes, _ = daemon_fetches(daemon_log, offset)

@@ -334,7 +334,7 @@ def killed(served):
         seen = g.protected_step
         time.sleep(0.5)
     vllm_shm = mapped_vllm_shm(served["gv"].proc.pid)
-    workers[1].send_signal(signal.SIGKILL)
+    vllm_run.sigkill(workers[1])
     killed_at = time.monotonic()
     deadline = time.monotonic() + 60
     while (g := op.status(group).groups[0]).ranks[1].state != "lost" and time.monotonic() < deadline:

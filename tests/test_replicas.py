@@ -26,7 +26,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -228,7 +227,7 @@ def moved(pair, baselines):
     wait_for("every request decoding", freeze_each, 300, say)
     before_move = set(marks(r0)) | set(marks(r1))
     first_kill = time.monotonic()
-    held[r0["index"]][1].send_signal(signal.SIGKILL)
+    vllm_run.sigkill(held[r0["index"]][1])
     for w in [held[r0["index"]][0], *held[r1["index"]]]:
         with contextlib.suppress(psutil.NoSuchProcess):
             w.resume()
@@ -244,7 +243,7 @@ def moved(pair, baselines):
     for w in workers(back):
         vllm_run.lower_priority(w)
     second_kill = time.monotonic()
-    r1_workers[1].send_signal(signal.SIGKILL)
+    vllm_run.sigkill(r1_workers[1])
     with contextlib.suppress(psutil.NoSuchProcess):
         r1_workers[0].resume()
     for t in threads.values():
@@ -321,7 +320,7 @@ def both_killed(pair, moved):
     threads = run_all(pair["base"], {"stream": (kind, kw)}, out)
     wait_for("40 tokens streamed", lambda: len(out["stream"].get("tokens", ())) >= 40, 300, every=0.01)
     for e in engines:
-        workers(e)[1].send_signal(signal.SIGKILL)
+        vllm_run.sigkill(workers(e)[1])
     threads["stream"].join(600)
     first = engine_up(pair)
     second = engine_up(pair)

@@ -115,6 +115,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _raise_priority(procs: list[psutil.Process], nice: int) -> None:
+    """Every thread of ``procs`` at ``nice`` or better (Linux nice is per thread);
+    what cannot be changed (gone, not permitted) is left as it is."""
+    for p in procs:
+        try:
+            threads = p.threads()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        for t in threads:
+            try:
+                if os.getpriority(os.PRIO_PROCESS, t.id) > nice:
+                    os.setpriority(os.PRIO_PROCESS, t.id, nice)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
 class VllmServer:
     """One start of vLLM's server. Not reusable: a restart is a new instance."""
 
@@ -282,6 +298,9 @@ class VllmServer:
                 pass
         self._pidfds.clear()
         members = self._members()
+        # a process's exit (freeing its memory) runs at its own priority: an engine
+        # reniced by its user would otherwise hold the hand-over for tens of seconds
+        _raise_priority(members, os.getpriority(os.PRIO_PROCESS, 0))
         if self.proc is not None and signal_first:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
