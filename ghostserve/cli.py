@@ -78,12 +78,15 @@ def _config_args(p: argparse.ArgumentParser) -> None:
                         "(env GHOSTSERVE_REGION_PREFIX; default: any name)")
     p.add_argument("--ended-ttl", type=float, metavar="SECONDS",
                    help=f"how long a failure-ended group is kept for a resume ({env('ended_ttl')})")
+    p.add_argument("--cuda-staging-bytes", type=int, metavar="BYTES",
+                   help="each GPU's staging buffer for CUDA groups (peer sources, parity on its way to "
+                        f"host memory) ({env('cuda_staging_bytes')})")
 
 
 def config_from(args: argparse.Namespace) -> Config:
     """The daemon's Config: defaults, then ``GHOSTSERVE_*``, then the flags given."""
     keys = ("socket", "listen", "tls_cert", "tls_key", "insecure", "metrics_port", "metrics_host",
-            "shm_prefix", "encode_threads", "log_level", "region_prefix", "ended_ttl")
+            "shm_prefix", "encode_threads", "log_level", "region_prefix", "ended_ttl", "cuda_staging_bytes")
     return Config.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

@@ -60,6 +60,9 @@ class Config:
     # layers, at least a chunk of each; each restoring thread keeps a buffer this size),
     # over data still in cache (benchmarks/checkpoint.py --tile-bytes); 0: chunk by chunk
     restore_tile_bytes: int = 512 << 10
+    # CUDA groups: each device's staging ring (peer sources, parity on its way to the
+    # arena); a stripe longer than half of it is encoded in pieces
+    cuda_staging_bytes: int = 64 << 20
 
     def __post_init__(self) -> None:
         if not self.socket and not self.listen:
@@ -88,6 +91,8 @@ class Config:
             raise ConfigError("rpc_threads", f"{self.rpc_threads} must be >= 4")
         if self.restore_tile_bytes < 0:
             raise ConfigError("restore_tile_bytes", f"{self.restore_tile_bytes} must be >= 0 (0: no fused pass)")
+        if self.cuda_staging_bytes < 64 << 10:
+            raise ConfigError("cuda_staging_bytes", f"{self.cuda_staging_bytes} must be >= 65536")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert", "give both --tls-cert and --tls-key")
         for name in ("tls_cert", "tls_key"):  # now, not after the socket is bound

@@ -78,13 +78,15 @@ class HostCuda:
 
     # ------------------------------------------------------------------ worker side (tests)
 
-    def worker_event(self, region: str) -> bytes:
-        """A worker wrote ``region`` and recorded an interprocess event: its handle."""
+    def worker_event(self, *regions: str) -> bytes:
+        """A worker wrote ``regions`` (on one stream) and recorded one interprocess
+        event after those writes: its handle."""
         ev = SimEvent(serial=next(self._serial))
         handle = ev.serial.to_bytes(8, "little").ljust(64, b"\0")
         with self.lock:
             self._worker_events[handle] = ev
-            self._pending[region] = ev
+            for region in regions:
+                self._pending[region] = ev
         return handle
 
     # ------------------------------------------------------------------ CudaRuntime
@@ -173,7 +175,8 @@ class HostCuda:
         assert self._device_of_ptr(ptr, nbytes) == stream.device, "memset on another device's memory"
         ctypes.memset(ptr, value, nbytes)
 
-    def open_event(self, handle: bytes) -> SimEvent:
+    def open_event(self, handle: bytes, device: int) -> SimEvent:
+        assert 0 <= device < self.devices
         return self._worker_events[handle]
 
     def wait(self, stream: SimStream, event: SimEvent) -> None:
@@ -183,13 +186,25 @@ class HostCuda:
         return SimEvent()
 
     def matmul(self, device, coeffs, src, dst, nbytes, stream) -> None:
+        """One launch over every (sources, destinations) set: a destination may not
+        overlap any buffer of the launch (the sets run at once on a GPU; all spans
+        are ``nbytes`` long, so checking neighbours in address order finds any overlap)."""
         self._count("matmul")
+        self.log["sets"] = self.log.get("sets", 0) + len(src)
         assert stream.device == device
-        for p in (*src, *dst):
-            assert self._device_of_ptr(p, nbytes) == device, "a kernel touched memory of another device or the host"
-        self._check_ready(stream, src)
+        assert len(src) == len(dst) and src
+        spans = sorted((p, p + nbytes, j >= len(s)) for s, d in zip(src, dst, strict=True)
+                       for j, p in enumerate([*s, *d]))
+        for (_, a1, w0), (b0, _, w1) in zip(spans, spans[1:], strict=False):
+            assert a1 <= b0 or not (w0 or w1), \
+                "a kernel's output overlaps another buffer of the same launch"
+        for s, d in zip(src, dst, strict=True):
+            for p in (*s, *d):
+                assert self._device_of_ptr(p, nbytes) == device, "a kernel touched memory of another device or the host"
+            self._check_ready(stream, s)
         tables = self._isal.tables(np.ascontiguousarray(coeffs, dtype=np.uint8))
-        encode_raw(tables, nbytes, list(src), list(dst))
+        for s, d in zip(src, dst, strict=True):
+            encode_raw(tables, nbytes, list(s), list(d))
 
     def checksums(self, device, chunks, stream) -> list[int]:
         self._count("checksums")

@@ -38,9 +38,9 @@ from ghostserve.codec import RSCode, cupy_backend, gf
 from ghostserve.codec.backends import cuda_device_present, load
 from ghostserve.codec.isal import IsalBackend
 from ghostserve.codec.reference import ReferenceBackend
-from ghostserve.errors import BackendUnavailable
+from ghostserve.errors import BackendUnavailable, ShardError
 
-CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[1] / "ghostserve" / "cuda"
 NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
@@ -622,6 +622,7 @@ class FakeCupy(types.ModuleType):
         class Stream:
             def __init__(self, null=False, non_blocking=False):
                 self.non_blocking = non_blocking
+                self.device_id = 0
 
             def __enter__(self):
                 local.__dict__.setdefault("stack", []).append(self)
@@ -713,24 +714,28 @@ class FakeCupy(types.ModuleType):
     def check_launch(self, name, grid, block, args, shared_mem, stream) -> None:
         assert name in ("gs_matmul_tables", "gs_matmul_logexp")
         logexp = name == "gs_matmul_logexp"
-        assert isinstance(grid, tuple) and len(grid) == 1 and isinstance(block, tuple) and len(block) == 1
+        assert isinstance(grid, tuple) and len(grid) in (1, 2) and isinstance(block, tuple) and len(block) == 1
         blocks, threads = grid[0], block[0]
+        sets = grid[1] if len(grid) == 2 else 1
+        assert 1 <= sets <= cupy_backend.MAX_GRID_Y
         table, addrs, r, k, length = args
         # CuPy passes numpy scalars by their own size: int32, int32, uint64 as declared
         assert (type(r), type(k), type(length)) == (np.int32, np.int32, np.uint64)
         assert isinstance(table, FakeDeviceArray) and table.dtype == np.uint8 and table.ndim == 1
         assert table.flags.c_contiguous and table.ctypes.data % 16 == 0
-        assert isinstance(addrs, FakeDeviceArray) and addrs.dtype == np.uint64 and addrs.shape == (k + r,)
+        assert isinstance(addrs, FakeDeviceArray) and addrs.dtype == np.uint64 and addrs.ndim == 1
+        assert addrs.shape[0] >= sets * (k + r) and addrs.flags.c_contiguous
         ptr_bytes = (8 * (int(r) + int(k)) + 15) & ~15
         assert table.size == self.lib.gs_host_smem_bytes(int(r), int(k), int(logexp)) - ptr_bytes
         resident = cupy_backend.resident_blocks(self.SM_COUNT, 233472, 2048, shared_mem)
         assert 1 <= blocks <= resident
         assert stream.non_blocking, "launched on the caller's stream, not the backend's"
-        rc = self.lib.gs_host_launch(int(logexp), table.ctypes.data, addrs.ctypes.data, int(r), int(k),
-                                     int(length), blocks, threads, shared_mem)
-        assert rc == 0, f"gs_host_launch: {rc}"
+        for y in range(sets):  # blocks with blockIdx.y = y take set y (rs_kernels.cu)
+            rc = self.lib.gs_host_launch(int(logexp), table.ctypes.data, addrs.ctypes.data + 8 * y * (int(k) + int(r)),
+                                         int(r), int(k), int(length), blocks, threads, shared_mem)
+            assert rc == 0, f"gs_host_launch: {rc}"
         self.launches.append(dict(name=name, r=int(r), k=int(k), length=int(length), blocks=blocks,
-                                  threads=threads, smem=shared_mem))
+                                  threads=threads, smem=shared_mem, sets=sets))
         self.log.append(("launch", stream))
 
 
@@ -771,10 +776,13 @@ def test_emulated_cupy_encode_reconstruct(fake_cp, k, m):
         assert launch["name"] == ("gs_matmul_logexp" if logexp else "gs_matmul_tables")
     assert any(launch["name"] == "gs_matmul_logexp" for launch in fake_cp.launches) == (k * m * 256 > 48_000)
     assert all(launch["threads"] == 256 for launch in fake_cp.launches)
-    # device inputs: the backend's stream waits for the caller's, launches, then syncs
+    # device inputs: the backend's stream waits for the caller's, launches, and the
+    # caller's stream waits for it in turn: no host wait
     kinds = [entry[0] for entry in fake_cp.log]
-    assert kinds[:3] == ["wait", "launch", "sync"]
-    assert all(entry[2] is fake_cp.cuda.get_current_stream() for entry in fake_cp.log if entry[0] == "wait")
+    assert kinds[:3] == ["wait", "launch", "wait"] and "sync" not in kinds[:3]
+    caller = fake_cp.cuda.get_current_stream()
+    first, then = fake_cp.log[0], fake_cp.log[2]
+    assert first[2] is caller and first[1] is not caller and then[1] is caller and then[2] is first[1]
 
 
 @pytest.mark.parametrize("k,m", [(1, 1), (10, 4), (60, 4)])
@@ -799,6 +807,27 @@ def test_emulated_cupy_many_rows(fake_cp, r, k):
 
 def test_emulated_cupy_streams_and_threads(fake_cp):
     scenario_streams_and_threads(fake_cp, RSCode(8, 3, "cupy"), 100_003)
+
+
+@pytest.mark.parametrize("k,m,sets,length", [(4, 2, 7, 4097), (8, 3, 3, 65_539), (10, 4, 1, 1)])
+def test_emulated_cupy_launch_batches_sets(fake_cp, k, m, sets, length):
+    """The daemon's path: raw addresses, every set in one launch (grid y), on the
+    caller's stream, no host wait; each set's parity equals ISA-L's."""
+    backend = load("cupy")
+    rng = np.random.default_rng(sets)
+    data = [fake_cp.asarray(rng.integers(0, 256, (k, length), dtype=np.uint8)) for _ in range(sets)]
+    parity = [fake_cp.empty((m, length)) for _ in range(sets)]
+    coeffs = RSCode(k, m, "reference").parity_matrix
+    stream = fake_cp.cuda.Stream(non_blocking=True)
+    backend.launch(coeffs, [[d[i].ctypes.data for i in range(k)] for d in data],
+                   [[p[j].ctypes.data for j in range(m)] for p in parity], length, stream)
+    assert [launch["sets"] for launch in fake_cp.launches] == [sets] * len(fake_cp.launches)
+    assert len(fake_cp.launches) == -(-m // cupy_backend.rows_per_launch(m, k))
+    assert "sync" not in [entry[0] for entry in fake_cp.log]
+    for d, p in zip(data, parity, strict=True):
+        assert np.array_equal(np.asarray(p), RSCode(k, m, "isal").encode(np.asarray(d)))
+    with pytest.raises(ShardError):
+        backend.launch(coeffs, [[0] * (k - 1)], [[0] * m], length, stream)
 
 
 def test_emulated_cupy_grid_is_capped(fake_cp):

@@ -26,47 +26,48 @@ from test_layout import kv_apart, logical
 from ghostserve import shm
 from ghostserve.client import OperatorClient, WorkerClient
 from ghostserve.config import Config
-from ghostserve.daemon.datapath.cuda import StagingRing
+from ghostserve.daemon.datapath.cuda import StagingBuffer
 from ghostserve.daemon.layout import Layout
 from ghostserve.daemon.server import Server
-from ghostserve.errors import GpuUnavailable
+from ghostserve.errors import GpuUnavailable, ResourceExhausted
 from ghostserve.v1 import ghostserve_pb2 as pb
 
 # ---------------------------------------------------------------------- the staging ring
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 700), st.booleans()), max_size=40))
-def test_staging_ring_never_hands_out_bytes_still_in_use(ops):
-    """Bytes handed out never overlap bytes whose work has not been waited for;
-    the ring waits (or first flushes, for work of the current call) before reuse."""
-    live: list[list] = []        # [start, end, event or None] not yet waited for
-    waited: set = set()
-
-    def wait(ev):
-        waited.add(ev)
-
-    def flush():
-        ev = ("flush", len(waited), len(live))
-        for x in live:
-            x[2] = ev if x[2] is None else x[2]
-        return ev
-
-    ring = StagingRing(1024, wait, flush)
-    for i, (size, done) in enumerate(ops):
-        at = ring.take(size)
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 700), st.booleans()), max_size=60))
+def test_staging_never_hands_out_bytes_of_the_open_unit(ops):
+    """Takes of one unit never overlap each other; a take that would not fit is
+    refused (and ``fits`` said so first); after ``seal`` the bytes are handed out again."""
+    staging = StagingBuffer(1024)
+    unit: list[tuple[int, int]] = []
+    for size, seal in ops:
         n = (size + 255) & ~255
-        live = [x for x in live if x[2] not in waited]
-        assert 0 <= at and at + n <= 1024
-        for a, b, _ in live:
-            assert at + n <= a or b <= at, "overlap with bytes still in use"
-        live.append([at, at + n, None])
-        if done:
-            ring.done(("done", i))
-            for x in live:
-                x[2] = ("done", i) if x[2] is None else x[2]
-    with pytest.raises(ValueError):
-        ring.take(2048)
+        if not staging.fits(size):
+            with pytest.raises(ResourceExhausted):
+                staging.take(size)
+            staging.seal()
+            unit = []
+        at = staging.take(size)
+        assert 0 <= at and at + n <= 1024 and at % 256 == 0
+        for a, b in unit:
+            assert at + n <= a or b <= at, "overlap with bytes of the open unit"
+        unit.append((at, at + n))
+        if seal:
+            staging.seal()
+            unit = []
+    with pytest.raises(ResourceExhausted):
+        StagingBuffer(1024).take(1025)
+
+
+def test_staging_fits_counts_several_takes():
+    staging = StagingBuffer(1024)
+    assert staging.fits(256, 4) and not staging.fits(256, 5)
+    staging.take(300)  # 512 with alignment
+    assert staging.fits(256, 2) and not staging.fits(256, 3)
+    staging.seal()
+    assert staging.fits(256, 4)
 
 
 # ---------------------------------------------------------------------- through the daemon
@@ -143,7 +144,7 @@ def test_gpu_ranks_protected_restored_and_scrubbed(gpu_daemon, region, name, lay
     op = OperatorClient(d.sock)
     s = op.scrub(g)
     assert s.chunks_checked == len(blocks) * lay.chunks and s.parity_mismatches == 0 and s.checksum_mismatches == 0
-    assert d.sim.log["matmul"] >= len(blocks) * lay.num_layers and d.sim.log["checksums"] >= 1
+    assert d.sim.log["sets"] >= len(blocks) * lay.num_layers and d.sim.log["checksums"] >= 1
     before = [r.shards() for r in ranks]
     for lost in (1, 2):
         ranks[lost].client.close()
@@ -171,6 +172,44 @@ def test_gpu_ranks_protected_restored_and_scrubbed(gpu_daemon, region, name, lay
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert d.sim.open_count() == 0 and d.sim.pinned == []  # every IPC mapping closed, arena unpinned
+
+
+def test_stripes_longer_than_the_staging_buffer_are_cut_and_still_exact(tmp_path, shm_prefix, region):
+    """A 64 KiB staging buffer and 64 KiB blocks, 4+2 over two devices: each
+    stripe needs 4 x 64 KiB staged (two peer sources, two parity rows), so it is
+    cut into pieces of 8 KiB and the batches flush as the buffer fills; parity and a rebuild
+    stay byte-exact (the stand-in runs work in stream order, so a unit reusing its
+    own bytes would corrupt them, and its kernel check refuses overlapping outputs)."""
+    sim = HostCuda(devices=2)
+    cfg = Config(socket=str(tmp_path / "gs.sock"), shm_prefix=shm_prefix, encode_threads=2,
+                 cuda_staging_bytes=64 << 10)
+    server = Server(cfg, CollectorRegistry(), cuda_runtime=sim)
+    server.start()
+    server.sock, server.sim = cfg.socket, sim
+    try:
+        rng, lay = np.random.default_rng(5), Layout(2, 4, 64 << 10, 16 << 10, 4 * (64 << 10), 64 << 10)
+        g = f"cut-{uuid.uuid4().hex[:6]}"
+        ranks = [GpuRank(server, region, g, q, 4, 2, lay, device=q // 2) for q in range(4)]
+        for r in ranks:
+            for b in range(4):
+                r.write(rng, b)
+            r.commit(0, list(range(4)), {"q": 1})
+        assert ranks[0].client.wait_protected(0)
+        assert sim.log["sets"] == 4 * 2 * 8  # (block, layer) stripes, each cut in 8 (half the buffer / 4)
+        assert sim.log["matmul"] < sim.log["sets"]  # several per launch
+        op = OperatorClient(server.sock)
+        s = op.scrub(g)
+        assert s.parity_mismatches == 0 and s.checksum_mismatches == 0
+        before = ranks[3].shards()
+        ranks[3].client.close()
+        wait_state(server, g, "degraded")
+        ranks[3] = GpuRank(server, region, g, 3, 4, 2, lay, device=1)
+        assert ranks[3].client.restore().restored_bytes == 4 * 2 * (64 << 10)
+        assert all(np.array_equal(a, b) for a, b in zip(ranks[3].shards(), before, strict=True))
+        for r in ranks:
+            r.client.goodbye()
+    finally:
+        server.stop(grace=1)
 
 
 def test_fetch_from_an_ended_gpu_engine(gpu_daemon, region):
@@ -234,5 +273,5 @@ def test_cuda_regions_without_a_gpu_runtime_say_what_to_install(daemon, region):
     with pytest.raises(GpuUnavailable) as info:  # the daemon's class, rebuilt by the client
         c.register()
     assert info.value.code == "FAILED_PRECONDITION"
-    assert "pip install 'ghostserve[gpu]'" in str(info.value)
+    assert "pip install 'ghostserve[gpu-cuda13]'" in str(info.value)
     assert not [n for n in shm.list_names(daemon.config.shm_prefix) if "nogpu" in n]  # nothing left behind

@@ -89,8 +89,8 @@ def test_without_a_device_it_says_so_and_does_not_hang(tmp_path, mode):
 def test_requirements_follow_pyproject():
     download, machine = gc.wanted_requirements()
     names = {gc.req_name(r) for r in download}
-    assert {"pyeclib", "grpcio-health-checking", "grpcio-reflection", "pytest", "pytest-timeout", "pyyaml",
-            "setuptools", "wheel"} <= names
+    assert {"pyeclib", "grpcio", "protobuf", "grpcio-health-checking", "grpcio-reflection", "cuda-bindings",
+            "pytest", "pytest-timeout", "pyyaml", "setuptools", "wheel"} <= names
     present = {gc.canon(p) for p in gc.PRESENT}
     assert not names & present
     assert {gc.req_name(r) for r in machine} <= present
@@ -108,14 +108,18 @@ def test_closure_leaves_out_what_the_machine_has():
         node("grpcio", "1.85.3", "typing-extensions>=4"),
         node("typing_extensions", "4.16.0"),
         node("protobuf", "7.36.2"),
+        node("pyeclib", "1.7.0", "numpy>=1.26", "psutil>=5"),
+        node("numpy", "2.4.6"),
         node("pytest", "9.2.0", "pluggy<2,>=1.6", 'colorama>=0.4; sys_platform == "win32"',
              'tomli>=2; python_version < "3.11"'),
         node("pluggy", "1.7.0"),
         node("colorama", "0.4.6"),
     ]}
-    keep, on_present = gc.closure(report, ["grpcio-health-checking==1.85.1", "pytest==9.2.0"])
-    assert keep == {"grpcio-health-checking": "1.85.1", "pytest": "9.2.0", "pluggy": "1.7.0"}
-    assert on_present == ["grpcio>=1.85.1", "protobuf<8,>=7.35.1"]
+    keep, on_present = gc.closure(report, ["grpcio-health-checking==1.85.1", "pytest==9.2.0", "pyeclib==1.7.0"])
+    # grpcio and protobuf are downloaded whatever the GPU machine has (its versions may be older)
+    assert keep == {"grpcio-health-checking": "1.85.1", "grpcio": "1.85.3", "typing-extensions": "4.16.0",
+                    "protobuf": "7.36.2", "pytest": "9.2.0", "pluggy": "1.7.0", "pyeclib": "1.7.0"}
+    assert on_present == ["numpy>=1.26", "psutil>=5"]
 
 
 def test_junit_parsing(tmp_path):

@@ -47,7 +47,7 @@ from ghostserve.codec import gpu_checksum as gcs
 from ghostserve.codec.backends import cuda_device_present
 from ghostserve.errors import BackendUnavailable
 
-CUDA_DIR = Path(__file__).resolve().parents[1] / "cuda"
+CUDA_DIR = Path(__file__).resolve().parents[1] / "ghostserve" / "cuda"
 NVCC = shutil.which("nvcc")
 GXX = shutil.which("g++")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")

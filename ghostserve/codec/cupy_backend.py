@@ -6,11 +6,14 @@ tables (``r*k*256`` bytes, from :func:`gf.mul_table`) or, when those would not
 fit in 48 KiB of shared memory, the small log/exp blob are built on the host once
 and cached on the device.
 
-Streams: every call runs on the backend's own non-blocking stream (one per
+Streams: ``matmul`` runs on the backend's own non-blocking stream (one per
 device), made to wait first for the work the caller has queued on its current
-stream (so CuPy inputs written just before are read correctly), and is
-synchronised before ``matmul`` returns: outputs are ready, on any stream.
-Safe to call from several threads at once (launches queue on the one stream).
+stream (so CuPy inputs written just before are read correctly). With every
+shard on the device the host does not wait: the caller's current stream is
+made to wait for the kernels instead (stream order, as CuPy's own operations);
+with host shards the call returns when they are written. :meth:`CupyBackend.launch`
+is the daemon's path: raw device addresses, many stripes in one launch, queued on
+the caller's stream, no host wait. Safe to call from several threads at once.
 
 The kernels' arithmetic is the ``__host__ __device__`` code of ``cuda/gf256.cuh``;
 ``tests/test_cuda.py`` builds it for the host and compares it with ISA-L byte for
@@ -41,6 +44,7 @@ BLOB_LOG_OFFSET = 512        # blob: exp[512] | log[256] | clog[r*k]
 BLOB_CLOG_OFFSET = 768
 LOG_ZERO = 255               # clog of a zero coefficient
 
+MAX_GRID_Y = 65535           # CUDA's limit on gridDim.y: sets per launch
 KERNEL_TABLES = "gs_matmul_tables"
 KERNEL_LOGEXP = "gs_matmul_logexp"
 MAX_CACHED_TABLES = 4096     # per device; oldest dropped beyond that
@@ -49,9 +53,9 @@ _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"([A-Za-z0-9_.\-]+)"[ \t]*$',
 
 
 def cuda_dir() -> Path:
-    """The kernel sources: ``$GHOSTSERVE_CUDA_DIR``, else ``cuda/`` beside the package."""
+    """The kernel sources: ``$GHOSTSERVE_CUDA_DIR``, else ``ghostserve/cuda/`` (package data)."""
     env = os.environ.get("GHOSTSERVE_CUDA_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "cuda"
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "cuda"
 
 
 def kernel_source(directory: Path | None = None) -> str:
@@ -261,22 +265,72 @@ class CupyBackend(Backend):
         with cp.cuda.Device(device_id):
             state = self._state(device_id)
             stream = state.stream
+            caller = cp.cuda.get_current_stream()
             if on_device:
                 # Read the caller's arrays only after the work it queued on its stream.
                 ready = cp.cuda.Event(disable_timing=True)
-                ready.record(cp.cuda.get_current_stream())
+                ready.record(caller)
                 stream.wait_event(ready)
             step = rows_per_launch(r, k)
             with stream:
                 for r0 in range(0, r, step):
                     self._launch(state, coeffs[r0 : r0 + step], src, dst[r0 : r0 + step], length)
-            stream.synchronize()
+            if len(on_device) == len(src) + len(dst):
+                done = cp.cuda.Event(disable_timing=True)
+                done.record(stream)
+                caller.wait_event(done)  # outputs ready in the caller's stream order
+            else:
+                stream.synchronize()     # host outputs are written now
+
+    def launch(self, coeffs: np.ndarray, src: Sequence[Sequence[int]], dst: Sequence[Sequence[int]], nbytes: int,
+               stream: Any) -> None:
+        """Queue ``dst[i] = coeffs * src[i]`` for every set i on ``stream`` (a CuPy
+        stream; its device is the one used), shards given as raw device addresses
+        of ``nbytes`` each. The pointer and table uploads are queued on the same
+        stream, before the kernels; the host does not wait. The caller keeps every
+        buffer alive until the stream has passed this work."""
+        coeffs = np.asarray(coeffs, dtype=np.uint8)
+        if coeffs.ndim != 2 or len(src) != len(dst):
+            raise ShardError(f"coeffs {coeffs.shape}, {len(src)} source sets and {len(dst)} destination sets")
+        r, k = coeffs.shape
+        if any(len(s) != k for s in src) or any(len(d) != r for d in dst):
+            raise ShardError(f"every set needs {k} sources and {r} destinations")
+        if not src or r == 0 or nbytes == 0:
+            return
+        with self._cp.cuda.Device(stream.device_id), stream:
+            state = self._state(stream.device_id)
+            step = rows_per_launch(r, k)
+            for r0 in range(0, r, step):
+                self._launch_sets(state, coeffs[r0 : r0 + step], [list(s) for s in src],
+                                  [list(d)[r0 : r0 + step] for d in dst], nbytes)
+
+    def _launch_sets(self, state: _DeviceState, coeffs: np.ndarray, src: Sequence[Sequence[int]],
+                     dst: Sequence[Sequence[int]], length: int) -> None:
+        """The kernel over every (sources, destinations) set, on the current stream."""
+        cp = self._cp
+        r, k = coeffs.shape
+        logexp, table = self._tables(state, coeffs)
+        sets = [list(map(int, s)) + list(map(int, d)) for s, d in zip(src, dst, strict=True)]
+        addrs = cp.asarray(np.array(sets, dtype=np.uint64).reshape(-1))
+        units = 1
+        for one in sets:  # per-thread items: words, then edge bytes
+            _, nwords = split(one, length)
+            units = max(units, nwords, length - 4 * nwords)
+        smem = smem_bytes(r, k, logexp)
+        resident = resident_blocks(state.sm_count, state.smem_per_sm, state.threads_per_sm, smem)
+        blocks = grid_blocks(units, max(1, resident // len(sets)))
+        for y0 in range(0, len(sets), MAX_GRID_Y):
+            ny = min(MAX_GRID_Y, len(sets) - y0)
+            state.kernels[logexp](
+                (blocks, ny), (BLOCK_THREADS,),
+                (table, addrs[y0 * (k + r):], np.int32(r), np.int32(k), np.uint64(length)),
+                shared_mem=smem,
+            )
 
     def _launch(self, state: _DeviceState, coeffs: np.ndarray, src: Sequence[Any], dst: Sequence[Any],
                 length: int) -> None:
         cp = self._cp
         r, k = coeffs.shape
-        logexp, table = self._tables(state, coeffs)
 
         # Sources: device arrays as they are (contiguous copies of strided views),
         # host arrays through one staging buffer.
@@ -298,18 +352,7 @@ class CupyBackend(Backend):
         for n, j in enumerate(scratch_rows):
             ddst[j] = scratch[n]
 
-        addrs = np.array([a.data.ptr for a in dsrc] + [a.data.ptr for a in ddst], dtype=np.uint64)
-        head, nwords = split(addrs.tolist(), length)
-        units = max(nwords, length - 4 * nwords)  # per-thread items: words, then edge bytes
-        smem = smem_bytes(r, k, logexp)
-        blocks = grid_blocks(
-            units, resident_blocks(state.sm_count, state.smem_per_sm, state.threads_per_sm, smem)
-        )
-        state.kernels[logexp](
-            (blocks,), (BLOCK_THREADS,),
-            (table, cp.asarray(addrs), np.int32(r), np.int32(k), np.uint64(length)),
-            shared_mem=smem,
-        )
+        self._launch_sets(state, coeffs, [[a.data.ptr for a in dsrc]], [[a.data.ptr for a in ddst]], length)
 
         for n, j in enumerate(scratch_rows):
             out = dst[j]

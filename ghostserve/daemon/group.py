@@ -787,7 +787,7 @@ def open_group(name: str, store: ParityStore, metrics: Metrics, pool: ThreadPool
     opened with the daemon's encode pool and ``runtime`` (CUDA's; None: the real
     one). Raises what the data path raises (``GpuUnavailable``, ``Unsupported``)."""
     cls = datapath.load(store.manifest.get("kind", "host"))
-    return Group(name, store, cls(store, pool, config.threads, config.restore_tile_bytes, runtime), metrics, config)
+    return Group(name, store, cls(store, pool, config, runtime), metrics, config)
 
 
 __all__ = ["EndReason", "Group", "open_group"]

@@ -86,14 +86,15 @@ def register(client: Any, wait: float, rank: int, region: str) -> bool:
     """Register ``client`` (a :class:`~ghostserve.client.WorkerClient`), waiting up
     to ``wait`` seconds for a daemon that does not answer. True if protected. If
     no daemon came, the engine must not die for it: the rank runs unprotected,
-    says so at ERROR level, and its KV segment ``region`` is unlinked at once
+    says so at ERROR level, and its KV segment ``region`` ("" for GPU KV) is unlinked at once
     (nobody will map it by name: it goes with the process). A daemon that
     refuses the rank raises its error (a misconfiguration fails the start)."""
     try:
         client.register(wait=wait)
         return True
     except DaemonUnavailable as exc:
-        shm.unlink(region)
+        if region:  # GPU KV has no segment: its memory goes with the process anyway
+            shm.unlink(region)
         log.error("ghostserve: rank %d runs UNPROTECTED: %s. Its KV is not checkpointed; a failure of this "
                   "engine recomputes its requests", rank, exc)
         return False

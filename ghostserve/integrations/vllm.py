@@ -68,7 +68,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from ghostserve import shm, wire
 from ghostserve.client import CONNECT_WAIT, WorkerClient, channel
 from ghostserve.errors import ConfigError, GhostServeError, Unsupported
-from ghostserve.integrations import common, kvsegment
+from ghostserve.integrations import common, gpukv, kvsegment
 from ghostserve.integrations.common import ShardMap, fills_of, namespace_of
 from ghostserve.v1 import ghostserve_pb2 as pb
 
@@ -77,6 +77,9 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("ghostserve.vllm")
+# GPU KV: steps whose interprocess events are kept for a daemon that has not
+# encoded them yet (gpukv.StepEvents: older ones go once the GPU has passed them)
+EVENTS_KEPT = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,6 +268,7 @@ class WorkerSide:
         self._slots: list[np.ndarray] = []
         self._loaded: dict[int, int] = {}
         self._load_errors: set[int] = set()
+        self._events: gpukv.StepEvents | None = None  # GPU KV: one interprocess event per step
         self.stats = GhostServeStats()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -274,8 +278,11 @@ class WorkerSide:
 
         names, tensors = list(kv_caches), list(kv_caches.values())
         first = tensors[0]
+        if first.device.type == "cuda":
+            self._register_gpu(names, tensors)
+            return
         if first.device.type != "cpu":
-            raise Unsupported("GPU KV: the connector does not export it over CUDA IPC yet (CPU KV only)")
+            raise Unsupported(f"KV on {first.device.type}: ghostserve protects CPU and CUDA KV")
         storage = first.untyped_storage()
         es = first.element_size()
         for t in tensors:
@@ -342,6 +349,32 @@ class WorkerSide:
         self._client = client
         log.info("ghostserve: rank %d registered %d MiB of KV as group %s (%s)", rank, size >> 20,
                  self.setup.group, region)
+
+    def _register_gpu(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+        """GPU KV stays where vLLM put it: each layer's allocation is exported over
+        CUDA IPC (ghostserve.integrations.gpukv) and registered as this rank's regions."""
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # noqa: PLC0415
+
+        rank = self._rank = get_tensor_model_parallel_rank()
+        smap = self.setup.shard_map
+        if smap.is_replica(rank):
+            raise Unsupported("GPU KV with replicated KV heads (TP size above the KV heads): not supported yet")
+        num_blocks = self._vllm_config.cache_config.num_gpu_blocks
+        exp = gpukv.export(tensors, num_blocks, self.block_size, gpukv.BindingsCuda())
+        self._first_layer, self._layout = names[0], exp.layout
+        self._block_bytes = exp.layout["block_bytes"]
+        regions = [pb.Region(cuda_ipc_handle=a.handle, size=a.size, device_uuid=a.device_uuid)
+                   for a in exp.allocations]
+        client = WorkerClient(self.options.socket, self.setup.group, smap.shard(rank), smap.shards,
+                              self.options.parity, exp.layout, "", 0, regions=regions, keep_survivors=True,
+                              namespace=self.setup.namespace)
+        label = f"{len(regions)} CUDA allocation(s) on device {exp.device}"
+        if not common.register(client, self.options.daemon_wait, rank, ""):
+            return
+        self._client = client
+        self._events = gpukv.StepEvents(lambda: torch.cuda.Event(interprocess=True), keep=EVENTS_KEPT)
+        log.info("ghostserve: rank %d registered %d layers of GPU KV as group %s (%s)", rank, len(tensors),
+                 self.setup.group, label)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         """Before the step's forward (vLLM calls this every step): requests that
@@ -425,7 +458,7 @@ class WorkerSide:
             return
         n = getattr(attn_metadata, "num_actual_tokens", None)
         n = slots.shape[0] if n is None else n
-        arr = slots[:n].numpy()
+        arr = slots[:n].cpu().numpy()  # GPU: one small copy a step (the step syncs at sampling anyway)
         self._slots.append(arr[arr >= 0].copy())
 
     def wait_for_save(self, meta: GhostServeMetadata | None) -> None:
@@ -445,10 +478,14 @@ class WorkerSide:
         records = [pb.RequestRecord(request_id=r, tokens=t, blocks=b, reset=reset)
                    for r, t, b, reset in meta.records] if self._client.rank == 0 else []
         restarted = {r for r, _, _, reset in meta.records if reset}
+        event = None
+        if self._events is not None:  # after this step's KV writes, on their stream; never waited on here
+            self._events.protected(self._client.protected_step)
+            event = self._events.record(self._step)
         self._client.commit(self._step, [(b, 0, self._block_bytes) for b in sorted(fills)],
                             requests=meta.requests, finished=[r for r in meta.finished if r not in restarted],
                             fills=fills,
-                            released=meta.released, records=records)
+                            released=meta.released, records=records, cuda_event=event or b"")
         self.stats.data["commits"] += 1
         self._step += 1
 
@@ -648,6 +685,32 @@ class GhostServeConnector(KVConnectorBase_V1):
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker().register_kv_caches(kv_caches)
+
+    def _register_gpu(self, names: list[str], tensors: list[torch.Tensor]) -> None:
+        """GPU KV stays where vLLM put it: each layer's allocation is exported over
+        CUDA IPC (ghostserve.integrations.gpukv) and registered as this rank's regions."""
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # noqa: PLC0415
+
+        rank = self._rank = get_tensor_model_parallel_rank()
+        smap = self.setup.shard_map
+        if smap.is_replica(rank):
+            raise Unsupported("GPU KV with replicated KV heads (TP size above the KV heads): not supported yet")
+        num_blocks = self._vllm_config.cache_config.num_gpu_blocks
+        exp = gpukv.export(tensors, num_blocks, self.block_size, gpukv.BindingsCuda())
+        self._first_layer, self._layout = names[0], exp.layout
+        self._block_bytes = exp.layout["block_bytes"]
+        regions = [pb.Region(cuda_ipc_handle=a.handle, size=a.size, device_uuid=a.device_uuid)
+                   for a in exp.allocations]
+        client = WorkerClient(self.options.socket, self.setup.group, smap.shard(rank), smap.shards,
+                              self.options.parity, exp.layout, "", 0, regions=regions, keep_survivors=True,
+                              namespace=self.setup.namespace)
+        label = f"{len(regions)} CUDA allocation(s) on device {exp.device}"
+        if not common.register(client, self.options.daemon_wait, rank, ""):
+            return
+        self._client = client
+        self._events = gpukv.StepEvents(lambda: torch.cuda.Event(interprocess=True), keep=EVENTS_KEPT)
+        log.info("ghostserve: rank %d registered %d layers of GPU KV as group %s (%s)", rank, len(tensors),
+                 self.setup.group, label)
 
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         self._worker().handle_preemptions(kv_connector_metadata)

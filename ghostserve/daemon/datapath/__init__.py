@@ -124,15 +124,16 @@ class Completion(Protocol):
 class DataPath(Protocol[M]):
     """See the module doc. One per group; thread-safe where the group needs it.
     ``M`` is the implementation's own :class:`RankMemory`: its methods take only
-    memories it attached. Constructed as ``cls(store, pool, threads, tile_bytes, runtime)`` (``runtime``:
-    the CUDA runtime, None for the real one; the host path takes no runtime)."""
+    memories it attached. Constructed as ``cls(store, pool, config, runtime)`` (``config``: the
+    daemon's :class:`~ghostserve.config.Config`; ``runtime``: the CUDA runtime, None for the
+    real one; the host path takes no runtime)."""
 
     kind: str
     checksum_width: int                # bytes of one chunk checksum in the store
     shm_names: bool                    # regions are named shared-memory segments
     tile_bytes: int                    # restore's fused tiles: bytes of the lost rank per tile (0: none)
 
-    def __init__(self, store: Any, pool: Any, threads: int, tile_bytes: int, runtime: Any = None) -> None:
+    def __init__(self, store: Any, pool: Any, config: Any, runtime: Any = None) -> None:
         """Over ``store`` (the group's ParityStore), with the daemon's encode pool."""
 
     @staticmethod

@@ -15,10 +15,12 @@ the tests run this module on the CPU with a stand-in of the runtime).
   before reading that rank's memory. The worker never waits on the daemon.
 * **Encode.** Stripe (layer, block) is encoded on the device of rank
   ``block mod N`` (load balance), all m parity rows in one pass; a source on
-  another device is first copied (peer) into the staging ring of the encoding
-  device, the parity rows are written into the ring and copied on the same
-  stream into the arena. The completion's ``result()`` waits for the copies
-  and the checksums; only then does the encoder publish the chunks.
+  another device is first copied (peer) into the staging buffer of the encoding
+  device, the parity rows are written into the staging buffer and copied on the same
+  stream into the arena. Stripes of one length go to the kernel together (one
+  launch for many (layer, block) sets); nothing waits on the host until the
+  completion's ``result()``, which waits for the copies and the checksums;
+  only then does the encoder publish the chunks.
 * **Checksums** are sum64 (:mod:`ghostserve.codec.gpu_checksum`), computed on
   each rank's device at encode time and at restore; the store keeps 8 bytes per
   (block, chunk, rank).
@@ -40,12 +42,13 @@ import numpy as np
 
 from ghostserve.codec import RSCode
 from ghostserve.codec.gpu_checksum import Chunk
+from ghostserve.config import Config
 from ghostserve.daemon.datapath import DataPath, RankMemory, RegionSpec
 from ghostserve.daemon.datapath.cudart import CudaRuntime, CupyRuntime
 from ghostserve.daemon.store import ParityStore
-from ghostserve.errors import GpuUnavailable
+from ghostserve.errors import GpuUnavailable, ResourceExhausted
 
-RING_BYTES = 64 << 20  # each device's staging ring
+MAX_SETS = 4096        # stripes in one kernel launch (its pointer table: 8 * (k + m) bytes each)
 
 
 @dataclass
@@ -77,47 +80,74 @@ class CudaMemory:
                 self.runtime.close_ipc(h)
 
 
-class StagingRing:
-    """Bytes of one device's staging buffer handed out in order and given back in
-    order (a ring): :meth:`take` returns an offset, waiting for the oldest work
-    still holding space (``wait`` on its event) when the ring is full; space
-    taken since the last :meth:`done` is covered by ``flush()``, an event for the
-    work queued so far. A request larger than the ring is refused."""
+class StagingBuffer:
+    """One device's staging bytes, handed out in units.
 
-    def __init__(self, capacity: int, wait: Callable[[Any], None], flush: Callable[[], Any]):
-        self.capacity, self._wait, self._flush = capacity, wait, flush
-        self.head = 0                                   # next free byte (mod capacity)
-        self.used = 0
-        self._held: list[tuple[int, int, Any]] = []     # (offset, bytes incl. wrap waste, event)
+    Every user of a device's staging queues its work on the one stream of that
+    device, in order, so the bytes of a *sealed* unit (the kernels and copies
+    that read them are queued) may be handed out again at once: whatever writes
+    them next runs after those readers, and no host wait is needed. The bytes of
+    the *open* unit may not: their readers are not queued yet, and reusing them
+    would let one unit overwrite its own inputs. So a unit takes bytes from the
+    start, :meth:`fits` says whether more fit, :meth:`take` refuses what does not
+    (:class:`ResourceExhausted`), and the caller queues and :meth:`seal`\\ s what
+    it has first, and cuts what is larger than the buffer."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0   # bytes of the open unit
+
+    def fits(self, nbytes: int, count: int = 1) -> bool:
+        """Would ``count`` takes of ``nbytes`` fit beside the open unit?"""
+        return self.used + count * ((nbytes + 255) & ~255) <= self.capacity
 
     def take(self, nbytes: int) -> int:
-        """An offset of ``nbytes`` contiguous bytes, aligned to 256."""
-        nbytes = (nbytes + 255) & ~255
-        if nbytes > self.capacity:
-            raise ValueError(f"{nbytes} bytes do not fit a {self.capacity}-byte staging ring")
-        while True:
-            waste = self.capacity - self.head if self.head + nbytes > self.capacity else 0
-            if self.used + waste + nbytes <= self.capacity:
-                break
-            self._release_oldest()
-        at = 0 if waste else self.head
-        self._held.append((at, nbytes + waste, None))
-        self.used += nbytes + waste
-        self.head = (at + nbytes) % self.capacity
+        """An offset of ``nbytes`` contiguous bytes, aligned to 256, in the open unit."""
+        if not self.fits(nbytes):
+            raise ResourceExhausted(f"staging: {nbytes} more bytes do not fit {self.capacity} bytes beside the "
+                                    f"{self.used} bytes of work not queued yet")
+        at = self.used
+        self.used += (nbytes + 255) & ~255
         return at
 
-    def done(self, event: Any) -> None:
-        """Everything taken since the last ``done`` is free once ``event`` completes."""
-        self._held = [(a, n, event if e is None else e) for a, n, e in self._held]
+    def seal(self) -> None:
+        """The open unit's readers are queued: its bytes may be handed out again."""
+        self.used = 0
 
-    def _release_oldest(self) -> None:
-        if self._held[0][2] is None:  # still queued in this call: cover it with an event first
-            self.done(self._flush())
-        _, n, event = self._held.pop(0)
-        self._wait(event)
-        self.used -= n
-        if not self._held:
-            self.head, self.used = 0, 0
+
+class _Batch:
+    """Stripes waiting for one device's kernel: sets of one length launched together,
+    then their parity copied to the arena, then the staging unit sealed."""
+
+    def __init__(self, path: CudaDataPath, device: int, coeffs: np.ndarray):
+        self.path, self.device, self.coeffs = path, device, coeffs
+        self.nbytes = 0
+        self.src: list[list[int]] = []
+        self.dst: list[list[int]] = []
+        self.outs: list[tuple[int, int]] = []  # (arena address, staging address), nbytes each
+
+    def room(self, nbytes: int, takes: int) -> bool:
+        """Can a set of ``nbytes`` with ``takes`` staged pieces join this batch?"""
+        staging = self.path._staging(self.device)[1]
+        return (not self.src or nbytes == self.nbytes) and len(self.src) < MAX_SETS and staging.fits(nbytes, takes)
+
+    def add(self, nbytes: int, src: list[int], dst: list[int], outs: list[tuple[int, int]]) -> None:
+        self.nbytes = nbytes
+        self.src.append(src)
+        self.dst.append(dst)
+        self.outs.extend(outs)
+
+    def flush(self) -> None:
+        """Queue the kernel and the copies, seal the staging unit."""
+        if not self.src:
+            return
+        rt = self.path.rt
+        stream = rt.stream(self.device)
+        rt.matmul(self.device, self.coeffs, self.src, self.dst, self.nbytes, stream)
+        for host, staged in self.outs:
+            rt.copy(host, staged, self.nbytes, stream)
+        self.path._staging(self.device)[1].seal()
+        self.src, self.dst, self.outs = [], [], []
 
 
 @dataclass
@@ -143,7 +173,7 @@ def encode_device(block: int, mems: Mapping[int, CudaMemory], n: int) -> int:
 
 class CudaDataPath:
     """See the module doc. Calls come under the stripes' ``io`` lock (encode,
-    restore, fetch, scrub never overlap), so the rings need no lock of their own;
+    restore, fetch, scrub never overlap), so the staging buffers need no lock of their own;
     ``attach`` may come from any RPC thread."""
 
     kind = "cuda"
@@ -160,9 +190,9 @@ class CudaDataPath:
         """The device and IPC allocation (a digest of both), and the offset."""
         return int.from_bytes(hashlib.sha256(spec.device_uuid + spec.ipc_handle).digest()[:8], "little"), spec.offset
 
-    def __init__(self, store: ParityStore, pool: ThreadPoolExecutor, threads: int, tile_bytes: int,
-                 runtime: CudaRuntime | None = None, ring_bytes: int = RING_BYTES):
-        del pool, threads, tile_bytes  # the devices do the work
+    def __init__(self, store: ParityStore, pool: ThreadPoolExecutor, config: Config,
+                 runtime: CudaRuntime | None = None):
+        del pool  # the devices do the work
         self.tile_bytes = 0  # no fused restore pass on the devices yet: the chunk path
         self.rt = runtime if runtime is not None else CupyRuntime()
         self.store, self.layout = store, store.layout
@@ -171,9 +201,9 @@ class CudaDataPath:
         self.code = RSCode(self.n, self.m, "reference")  # the matrices only; kernels run on the devices
         self._parity_addr = store.parity.ctypes.data
         self.rt.register_host(self._parity_addr, store.parity.nbytes)
-        self._rings: dict[int, tuple[int, Any, StagingRing]] = {}
+        self._stagings: dict[int, tuple[int, Any, StagingBuffer]] = {}
         self._slot_maps: dict[int, tuple[int, Any]] = {}
-        self.ring_bytes = ring_bytes
+        self.staging_bytes = config.cuda_staging_bytes
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -216,14 +246,29 @@ class CudaDataPath:
         return int(self._parity_addr + ((layer * self.m + j) * self.layout.num_blocks + block)
                    * self.layout.block_bytes + start)
 
-    def _ring(self, device: int) -> tuple[int, StagingRing]:
-        hit = self._rings.get(device)
+    def _staging(self, device: int) -> tuple[int, StagingBuffer]:
+        hit = self._stagings.get(device)
         if hit is None:
-            ptr, owner = self.rt.alloc(device, self.ring_bytes)
-            ring = StagingRing(self.ring_bytes, lambda ev: ev.synchronize(),
-                               lambda: self.rt.record(self.rt.stream(device)))
-            hit = self._rings[device] = (ptr, owner, ring)
+            ptr, owner = self.rt.alloc(device, self.staging_bytes)
+            hit = self._stagings[device] = (ptr, owner, StagingBuffer(self.staging_bytes))
         return hit[0], hit[2]
+
+    def _piece_bytes(self, takes: int) -> int:
+        """The most bytes of one piece whose ``takes`` staged copies fit half the
+        staging buffer (pieces longer than that are cut, and at least two go to
+        each launch), a multiple of 256."""
+        most = (self.staging_bytes // 2 // max(1, takes)) & ~255
+        if most < 256:
+            raise ResourceExhausted(f"staging: {self.staging_bytes} bytes cannot hold {takes} pieces of 256 bytes "
+                                    "(GHOSTSERVE_CUDA_STAGING_BYTES)")
+        return most
+
+    def _stage(self, dev: int, at: int, n: int, stream: Any) -> int:
+        """``n`` bytes at ``at`` (peer or pinned host memory) copied into ``dev``'s staging buffer: their address there."""
+        base, staging = self._staging(dev)
+        s = base + staging.take(n)
+        self.rt.copy(s, at, n, stream)
+        return s
 
     def _slot_map(self, device: int) -> int:
         """The layout's slot map on ``device`` (for masked checksums)."""
@@ -279,39 +324,37 @@ class CudaDataPath:
         writes the sums into the store."""
         lay, rt, cb = self.layout, self.rt, self.layout.chunk_bytes
         devices = {m.device for m in mems.values()}
-        events = {q: rt.open_event(h) for q, h in (ready or {}).items() if h}
+        events = {q: rt.open_event(h, mems[q].device) for q, h in (ready or {}).items() if h}
         for d in devices:  # every stream that reads a rank's memory waits for its writes
             for ev in events.values():
                 rt.wait(rt.stream(d), ev)
         out = _Completion()
         coeffs = np.ascontiguousarray(self.code.parity_matrix)
-        used: set[int] = set()
+        batches: dict[int, _Batch] = {}
         for block, start, end in ranges:
             dev = encode_device(block, mems, self.n)
             stream = rt.stream(dev)
-            base, ring = self._ring(dev)
-            used.add(dev)
+            batch = batches.get(dev) or batches.setdefault(dev, _Batch(self, dev, coeffs))
+            peers = [q for q in range(self.n) if mems[q].device != dev]
+            takes = len(peers) + self.m
+            most = self._piece_bytes(takes)
             for layer in range(lay.num_layers):
                 cuts = [self.pieces(mems[q], layer, block, start, end) for q in range(self.n)]
                 for i, (lo, hi, _) in enumerate(cuts[0]):
-                    n = hi - lo
-                    src = []
-                    for q in range(self.n):
-                        at = cuts[q][i][2]
-                        if mems[q].device != dev:  # not on this device: stage it (peer copy)
-                            s = base + ring.take(n)
-                            rt.copy(s, at, n, stream)
-                            at = s
-                        src.append(at)
-                    dst = [base + ring.take(n) for _ in range(self.m)]
-                    rt.matmul(dev, coeffs, src, dst, n, stream)
-                    for j in range(self.m):
-                        rt.copy(self.paddr(layer, block, j, lo), dst[j], n, stream)
+                    for a in range(lo, hi, most):
+                        n = min(most, hi - a)
+                        if not batch.room(n, takes):
+                            batch.flush()
+                        src = [cuts[q][i][2] + (a - lo) for q in range(self.n)]
+                        for q in peers:  # not on this device: stage it (peer copy)
+                            src[q] = self._stage(dev, src[q], n, stream)
+                        base, staging = self._staging(dev)
+                        dst = [base + staging.take(n) for _ in range(self.m)]
+                        batch.add(n, src, dst, [(self.paddr(layer, block, j, a), dst[j]) for j in range(self.m)])
             out.nbytes += (end - start) * lay.num_layers * self.n
-        for dev in used:
-            ev = rt.record(rt.stream(dev))
-            self._ring(dev)[1].done(ev)
-            out.events.append(ev)
+        for dev, batch in batches.items():
+            batch.flush()
+            out.events.append(rt.record(rt.stream(dev)))
         # the sums: per rank, on its device, every chunk the ranges touched
         items = [(b, c) for b, s, e in ranges for c in range(s // cb, e // cb)]
 
@@ -345,6 +388,7 @@ class CudaDataPath:
         the survivors (staged when elsewhere) and parity copied up from the arena."""
         lay, rt, cb = self.layout, self.rt, self.layout.chunk_bytes
         place = place or {}
+        used: set[int] = set()
         for b, c0, c1, want, sources, rows in plans:
             for wi, w in enumerate(want):
                 if w in place:
@@ -353,23 +397,23 @@ class CudaDataPath:
                     dpath, dmem, db = self, mems[w], b
                 dev = dmem.device
                 stream = rt.stream(dev)
-                base, ring = self._ring(dev)
+                staging = self._staging(dev)[1]
+                used.add(dev)
+                staged = [q for q in sources if q >= self.n or mems[q].device != dev]  # parity (host) or elsewhere
+                most = self._piece_bytes(len(staged))
                 for layer in range(lay.num_layers):
                     parties = [[(c0 * cb, c1 * cb, self.paddr(layer, b, q - self.n, c0 * cb))] if q >= self.n
                                else self.pieces(mems[q], layer, b, c0 * cb, c1 * cb) for q in sources]
                     parties.append(dpath.pieces(dmem, layer, db, c0 * cb, c1 * cb))
-                    for _, n, addrs in _aligned(parties, c0 * cb, c1 * cb):
-                        src = []
-                        for q, at in zip(sources, addrs[:-1], strict=True):
-                            if q >= self.n or mems[q].device != dev:  # parity (host) or another device
-                                s = base + ring.take(n)
-                                rt.copy(s, at, n, stream)
-                                at = s
-                            src.append(at)
-                        rt.matmul(dev, rows[wi : wi + 1], src, [addrs[-1]], n, stream)
-                ev = rt.record(stream)
-                ring.done(ev)
-                ev.synchronize()
+                    for _, length, addrs in _aligned(parties, c0 * cb, c1 * cb):
+                        for off in range(0, length, most):
+                            n = min(most, length - off)
+                            src = [self._stage(dev, at + off, n, stream) if q in staged else at + off
+                                   for q, at in zip(sources, addrs[:-1], strict=True)]
+                            rt.matmul(dev, rows[wi : wi + 1], [src], [[addrs[-1] + off]], n, stream)
+                            staging.seal()
+        for ev in [rt.record(rt.stream(d)) for d in used]:
+            ev.synchronize()
 
     def copy(self, src: CudaMemory, block: int, chunk: int, dst_path: Any, dst: Any, dst_block: int) -> None:
         """Copy one chunk (every layer) device to device (or peer)."""
@@ -397,25 +441,23 @@ class CudaDataPath:
         fresh = np.zeros((lay.num_layers, self.m, cb), dtype=np.uint8)
         dev = encode_device(block, mems, self.n)
         stream = self.rt.stream(dev)
-        base, ring = self._ring(dev)
         coeffs = np.ascontiguousarray(self.code.parity_matrix)
+        peers = [q for q in range(self.n) if mems[q].device != dev]
+        most = self._piece_bytes(len(peers) + self.m)
         for layer in range(lay.num_layers):
             parties = [self.pieces(mems[q], layer, block, chunk * cb, (chunk + 1) * cb) for q in range(self.n)]
-            for lo, n, addrs in _aligned(parties, chunk * cb, (chunk + 1) * cb):
-                src = []
-                for q, at in enumerate(addrs):
-                    if mems[q].device != dev:
-                        s = base + ring.take(n)
-                        self.rt.copy(s, at, n, stream)
-                        at = s
-                    src.append(at)
-                dst = [base + ring.take(n) for _ in range(self.m)]
-                self.rt.matmul(dev, coeffs, src, dst, n, stream)
-                for j in range(self.m):
-                    self.rt.copy(fresh[layer, j].ctypes.data + lo - chunk * cb, dst[j], n, stream)
-        ev = self.rt.record(stream)
-        ring.done(ev)
-        ev.synchronize()
+            for lo, length, addrs in _aligned(parties, chunk * cb, (chunk + 1) * cb):
+                for off in range(0, length, most):
+                    n = min(most, length - off)
+                    src = [self._stage(dev, at + off, n, stream) if q in peers else at + off
+                           for q, at in enumerate(addrs)]
+                    base, staging = self._staging(dev)
+                    dst = [base + staging.take(n) for _ in range(self.m)]
+                    self.rt.matmul(dev, coeffs, [src], [dst], n, stream)
+                    for j in range(self.m):
+                        self.rt.copy(fresh[layer, j].ctypes.data + lo + off - chunk * cb, dst[j], n, stream)
+                    staging.seal()
+        self.rt.record(stream).synchronize()
         keep = (slice(None) if not self.slotted or store.fill[block] >= lay.block_slots
                 else store.slot_map < store.fill[block])
         for layer in range(lay.num_layers):
@@ -443,4 +485,4 @@ if TYPE_CHECKING:  # the seam, checked by the type checker (bin/test): this clas
         return m
 
 
-__all__ = ["CudaDataPath", "CudaMemory", "GpuUnavailable", "StagingRing", "encode_device"]
+__all__ = ["CudaDataPath", "CudaMemory", "GpuUnavailable", "StagingBuffer", "encode_device"]

@@ -25,6 +25,7 @@ import numpy as np
 from ghostserve import shm
 from ghostserve.codec import RSCode, crcfold
 from ghostserve.codec.isal import IsalBackend, crc32c, encode_raw
+from ghostserve.config import Config
 from ghostserve.daemon.datapath import DataPath, RankMemory, RegionSpec, tiles
 from ghostserve.daemon.store import ParityStore
 
@@ -120,10 +121,10 @@ class HostDataPath:
         """(device, inode) of the shared-memory object."""
         return shm.identity(spec.name)
 
-    def __init__(self, store: ParityStore, pool: ThreadPoolExecutor, threads: int, tile_bytes: int,
-                 runtime: Any = None):
+    def __init__(self, store: ParityStore, pool: ThreadPoolExecutor, config: Config, runtime: Any = None):
         del runtime  # the CPU needs none
-        self.store, self.pool, self.threads, self.tile_bytes = store, pool, threads, tile_bytes
+        self.store, self.pool = store, pool
+        self.threads, self.tile_bytes = config.threads, config.restore_tile_bytes
         tiles.warm()  # restore's tile kernel, compiled off the first restore's path
         self.layout = store.layout
         self.n, self.m = store.k, store.m

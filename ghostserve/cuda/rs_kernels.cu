@@ -10,12 +10,14 @@
 //
 //   tables/blob  device buffer, built on the host (layouts in gf256.cuh);
 //                16-byte aligned for the fast staging copy (any alignment works)
-//   addrs        device array of k + r uint64 addresses: the k sources, then
-//                the r destinations; any alignment, any distinct buffers
+//   addrs        device array of gridDim.y sets of k + r uint64 addresses: the
+//                k sources, then the r destinations; any alignment, any
+//                distinct buffers. Blocks with blockIdx.y = y compute set y
+//                (one launch for many stripes of the same length)
 //   r, k         int32; len uint64 bytes per shard
 //
-// Launch: 1-D grid, GS_BLOCK_THREADS (256) threads a block, any number of
-// blocks (grid-stride loops), dynamic shared memory gs_smem_bytes(r, k, logexp)
+// Launch: grid (x, sets), GS_BLOCK_THREADS (256) threads a block, any number of
+// x blocks (grid-stride loops), dynamic shared memory gs_smem_bytes(r, k, logexp)
 // bytes: the pointer arrays plus the tables (gs_matmul_tables, when that fits
 // in 48 KiB) or the much smaller log/exp blob (gs_matmul_logexp, any r*k).
 // A launch with less shared memory than that, or r or k < 1, traps (a loud
@@ -70,7 +72,8 @@ __device__ __forceinline__ void gs_matmul_body(const u8* __restrict__ tables, co
     const u64 ptr_bytes = gs::gs_ptr_bytes(r, k);
     const u64 table_bytes = LOGEXP ? gs::gs_blob_bytes(r, k) : gs::gs_tables_bytes(r, k);
 
-    // Stage the k + r pointers (read by every thread, every word) and the tables.
+    // Stage this set's k + r pointers (read by every thread, every word) and the tables.
+    addrs += static_cast<u64>(blockIdx.y) * static_cast<u64>(k + r);
     u8** ptrs = reinterpret_cast<u8**>(smem);
     for (int t = threadIdx.x; t < k + r; t += blockDim.x) ptrs[t] = reinterpret_cast<u8*>(addrs[t]);
     u8* staged = smem + ptr_bytes;
