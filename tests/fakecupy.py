@@ -10,16 +10,20 @@ CUDA's per-thread *current device* and refusing what CUDA refuses about it:
 * an IPC mapping closed under another device than it was opened on;
 * a flag that is not an int (CuPy's runtime has no names for cudaHostRegister's flags).
 
-Memory is not touched: pointers are numbers. tests/test_cupy_names.py checks that
+"Device memory" (``Memory``) is host memory, so copies and memsets really move
+bytes (ctypes); other pointers are numbers only. tests/test_cupy_names.py checks that
 every name this module offers exists in the real ``cupy-cuda13x`` wheel, so the
 stand-in cannot grant what CuPy lacks.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import threading
 from types import SimpleNamespace
+
+import numpy as np
 
 
 class CudaRuleBroken(AssertionError):
@@ -38,6 +42,7 @@ class FakeCupy:
         self.stream_device: dict[int, int] = {}  # stream ptr -> device
         self.ipc_device: dict[int, int] = {}     # mapped base -> device
         self.calls: list[str] = []
+        self.memory: dict[int, tuple[int, int, np.ndarray]] = {}  # ptr -> (bytes, device, host buffer)
         fake = self
 
         class Device:
@@ -89,12 +94,36 @@ class FakeCupy:
                 pass
 
         class Memory:
+            """Host bytes standing for a cudaMalloc on the current device."""
+
             def __init__(self, nbytes: int):
-                self.ptr = next(fake._ids)
+                self._buf = np.full(max(nbytes, 1), 0xCD, dtype=np.uint8)  # fresh device memory is garbage
+                self.ptr = self._buf.ctypes.data
                 self.device_id = fake.current()
+                fake.memory[self.ptr] = (nbytes, self.device_id, self._buf)
 
         def alloc(nbytes: int):
             return Memory(nbytes)
+
+        def moves(*ptrs: int) -> bool:
+            """Bytes move only where a stand-in allocation is involved (the other side
+            is then a real host buffer); bare numbers stay numbers."""
+            return any(fake.owner(p) is not None for p in ptrs)
+
+        def copy(dst: int, src: int, n: int, *rest: int) -> None:
+            fake.calls.append("memcpy")
+            if moves(dst, src):
+                ctypes.memmove(dst, src, n)
+
+        def copy_async(dst: int, src: int, n: int, kind: int, stream: int) -> None:
+            on_stream("memcpyAsync", stream)
+            if moves(dst, src):
+                ctypes.memmove(dst, src, n)
+
+        def memset(ptr: int, value: int, n: int) -> None:
+            fake.calls.append("memset")
+            if moves(ptr):
+                ctypes.memset(ptr, value, n)
 
         def on_stream(name: str, stream_ptr: int) -> None:
             dev = fake.stream_device[stream_ptr]
@@ -124,22 +153,36 @@ class FakeCupy:
         runtime = SimpleNamespace(
             getDeviceCount=lambda: fake.devices,
             memcpyDefault=4,
+            memcpyHostToDevice=1,
+            memcpyDeviceToHost=2,
+            memcpy=copy,
+            memset=memset,
+            ipcGetMemHandle=lambda ptr: ptr.to_bytes(8, "little").ljust(64, b"\0"),
+            ipcGetEventHandle=lambda ptr: ptr.to_bytes(8, "little").ljust(64, b"\1"),
             cudaIpcMemLazyEnablePeerAccess=1,
             ipcOpenMemHandle=ipc_open,
             ipcCloseMemHandle=ipc_close,
             ipcOpenEventHandle=open_event,
             hostRegister=host_register,
             hostUnregister=lambda addr: fake.calls.append("hostUnregister"),
-            memcpyAsync=lambda dst, src, n, kind, stream: on_stream("memcpyAsync", stream),
+            memcpyAsync=copy_async,
             memsetAsync=lambda ptr, value, n, stream: on_stream("memsetAsync", stream),
         )
-        self.cuda = SimpleNamespace(Device=Device, Stream=Stream, Event=Event, alloc=alloc, runtime=runtime)
+        self.cuda = SimpleNamespace(Device=Device, Stream=Stream, Event=Event, alloc=alloc, Memory=Memory,
+                                    runtime=runtime)
 
     def _stack(self) -> list[int]:
         stack = getattr(self._tls, "stack", None)
         if stack is None:
             stack = self._tls.stack = []
         return stack
+
+    def owner(self, ptr: int) -> int | None:
+        """The stand-in allocation holding ``ptr``, if any."""
+        for base, (n, _, _) in self.memory.items():
+            if base <= ptr < base + n:
+                return base
+        return None
 
     def current(self) -> int:
         """This thread's current device (0 until a ``Device`` context says otherwise)."""

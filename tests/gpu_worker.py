@@ -1,11 +1,13 @@
 """A TP worker process with its KV on a GPU, for tests/test_gpu_worker.py (run
 by bin/gpu-check on a machine with a CUDA device; never on the CPU suite).
 
-    python tests/gpu_worker.py SOCKET GROUP RANK N M MODE OUT
+    GS_LAYOUT=NAME python tests/gpu_worker.py SOCKET GROUP RANK N M MODE OUT [SOURCE_GROUP]
 
-Its KV: LAYERS tensors in FlashAttention's layout ``(2, BLOCKS, SLOTS, HEADS,
-DIM)`` bf16 on device 0, allocated one per layer with torch (as vLLM does),
-exported with ghostserve.integrations.gpukv and registered. MODE:
+Its KV: LAYERS bf16 tensors on device 0, allocated one per layer with torch (as
+vLLM does), in the vLLM backend layout NAME (LAYOUTS: FlashAttention
+``(2, BLOCKS, SLOTS, HEADS, DIM)``, FlashInfer ``(BLOCKS, 2, ...)``, each also in
+the HND stride order, viewed the way vLLM views them), exported with
+ghostserve.integrations.gpukv (the connector's own code) and registered. MODE:
 
 * ``commit``: write seeded random KV into BLOCKS_USED, one commit per block with
   an interprocess event recorded after the writes; once protected, write the
@@ -25,14 +27,34 @@ import sys
 
 LAYERS, BLOCKS, SLOTS, HEADS, DIM = 4, 16, 16, 4, 64
 BLOCKS_USED = [0, 3, 7, 12]
+# logical shape, memory order (the backend's stride order), the block dim
+LAYOUTS = {
+    "flash-attn": ((2, BLOCKS, SLOTS, HEADS, DIM), (0, 1, 2, 3, 4), 1),
+    "flash-attn-hnd": ((2, BLOCKS, SLOTS, HEADS, DIM), (0, 1, 3, 2, 4), 1),
+    "flashinfer": ((BLOCKS, 2, SLOTS, HEADS, DIM), (0, 1, 2, 3, 4), 0),
+    "flashinfer-hnd": ((BLOCKS, 2, SLOTS, HEADS, DIM), (0, 1, 3, 2, 4), 0),
+}
 
 
-def digests(kv, blocks) -> list[str]:
+def allocate(name: str):
+    """One layer's KV as vLLM makes it: raw bytes, viewed in memory order, permuted back."""
+    import torch  # noqa: PLC0415
+
+    shape, order, _ = LAYOUTS[name]
+    raw = torch.zeros([shape[i] for i in order], dtype=torch.bfloat16, device="cuda")
+    return raw.permute(*[order.index(i) for i in range(len(order))])
+
+
+def block(t, name: str, b: int):
+    return t.select(LAYOUTS[name][2], b)
+
+
+def digests(kv, name: str, blocks) -> list[str]:
     import torch  # noqa: PLC0415
 
     torch.cuda.synchronize()
-    return [hashlib.sha256(b"".join(t[:, b].contiguous().view(torch.uint8).cpu().numpy().tobytes() for t in kv))
-            .hexdigest() for b in blocks]
+    return [hashlib.sha256(b"".join(block(t, name, b).contiguous().view(torch.uint8).cpu().numpy().tobytes()
+                                    for t in kv)).hexdigest() for b in blocks]
 
 
 def main(argv: list[str]) -> int:
@@ -44,8 +66,9 @@ def main(argv: list[str]) -> int:
 
     sock, group, rank, n, m, mode, out = argv[:7]
     rank, n, m = int(rank), int(n), int(m)
+    layout = os.environ.get("GS_LAYOUT", "flash-attn")
     torch.cuda.set_device(0)
-    kv = [torch.zeros((2, BLOCKS, SLOTS, HEADS, DIM), dtype=torch.bfloat16, device="cuda") for _ in range(LAYERS)]
+    kv = [allocate(layout) for _ in range(LAYERS)]
     exp = gpukv.export(kv, BLOCKS, SLOTS, gpukv.BindingsCuda())
     regions = [pb.Region(cuda_ipc_handle=a.handle, size=a.size, device_uuid=a.device_uuid)
                for a in exp.allocations]
@@ -58,7 +81,8 @@ def main(argv: list[str]) -> int:
         gen = torch.Generator(device="cuda").manual_seed(1000 * rank + 7)
         for step, b in enumerate(BLOCKS_USED):
             for t in kv:
-                t[:, b].copy_(torch.randn(t[:, b].shape, generator=gen, device="cuda").to(torch.bfloat16))
+                part = block(t, layout, b)
+                part.copy_(torch.randn(part.shape, generator=gen, device="cuda").to(torch.bfloat16))
             handle = events.record(step)
             records = [pb.RequestRecord(request_id="q", tokens=list(range(SLOTS * (step + 1))),
                                         blocks=BLOCKS_USED[: step + 1], reset=step == 0)] if rank == 0 else []
@@ -67,17 +91,17 @@ def main(argv: list[str]) -> int:
             events.protected(client.protected_step)
         if not client.wait_protected(len(BLOCKS_USED) - 1, timeout=60):
             result["error"] = "not protected"
-        result["digests"] = digests(kv, BLOCKS_USED)
+        result["digests"] = digests(kv, layout, BLOCKS_USED)
     elif mode == "restore":
         resp = client.restore()
         result.update(restored_bytes=resp.restored_bytes, unrecoverable=list(resp.unrecoverable_blocks),
-                      digests=digests(kv, BLOCKS_USED))
+                      digests=digests(kv, layout, BLOCKS_USED))
     elif mode == "fetch":
         source = argv[7]
         dst = [b + 1 for b in BLOCKS_USED]
         resp = client.fetch(source, rank, BLOCKS_USED, SLOTS * len(BLOCKS_USED), dst)
         result.update(fetched_bytes=resp.fetched_bytes, rebuilt=resp.rebuilt,
-                      unrecoverable=list(resp.unrecoverable_blocks), digests=digests(kv, dst))
+                      unrecoverable=list(resp.unrecoverable_blocks), digests=digests(kv, layout, dst))
     tmp = out + ".tmp"
     with open(tmp, "w") as f:
         json.dump(result, f)

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from ghostserve import shm
 from ghostserve.chaos.harness import Chaos, ChaosResult
-from ghostserve.chaos.options import DaemonMoment
+from ghostserve.chaos.options import DaemonMoment, KvDevice
 from ghostserve.chaos.workload import Shape, Workload
+from ghostserve.codec.backends import cuda_device_present
 from ghostserve.errors import ChaosOptionError
 
 
@@ -224,6 +225,7 @@ def test_verdict_fails_on_undetected_corruption_or_unexpected_loss(outcomes, exp
     (("--kill-daemon", "death@5"), "--kill-daemon death@5: no --kill RANK@5"),
     (("--kill-daemon", "later@5"), "expected STEP or MOMENT@STEP"),
     (("--stall-seconds", "0"), "--stall-seconds 0"),
+    (("--device", "tpu"), "argument --device: invalid choice: 'tpu'"),
 ])
 def test_bad_options_are_refused_at_once_naming_the_value(args, message):
     start = time.monotonic()
@@ -232,6 +234,28 @@ def test_bad_options_are_refused_at_once_naming_the_value(args, message):
     assert out.returncode == 2, out.stderr
     d = json.loads(out.stdout)
     assert d["ok"] is False and message in d["error"] and "Traceback" not in out.stderr
+
+
+@pytest.mark.skipif(cuda_device_present(), reason="this machine has a GPU: --device cuda would run")
+def test_device_cuda_without_a_gpu_says_what_it_needs():
+    out = chaos_cli("--json", "--device", "cuda", "--steps", "4", timeout=60)
+    assert out.returncode == 2, out.stderr
+    d = json.loads(out.stdout)
+    assert d["ok"] is False and "--device cuda needs CuPy and a CUDA device" in d["error"]
+    assert "ghostserve[gpu-cuda13]" in d["error"] and "Traceback" not in out.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not cuda_device_present(), reason="needs CuPy and a CUDA device")
+def test_gpu_kv_survives_kills_a_daemon_restart_and_corruption():
+    """The CUDA data path under the CPU harness's faults: workers' KV on the GPU
+    (ranks sharing the devices there are), kills of single ranks, a daemon SIGKILL
+    at a death, silent corruption of a survivor; every restored byte checked."""
+    r = Chaos(Shape(steps=40, parity=2), kills=[(1, 10), (2, 24)], daemon_kills=[(DaemonMoment.DEATH, 24)],
+              corrupts=[(0, 30)], device=KvDevice.CUDA).run()
+    assert_clean(r)
+    assert r.device == "cuda" and r.daemon_restarts == 1 and r.verified_bytes > 0 and r.restored_bytes > 0
+    assert [c["outcome"] for c in corruptions(r)] == ["corrected"]
 
 
 def test_a_refused_registration_comes_back_at_once():

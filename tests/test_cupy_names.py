@@ -10,6 +10,8 @@
     are created and recorded, memory set and copied, IPC mappings opened and closed
     under the device of the stream or allocation concerned, whichever device the
     calling thread has current (a 1-GPU run would not show a breach).
+(d) ``chaos --device cuda``'s worker memory on that stand-in: dirty bytes up,
+    dumps and damage through the worker, the mirror refreshed after a restore.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ ROOTS = {"cupy": "cupy", "cp": "cupy", "self.cp": "cupy", "self._cp": "cupy",
 # own CudaRuntime, not CuPy's module, so it is not scanned).
 FILES = ["ghostserve/daemon/datapath/cudart.py", "ghostserve/codec/cupy_backend.py",
          "ghostserve/codec/gpu_checksum.py", "ghostserve/codec/__init__.py", "ghostserve/codec/backends.py",
-         "ghostserve/codec/shards.py", "ghostserve/integrations/gpukv.py", "benchmarks/gpu.py", "bin/gpu-check"]
+         "ghostserve/codec/shards.py", "ghostserve/integrations/gpukv.py", "ghostserve/chaos/worker.py",
+         "benchmarks/gpu.py", "bin/gpu-check"]
 
 
 def used_names() -> dict[str, set[str]]:
@@ -199,3 +202,52 @@ def test_a_missing_cuda_bindings_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
     with pytest.raises(GpuUnavailable, match=r"cuda-bindings.*ghostserve\[gpu-cuda13\]"):
         cudart.device_uuids(1)
+
+
+def test_chaos_gpu_worker_kv_goes_up_dirty_only_and_comes_back(monkeypatch):
+    """chaos --device cuda's worker memory (ghostserve.chaos.worker.CudaKV) on the
+    CuPy stand-in: a step's dirty bytes are copied up (and only those), with an
+    event handle; a dump reads the device; a poke damages the device only; after a
+    restore the mirror takes the device's bytes."""
+    import numpy as np  # noqa: PLC0415
+
+    from ghostserve.chaos import worker  # noqa: PLC0415
+    from ghostserve.chaos.workload import Shape, Workload, write_tokens  # noqa: PLC0415
+    from ghostserve.integrations import gpukv  # noqa: PLC0415
+
+    fake = FakeCupy(2)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(gpukv.BindingsCuda, "__init__", lambda self: None)
+    monkeypatch.setattr(gpukv.BindingsCuda, "device_uuid", lambda self, d: bytes([d + 1]) * 16)
+    shape = Shape(ranks=2, layers=2, blocks=32, block_size=4, heads=1, head_dim=8, steps=8, requests=2, prefill_chunk=4)
+    kv = worker.open_kv(shape, "cuda", "unused", rank=3)
+    assert kv.device == 1 and kv.client_region["regions"][0].device_uuid == bytes([2]) * 16
+    device = fake.memory[kv.mem.ptr][2][: shape.region_bytes]
+    assert not device.any()  # zeroed at start
+    work = Workload(shape)
+    step = next(s for s in work.steps if s.writes)
+    write_tokens(shape, kv.kv, 3, step.writes)
+    dirty = work.dirty(step.step)
+    handle = kv.publish(step.step, dirty)
+    assert len(handle) == 64 and len(kv.events) == 1
+    mirror = kv.host
+    changed = np.flatnonzero(device != 0)
+    assert changed.size and np.array_equal(device, np.where(device != 0, mirror, 0))
+    # only dirty bytes went up: a mirror byte outside them stays on the host
+    inside = np.zeros(shape.region_bytes, dtype=bool)
+    for off, n in kv._ranges(dirty):
+        inside[off : off + n] = True
+    kv.host[~inside] = 0x77
+    kv.publish(step.step + 1, dirty)
+    assert not (device[~inside] == 0x77).any()
+    assert np.frombuffer(kv.dump(), dtype=np.uint8)[~inside].max(initial=0) == 0  # dump reads the device
+    kv.protected(step.step + 1)
+    assert len(kv.events) == 0
+    o = int(changed[0])
+    before = kv.host[o : o + 2].copy()
+    kv.poke(o, b"\x00\x01")
+    assert list(device[o : o + 2]) == [0, 1] and np.array_equal(kv.host[o : o + 2], before)  # behind its back
+    device[:16] = 0x42  # as if the daemon restored these bytes
+    kv.restored()
+    assert (kv.host[:16] == 0x42).all()
+    kv.close()

@@ -34,8 +34,9 @@ WORKER = Path(__file__).with_name("gpu_worker.py")
 N, M = 3, 1
 
 
-def start(sock, group, rank, mode, out, *extra):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")])}
+def start(sock, group, rank, mode, out, *extra, layout="flash-attn"):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parents[1]), os.environ.get("PYTHONPATH", "")]),
+           "GS_LAYOUT": layout}
     return subprocess.Popen([sys.executable, str(WORKER), sock, group, str(rank), str(N), str(M), mode, str(out),
                              *extra], stdin=subprocess.PIPE, env=env)
 
@@ -61,7 +62,12 @@ def cuda_daemon(tmp_path, shm_prefix):
     server.stop(grace=1)
 
 
-def test_worker_processes_kv_restored_and_fetched_byte_exact(cuda_daemon, tmp_path):
+# K and V apart and permuted (FlashAttention, HND), and side by side (FlashInfer): the
+# other two are the same code (tests/test_gpukv.py checks all four on the CPU); each
+# case starts 7 worker processes, and bin/gpu-check has minutes
+@pytest.mark.parametrize("layout", ["flash-attn-hnd", "flashinfer"])
+def test_worker_processes_kv_restored_and_fetched_byte_exact(cuda_daemon, tmp_path, layout):
+    """vLLM's GPU KV layouts, viewed as vLLM views them, through the connector's export."""
     d = cuda_daemon
     op = OperatorClient(d.sock)
     g = f"gpu-{uuid.uuid4().hex[:6]}"
@@ -69,7 +75,7 @@ def test_worker_processes_kv_restored_and_fetched_byte_exact(cuda_daemon, tmp_pa
     try:
         for q in range(N):
             outs.append(tmp_path / f"r{q}.json")
-            procs.append(start(d.sock, g, q, "commit", outs[q]))
+            procs.append(start(d.sock, g, q, "commit", outs[q], layout=layout))
         before = [result(p, o) for p, o in zip(procs, outs, strict=True)]
         assert all("error" not in r for r in before), before
         status = op.status(g).groups[0]
@@ -79,7 +85,7 @@ def test_worker_processes_kv_restored_and_fetched_byte_exact(cuda_daemon, tmp_pa
         procs[1].wait()
         op.wait_ranks(g, {1: "lost"}, 10)
         out = tmp_path / "r1-restored.json"
-        procs[1] = start(d.sock, g, 1, "restore", out)
+        procs[1] = start(d.sock, g, 1, "restore", out, layout=layout)
         restored = result(procs[1], out)
         assert restored["unrecoverable"] == [] and restored["restored_bytes"] > 0
         assert restored["digests"] == before[1]["digests"]
@@ -92,7 +98,7 @@ def test_worker_processes_kv_restored_and_fetched_byte_exact(cuda_daemon, tmp_pa
             procs[q].wait()
         op.wait_ended(g, 10)
         g2 = f"gpu2-{uuid.uuid4().hex[:6]}"
-        fetchers = [start(d.sock, g2, q, "fetch", tmp_path / f"f{q}.json", g) for q in range(N)]
+        fetchers = [start(d.sock, g2, q, "fetch", tmp_path / f"f{q}.json", g, layout=layout) for q in range(N)]
         procs += fetchers
         got = [result(p, tmp_path / f"f{q}.json") for q, p in enumerate(fetchers)]
         for q in range(N):

@@ -304,3 +304,91 @@ def test_exported_gpu_ranks_lose_nothing_to_a_killed_worker(gpu_daemon, region):
             assert torch.equal(x.view(torch.int16), y.view(torch.int16)), i
     for r in ranks:
         r.client.goodbye()
+
+
+# ---------------------------------------------------------------------- the vLLM connector's GPU branch
+
+
+def test_the_vllm_connector_protects_and_resumes_gpu_kv(gpu_daemon, region, monkeypatch):
+    """The vLLM connector's worker side with "CUDA" KV (FlashAttention HND, one
+    allocation per layer, TP 2 on two stand-in devices): it registers the export,
+    commits with an interprocess event after each step, and after the engine dies
+    a new engine's ranks fetch a request's block into their own GPU blocks: equal
+    through vLLM's view, the killed rank's rebuilt from parity."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace  # noqa: PLC0415
+
+    import vllm.distributed.parallel_state as ps  # noqa: PLC0415
+
+    from ghostserve.integrations import common  # noqa: PLC0415
+    from ghostserve.integrations import vllm as gv  # noqa: PLC0415
+
+    d = gpu_daemon
+    shape, order = LAYOUTS["flash-attn-hnd"]
+    per_layer = int(np.prod(shape)) * 2
+    current = {"rank": 0, "segs": []}
+
+    class Event:  # torch.cuda.Event(interprocess=True) on the stand-in: one per step, after every layer
+        def __init__(self, interprocess=False):
+            assert interprocess
+            self.handle = b""
+
+        def record(self, stream=None):
+            self.handle = d.sim.worker_event(*[s.name for s in current["segs"]])
+
+        def ipc_handle(self):
+            return self.handle
+
+        def synchronize(self):
+            pass
+
+    monkeypatch.setattr(ps, "get_tensor_model_parallel_rank", lambda: current["rank"])
+    monkeypatch.setattr(gpukv, "BindingsCuda", lambda: SegmentCuda(current["segs"]))
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+
+    def engine(group, views_of):
+        setup = gv.Setup(gv.ConnectorOptions(socket=d.sock, parity=1), group, "t", "ns", SLOTS,
+                         common.ShardMap.of(2, 2))
+        sides = []
+        for rank in range(2):
+            segs = [region(per_layer + 512) for _ in range(3)]
+            views = [layer_view(torch.frombuffer(s.buf, dtype=torch.uint8), 512, shape, order) for s in segs]
+            current.update(rank=rank, segs=segs)
+            side = gv.WorkerSide(setup, SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=BLOCKS)))
+            side.register_kv_caches({f"model.layers.{i}.attn": FakeCudaTensor(v, rank) for i, v in enumerate(views)})
+            assert side._client is not None and side._client.regions[0].device_uuid == uuid_of(rank)
+            views_of[rank] = (side, segs, views)
+            sides.append(side)
+        return sides
+
+    old: dict = {}
+    g = f"vgpu-{uuid.uuid4().hex[:6]}"
+    engine(g, old)
+    rng = np.random.default_rng(11)
+    for rank, (side, segs, views) in old.items():
+        current.update(rank=rank, segs=segs)
+        for v in views:
+            part = v[:, 2]
+            part.copy_(torch.from_numpy(rng.standard_normal(part.shape).astype(np.float32)).to(torch.bfloat16))
+        slots = SimpleNamespace(slot_mapping=torch.arange(2 * SLOTS, 3 * SLOTS), num_actual_tokens=SLOTS)
+        side.save_kv_layer("model.layers.0.attn", slots)
+        side.wait_for_save(gv.GhostServeMetadata(requests={"q": SLOTS}, records=[("q", list(range(SLOTS)), [2], True)]))
+        assert len(side._events) == 1
+    assert old[0][0]._client.wait_protected(0)
+    op = OperatorClient(d.sock)
+    assert op.status(g).groups[0].protected_step == 0
+    before = {rank: [v[:, 2].clone() for v in views] for rank, (_, _, views) in old.items()}
+    old[1][0]._client.close()  # the engine dies: rank 1 first (lost), then rank 0 (kept)
+    op.wait_ranks(g, {1: "lost"}, 5)
+    old[0][0]._client.close()
+    op.wait_ended(g, 5)
+    new: dict = {}
+    engine(f"{g}-new", new)
+    for rank, (side, segs, views) in new.items():
+        current.update(rank=rank, segs=segs)
+        side.start_load_kv(gv.GhostServeMetadata(loads=[gv.Load("q", g, [2], [5], SLOTS)]))
+        assert side.get_block_ids_with_load_errors() == set() and side.stats.data["fetched_bytes"] > 0
+        for v, want in zip(views, before[rank], strict=True):
+            assert torch.equal(v[:, 5].view(torch.int16), want.view(torch.int16)), rank
+        side.shutdown()
+    op.drop(g)

@@ -56,9 +56,10 @@ def test_sglang_buffers_and_the_daemon_layout_name_the_same_bytes(geom, data):
     assert lay.problems() == [] and lay.simple
     assert lay.slot_map_problems(geom.layout()["slot_map"]) == []
     assert lay.num_blocks * lay.block_bytes == geom.plane_bytes and geom.size == lay.num_layers * geom.plane_bytes
+    on_tensor = data.draw(st.booleans())  # a GPU pool's buffers are views of one uint8 tensor
     buf = bytearray(geom.size)
     dtype = {1: torch.uint8, 2: torch.bfloat16}[geom.itemsize]
-    k, v = kv_buffers(buf, geom, dtype)
+    k, v = kv_buffers(torch.frombuffer(buf, dtype=torch.uint8) if on_tensor else buf, geom, dtype)
     assert len(k) == len(v) == geom.layers and k[0].shape == (geom.rows, geom.heads, geom.head_dim)
     layer = data.draw(st.integers(0, geom.layers - 1))
     slot = data.draw(st.integers(0, geom.rows - 1))

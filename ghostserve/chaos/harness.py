@@ -9,6 +9,11 @@ worker write and commit the step. A daemon kill lands at one of three moments
 right after a worker's death (before the daemon may have seen it), or while
 the dead worker's replacement registers.
 
+The workers' KV is POSIX shared memory (``--device host``, the CPU data path)
+or a GPU allocation exported over CUDA IPC (``--device cuda``, the CUDA data
+path); the driver reads GPU KV through the worker (a dump) and damages it the
+same way, and every check is the same.
+
 A killed rank is replaced by a new process with fresh memory, which restores
 from the daemon and then recomputes what was not protected (it replays the
 steps after the protected one; blocks reported unrecoverable are recomputed on
@@ -54,6 +59,7 @@ from ghostserve import shm
 from ghostserve.chaos import worker
 from ghostserve.chaos.options import (
     DaemonMoment,
+    KvDevice,
     as_daemon_kill,
     check_args,
     check_plan,
@@ -76,6 +82,7 @@ class ChaosResult:
 
     ok: bool = False
     steps: int = 0
+    device: str = "host"     # where the workers' KV lived (KvDevice)
     faults: list[dict[str, Any]] = field(default_factory=list)
     restored_bytes: int = 0
     verified_bytes: int = 0
@@ -132,7 +139,7 @@ class Chaos:
                  daemon_kills: list[int | tuple[DaemonMoment, int]] = (),
                  corrupts: list[tuple[int, int]] = (), socket: str = "", shm_prefix: str = "",
                  metrics_port: int = 0, progress: Any = None, recover_after: float = 0.0,
-                 step_seconds: float = 0.0, stall_seconds: float = 30.0):
+                 step_seconds: float = 0.0, stall_seconds: float = 30.0, device: KvDevice = KvDevice.HOST):
         sizes = {"--layers": shape.layers, "--blocks": shape.blocks, "--block-size": shape.block_size,
                  "--heads": shape.heads, "--head-dim": shape.head_dim, "--requests": shape.requests}
         check_plan(shape.ranks, shape.parity, shape.steps, sizes, kills, daemon_kills, corrupts,
@@ -160,6 +167,13 @@ class Chaos:
         self.daemon_kills: dict[int, set[DaemonMoment]] = defaultdict(set)
         for moment, step in map(as_daemon_kill, daemon_kills):
             self.daemon_kills[step].add(moment)
+        self.device = KvDevice(device)  # where the workers' KV lives (worker.HostKV / worker.CudaKV)
+        if self.device == KvDevice.CUDA:
+            from ghostserve.codec.backends import cuda_device_present  # noqa: PLC0415
+
+            if not cuda_device_present():
+                raise ChaosOptionError("--device cuda needs CuPy and a CUDA device: pip install "
+                                       "'ghostserve[gpu-cuda13]' (or [gpu-cuda12]) on a machine with a GPU")
         self.stall_seconds = stall_seconds
         self.prefix = shm_prefix or private_prefix()
         self.tmp = tempfile.mkdtemp(prefix="ghostserve-chaos-")
@@ -173,7 +187,8 @@ class Chaos:
         self.conns: dict[int, Any] = {}
         self.generation = [0] * shape.ranks
         self.daemon: subprocess.Popen | None = None
-        self.result = ChaosResult(steps=shape.steps, shm_prefix=self.prefix, socket=self.socket)
+        self.result = ChaosResult(steps=shape.steps, shm_prefix=self.prefix, socket=self.socket,
+                                  device=str(self.device))
         self.commit_seconds: list[float] = []
         self.recompute: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
         # what each step rewrote besides its own writes (rank -> slots): a replay writes it again
@@ -208,7 +223,7 @@ class Chaos:
         """Start rank's worker (it registers on its own); returns when it started."""
         parent, child = self.ctx.Pipe()
         proc = self.ctx.Process(target=worker.main, args=(child, self.shape, self.socket, self.prefix,
-                                                          rank, self.generation[rank]), daemon=True)
+                                                          rank, self.generation[rank], self.device), daemon=True)
         t0 = time.perf_counter()
         proc.start()
         child.close()  # the worker holds its end: EOF here once it exits
@@ -252,25 +267,28 @@ class Chaos:
         seconds are NaN: the new daemon finds the death at its start. (Memory is
         destroyed only once no daemon maps it, as a GPU allocation a daemon holds
         an IPC mapping of outlives its process: a daemon still encoding the dead
-        rank's step reads its last bytes, not garbage.)"""
+        rank's step reads its last bytes, not garbage. On a GPU the allocation
+        goes when the daemon unmaps the lost rank: nothing to destroy here.)"""
         proc = self.procs.pop(rank)
         t0 = time.perf_counter()
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         self.conns.pop(rank).close()
         name = worker.region_name(self.prefix, rank, self.generation[rank])
+        host = self.device == KvDevice.HOST
         if daemon_too:
             # the memory goes once nobody maps it: the old daemon's mapping died with it,
             # the new daemon maps the zeros (and must find the worker gone)
             self.restart_daemon(DaemonMoment.DEATH, step, f"right after rank {rank}'s SIGKILL",
-                                then=lambda: self._zero(name))
+                                then=(lambda: self._zero(name)) if host else None)
         try:
             self.op.wait_ranks("chaos", {rank: "lost"}, timeout=30)
         except TimeoutError as exc:
             raise ChaosError(f"the daemon did not mark rank {rank} lost within 30 s of its SIGKILL: {exc}") from None
         detected = time.perf_counter() - t0
-        self._zero(name)
-        shm.unlink(name)
+        if host:
+            self._zero(name)
+            shm.unlink(name)
         self.generation[rank] += 1
         for c in self.corruptions:
             if c.pending and c.rank == rank:
@@ -296,9 +314,34 @@ class Chaos:
                                    "outcome": "restarted",
                                    "note": f"{note}; parity re-attached from shared memory; workers rejoin"})
 
-    def region(self, rank: int) -> tuple[shm.Segment, np.ndarray]:
-        seg = shm.Segment.attach(worker.region_name(self.prefix, rank, self.generation[rank]))
-        return seg, self.shape.view(seg.array())
+    def read_kv(self, rank: int) -> np.ndarray:
+        """A copy of a live rank's KV, as (layers, blocks, 2, block_size, token_bytes):
+        read from its shared memory, or (GPU) dumped by the worker."""
+        if self.device == KvDevice.HOST:
+            seg = shm.Segment.attach(worker.region_name(self.prefix, rank, self.generation[rank]))
+            try:
+                return self.shape.view(seg.array()).copy()
+            finally:
+                seg.close()
+        self.conns[rank].send(("dump",))
+        msg = self._recv(rank)
+        if msg[0] != "dump":
+            raise ChaosError(f"worker {rank} did not dump its KV: {msg[1] if msg[0] == 'error' else msg}")
+        return self.shape.view(np.frombuffer(msg[1], dtype=np.uint8))
+
+    def damage(self, rank: int, offset: int, data: bytes) -> None:
+        """Overwrite ``data`` at byte ``offset`` of a live rank's KV, behind its back."""
+        if self.device == KvDevice.HOST:
+            seg = shm.Segment.attach(worker.region_name(self.prefix, rank, self.generation[rank]))
+            arr = seg.array()
+            arr[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
+            del arr
+            seg.close()
+            return
+        self.conns[rank].send(("poke", offset, data))
+        msg = self._recv(rank)
+        if msg[0] != "poked":
+            raise ChaosError(f"worker {rank} could not corrupt its KV: {msg[1] if msg[0] == 'error' else msg}")
 
     # ---------------------------------------------------------------- faults
 
@@ -330,19 +373,15 @@ class Chaos:
                          + ("" if caught_up else f" (the daemon had protected only step {status.protected_step})"))
             return
         block = int(tables[rid][1][0])
-        seg, kv = self.region(rank)
-        kv[0, block, 0, 0, :CORRUPT_BYTES] ^= 0xFF  # layer 0, K of the request's first token
-        del kv
-        seg.close()
+        # layer 0, K of the request's first token
+        bad = self.read_kv(rank)[0, block, 0, 0, :CORRUPT_BYTES] ^ 0xFF
+        self.damage(rank, block * self.shape.block_bytes, bad.tobytes())
         fault.update(block=block, request=f"req{rid}")
         self.corruptions.append(Corruption(rank, step, block, rid, fault))
 
     def _corruption_fixed(self, c: Corruption) -> bool:
         """Do the corrupted bytes hold the right content again?"""
-        seg, kv = self.region(c.rank)
-        actual = kv[0, c.block, 0, 0, :CORRUPT_BYTES].copy()
-        del kv
-        seg.close()
+        actual = self.read_kv(c.rank)[0, c.block, 0, 0, :CORRUPT_BYTES]
         want = content(self.shape, c.rank, np.array([c.rid]), np.array([0]))[0, 0, 0, :CORRUPT_BYTES]
         return bool(np.array_equal(actual, want))
 
@@ -470,7 +509,7 @@ class Chaos:
         lost = [(rid, t, blocks[t // bs], t % bs)
                 for rid, (tokens, blocks) in self.work.steps[step - 1].tables.items()
                 for t in range(tokens) if blocks[t // bs] in bad]
-        seg, kv = self.region(rank)
+        kv = self.read_kv(rank)
         if slots:
             expected, actual = expected_and_actual(self.shape, kv, rank, slots)
             self.result.verified_bytes += expected.size
@@ -478,8 +517,6 @@ class Chaos:
         if lost:
             expected, actual = expected_and_actual(self.shape, kv, rank, lost)
             self.result.garbage_bytes += int(((actual != 0) & (actual != expected)).sum())
-        del kv
-        seg.close()
 
     def final_scrub(self) -> None:
         """Check every protected byte against its checksum; repair the bad ranks;
@@ -511,13 +548,11 @@ class Chaos:
         slots = [(rid, t, blocks[t // bs], t % bs)
                  for rid, (tokens, blocks) in last.tables.items() for t in range(tokens)]
         for rank in range(self.shape.ranks):
-            seg, kv = self.region(rank)
+            kv = self.read_kv(rank)
             if slots:
                 expected, actual = expected_and_actual(self.shape, kv, rank, slots)
                 self.result.final_verified_bytes += expected.size
                 self.result.final_mismatched_bytes += int((expected != actual).sum())
-            del kv
-            seg.close()
 
     # ---------------------------------------------------------------- run
 
@@ -716,7 +751,8 @@ def run_cli(args: Any) -> int:
     check_args(args)
     shape = shape_from(args)
     kw = dict(socket=args.socket, shm_prefix=args.shm_prefix, metrics_port=args.metrics_port,
-              recover_after=args.recover_after, step_seconds=args.step_ms / 1000, stall_seconds=args.stall_seconds)
+              recover_after=args.recover_after, step_seconds=args.step_ms / 1000, stall_seconds=args.stall_seconds,
+              device=args.device)
     if args.json:
         result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt, **kw).run()
         print(json.dumps(asdict(result)))

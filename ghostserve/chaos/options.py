@@ -15,6 +15,13 @@ from ghostserve.errors import ChaosOptionError
 MAX_SHARDS = 255  # data + parity shards of one stripe: GF(2^8) has 255 evaluation points
 
 
+class KvDevice(StrEnum):
+    """Where the chaos workers keep their KV."""
+
+    HOST = "host"   # POSIX shared memory: the CPU data path
+    CUDA = "cuda"   # a GPU allocation exported over CUDA IPC: the CUDA data path
+
+
 class DaemonMoment(StrEnum):
     """When a ``--kill-daemon`` SIGKILLs the daemon (and starts it again)."""
 
@@ -78,6 +85,9 @@ def add_chaos_args(p: argparse.ArgumentParser) -> None:
                         "already in use is refused)")
     p.add_argument("--stall-seconds", type=float, default=30.0, metavar="SECONDS",
                    help="fail the run when a committed step waits longer than this to be protected")
+    p.add_argument("--device", choices=[d.value for d in KvDevice], default=KvDevice.HOST.value,
+                   help="where the workers' KV lives: host (shared memory) or cuda (a GPU allocation, "
+                        "rank r on device r mod the devices; needs the gpu-cuda12/13 extra and a GPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -8,15 +8,16 @@ Installed with ghostserve (entry point ``ghostserve`` in the group
 variables (:class:`~.options.PluginOptions`) tune it. ``docs/sglang.md`` has the
 operator's view.
 
-* :mod:`.kvpool`: the rank's K/V buffers as views of one shared-memory segment,
-  and the daemon layout that describes them;
+* :mod:`.kvpool`: the rank's K/V buffers as views of one shared-memory segment
+  (or, on a GPU, of one allocation exported over CUDA IPC), and the daemon
+  layout that describes them;
 * :mod:`.rank`: registration and one commit per forward (written slots, request
   lengths, freed pages, Lookup records);
 * :mod:`.resume`: rank 0 looks new requests up, every rank fetches its shard of
   the protected prefix and inserts it into the radix cache;
 * :mod:`.hooks`: where those attach to SGLang (``HookRegistry``).
 
-A set-up the plug-in cannot protect (GPU KV, the overlap scheduler, MLA or
+A set-up the plug-in cannot protect (the overlap scheduler, MLA or
 hybrid pools, speculative decoding, pipeline parallelism) or a daemon that does
 not answer fails SGLang's start-up with the reason: never a server that runs
 unprotected while the operator believes otherwise.

@@ -80,10 +80,12 @@ class PoolGeometry:
 
 def kv_buffers(buf: Any, geom: PoolGeometry, dtype: Any) -> tuple[list[Any], list[Any]]:
     """SGLang's ``k_buffer`` and ``v_buffer`` lists as torch views of ``buf`` (a
-    writable buffer of at least ``geom.size`` bytes, which must outlive them)."""
+    writable buffer of at least ``geom.size`` bytes, which must outlive them; or
+    a uint8 torch tensor of them, a GPU's)."""
     import torch  # noqa: PLC0415
 
-    raw = torch.frombuffer(buf, dtype=torch.uint8, count=geom.size)
+    raw = buf[: geom.size] if isinstance(buf, torch.Tensor) else torch.frombuffer(buf, dtype=torch.uint8,
+                                                                                 count=geom.size)
     fused = raw.view(dtype).view(geom.layers, 2, geom.padded, geom.heads, geom.head_dim)
     return ([fused[i, 0, : geom.rows] for i in range(geom.layers)],
             [fused[i, 1, : geom.rows] for i in range(geom.layers)])

@@ -10,7 +10,9 @@ Life of a :class:`RankState`, one per scheduler process (made by the KV pool
 hook, because the segment must exist before SGLang's buffers do):
 
 1. :meth:`make_buffers`: the pool's K and V buffers become views of a named
-   shared-memory segment (:mod:`.kvpool`).
+   shared-memory segment (:mod:`.kvpool`), or, for a pool on a GPU, of one
+   allocation there, exported over CUDA IPC (:mod:`ghostserve.integrations.gpukv`;
+   each commit then carries an interprocess event recorded after the forward).
 2. :meth:`attach` (after ``Scheduler.__init__``): refuse set-ups the plug-in
    cannot protect, then register with the daemon. A daemon that does not answer
    is waited for (``daemon_wait``, one restarting); if it stays away the rank
@@ -42,7 +44,7 @@ import numpy as np
 from ghostserve import shm
 from ghostserve.client import WorkerClient
 from ghostserve.errors import DaemonUnavailable, Unsupported
-from ghostserve.integrations import common, kvsegment
+from ghostserve.integrations import common, gpukv, kvsegment
 from ghostserve.integrations.common import ShardMap, fills_of, namespace_of
 from ghostserve.integrations.sglang.kvpool import PoolGeometry, kv_buffers, pages_of
 from ghostserve.integrations.sglang.options import PluginOptions
@@ -94,6 +96,10 @@ def plain(req: Any) -> bool:
     return not any(getattr(req, a, None) for a in NOT_FROM_TOKENS)
 
 
+# GPU KV: steps whose interprocess events are kept for a daemon that has not
+# encoded them yet (gpukv.StepEvents: older ones go once the GPU has passed them)
+EVENTS_KEPT = 1024
+
 class RankState:
     """One TP rank (scheduler process); see the module doc."""
 
@@ -102,6 +108,9 @@ class RankState:
         self.region = f"{options.shm_prefix}{group}-r{rank}"
         self.geometry: PoolGeometry | None = None
         self.segment: shm.Segment | None = None
+        self.gpu: Any = None                      # a GPU pool: the allocation holding every K and V buffer
+        self.cuda_region: pb.Region | None = None
+        self.events: gpukv.StepEvents | None = None
         self.client: WorkerClient | None = None   # None on a replica rank, or unprotected
         self.replica = False                      # holds a copy of its primary's KV heads
         self.unprotected = False                  # no daemon answered: nothing is protected
@@ -120,9 +129,8 @@ class RankState:
     def make_buffers(self, pool: Any) -> None:
         """Build ``pool.k_buffer`` and ``pool.v_buffer`` (``MHATokenToKVPool``) in
         this rank's segment. Raises :class:`Unsupported` for pools it cannot map."""
-        if str(pool.device) != "cpu":
-            raise Unsupported(f"KV on {pool.device}: the SGLang plug-in protects CPU KV only "
-                              "(GPU ranks need the worker-side CUDA IPC export, not built yet)")
+        if str(pool.device) != "cpu" and not str(pool.device).startswith("cuda"):
+            raise Unsupported(f"KV on {pool.device}: the SGLang plug-in protects CPU and CUDA KV")
         if pool.kv_cache_layout != "nhd" or getattr(pool, "use_hnd", False):
             raise Unsupported(f"KV layout {pool.kv_cache_layout!r}: the plug-in maps SGLang's NHD layout")
         if pool.head_dim != pool.v_head_dim:
@@ -136,6 +144,9 @@ class RankState:
             kvsegment.check_daemon(self.options.socket, wait=self.options.daemon_wait)
         except DaemonUnavailable as exc:
             self._unprotect(exc)
+        if str(pool.device).startswith("cuda"):
+            self._make_gpu_buffers(pool, geom, dtype)
+            return
         try:
             self.segment = kvsegment.allocate(self.options.socket, self.region, geom.size,
                                               ask_daemon=not self.unprotected)
@@ -150,14 +161,32 @@ class RankState:
         log.info("ghostserve: rank %d KV (%d MiB, %d layers, %d slots) in %s", self.rank, geom.size >> 20,
                  geom.layers, geom.rows, self.region)
 
+    def _make_gpu_buffers(self, pool: Any, geom: PoolGeometry, dtype: Any) -> None:
+        """Every K and V buffer in one allocation on the pool's GPU, exported over
+        CUDA IPC as this rank's region (the daemon maps it; nothing is named)."""
+        import torch  # noqa: PLC0415
+
+        if gpukv.expandable_segments():
+            raise Unsupported(gpukv.EXPANDABLE)
+        raw = torch.zeros(geom.size, dtype=torch.uint8, device=pool.device)
+        cuda = gpukv.BindingsCuda()
+        base, size = cuda.allocation(raw.data_ptr())
+        self.cuda_region = pb.Region(cuda_ipc_handle=cuda.ipc_handle(base), size=geom.size,
+                                     offset=raw.data_ptr() - base, device_uuid=cuda.device_uuid(raw.device.index))
+        self.gpu, self.geometry = raw, geom
+        self.events = gpukv.StepEvents(lambda: torch.cuda.Event(interprocess=True), keep=EVENTS_KEPT)
+        pool.k_buffer, pool.v_buffer = kv_buffers(raw, geom, dtype)
+        log.info("ghostserve: rank %d KV (%d MiB, %d layers, %d slots) on %s, in an allocation of %d MiB",
+                 self.rank, geom.size >> 20, geom.layers, geom.rows, raw.device, size >> 20)
+
     def attach(self, scheduler: Any) -> None:
         """After the scheduler is built: check what it runs, then register.
         Raises :class:`Unsupported`, :class:`ConfigError` or :class:`DaemonUnavailable`."""
         try:
             self._attach(scheduler)
         except BaseException:
-            if self.client is None and not self.unprotected:  # the start fails: the segment would outlive it
-                shm.unlink(self.region)
+            if self.client is None and not self.unprotected and self.gpu is None:
+                shm.unlink(self.region)  # the start fails: the segment would outlive it
             raise
 
     def _attach(self, scheduler: Any) -> None:
@@ -193,16 +222,20 @@ class RankState:
             self.can_resume = False
             return
         if self.shard_map.is_replica(self.rank):
+            if self.gpu is not None:
+                raise Unsupported("GPU KV with replicated KV heads (TP size above the KV heads): not supported yet")
             self.replica = True
             shm.unlink(self.region)  # nobody maps a replica's KV by name: it goes with the process
             log.info("ghostserve: rank %d replicates rank %d's KV heads: no parity needed", self.rank,
                      self.primary)
             return
         geom, smap = self.geometry, self.shard_map
+        where: dict[str, Any] = (dict(region="", region_size=0, regions=[self.cuda_region]) if self.gpu is not None
+                                 else dict(region=self.region, region_size=geom.size))
         client = WorkerClient(self.options.socket, self.group, smap.shard(self.rank), smap.shards,
-                              self.options.parity, geom.layout(), self.region, geom.size,
-                              keep_survivors=True, namespace=self.namespace)
-        if not common.register(client, self.options.daemon_wait, self.rank, self.region):
+                              self.options.parity, geom.layout(), keep_survivors=True, namespace=self.namespace,
+                              **where)
+        if not common.register(client, self.options.daemon_wait, self.rank, where["region"]):
             self.unprotected, self.can_resume = True, False
             return
         self.client = client
@@ -266,9 +299,13 @@ class RankState:
             requests[req.rid] = int(kv_len)
             if self.rank == 0 and plain(req):
                 records.extend(self._record(req, int(kv_len), row))
+        event = b""
+        if self.events is not None:  # after the forward's KV writes, on their stream; never waited on here
+            self.events.protected(self.client.protected_step)
+            event = self.events.record(self.step)
         self.client.commit(self.step, [(p, 0, geom.page_bytes) for p in sorted(fills)], requests=requests,
                            freed=sorted(freed), finished=finished, fills=fills, released=sorted(cap.released),
-                           records=records)
+                           records=records, cuda_event=event)
         self.step += 1
 
     def _record(self, req: Any, kv_len: int, row: int) -> list[pb.RequestRecord]:
