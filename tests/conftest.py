@@ -83,3 +83,20 @@ def status_code(call, *args, **kwargs):
         assert exc.code, f"{exc!r} did not come from the daemon"
         return grpc.StatusCode[exc.code]
     raise AssertionError(f"{call} was not refused")
+
+
+@pytest.fixture
+def gpu_daemon(tmp_path, shm_prefix):
+    """A started ``Server`` whose CUDA runtime is tests/cudasim.py's stand-in, with
+    2 devices (no GPU here); ``.sock`` its socket, ``.sim`` the stand-in."""
+    from cudasim import HostCuda
+
+    from ghostserve.daemon.server import Server
+
+    sim = HostCuda(devices=2)
+    cfg = Config(socket=str(tmp_path / "gs.sock"), shm_prefix=shm_prefix, encode_threads=2)
+    server = Server(cfg, CollectorRegistry(), cuda_runtime=sim)
+    server.start()
+    server.sock, server.sim = cfg.socket, sim
+    yield server
+    server.stop(grace=1)

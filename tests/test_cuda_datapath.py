@@ -73,18 +73,6 @@ def test_staging_fits_counts_several_takes():
 # ---------------------------------------------------------------------- through the daemon
 
 
-@pytest.fixture
-def gpu_daemon(tmp_path, shm_prefix):
-    """A daemon whose CUDA runtime is the stand-in, with 2 devices."""
-    sim = HostCuda(devices=2)
-    cfg = Config(socket=str(tmp_path / "gs.sock"), shm_prefix=shm_prefix, encode_threads=2)
-    server = Server(cfg, CollectorRegistry(), cuda_runtime=sim)
-    server.start()
-    server.sock, server.sim = cfg.socket, sim
-    yield server
-    server.stop(grace=1)
-
-
 class GpuRank:
     """A worker rank whose KV is on 'device' ``device`` (shared memory standing in
     for GPU memory), registered by IPC handle, recording an event per step."""

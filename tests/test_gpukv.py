@@ -22,16 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from cudasim import HostCuda, ipc_handle, uuid_of
+from cudasim import ipc_handle, uuid_of
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from prometheus_client import CollectorRegistry
 
 from ghostserve import shm
 from ghostserve.client import OperatorClient, WorkerClient
-from ghostserve.config import Config
 from ghostserve.daemon.layout import Layout
-from ghostserve.daemon.server import Server
 from ghostserve.errors import Unsupported
 from ghostserve.integrations import gpukv
 from ghostserve.v1 import ghostserve_pb2 as pb
@@ -233,17 +230,6 @@ def test_step_events_live_until_their_step_is_protected():
 
 
 # ---------------------------------------------------------------------- through the daemon
-
-
-@pytest.fixture
-def gpu_daemon(tmp_path, shm_prefix):
-    sim = HostCuda(devices=2)
-    cfg = Config(socket=str(tmp_path / "gs.sock"), shm_prefix=shm_prefix, encode_threads=2)
-    server = Server(cfg, CollectorRegistry(), cuda_runtime=sim)
-    server.start()
-    server.sock, server.sim = cfg.socket, sim
-    yield server
-    server.stop(grace=1)
 
 
 class ExportedRank:

@@ -686,32 +686,6 @@ class GhostServeConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker().register_kv_caches(kv_caches)
 
-    def _register_gpu(self, names: list[str], tensors: list[torch.Tensor]) -> None:
-        """GPU KV stays where vLLM put it: each layer's allocation is exported over
-        CUDA IPC (ghostserve.integrations.gpukv) and registered as this rank's regions."""
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank  # noqa: PLC0415
-
-        rank = self._rank = get_tensor_model_parallel_rank()
-        smap = self.setup.shard_map
-        if smap.is_replica(rank):
-            raise Unsupported("GPU KV with replicated KV heads (TP size above the KV heads): not supported yet")
-        num_blocks = self._vllm_config.cache_config.num_gpu_blocks
-        exp = gpukv.export(tensors, num_blocks, self.block_size, gpukv.BindingsCuda())
-        self._first_layer, self._layout = names[0], exp.layout
-        self._block_bytes = exp.layout["block_bytes"]
-        regions = [pb.Region(cuda_ipc_handle=a.handle, size=a.size, device_uuid=a.device_uuid)
-                   for a in exp.allocations]
-        client = WorkerClient(self.options.socket, self.setup.group, smap.shard(rank), smap.shards,
-                              self.options.parity, exp.layout, "", 0, regions=regions, keep_survivors=True,
-                              namespace=self.setup.namespace)
-        label = f"{len(regions)} CUDA allocation(s) on device {exp.device}"
-        if not common.register(client, self.options.daemon_wait, rank, ""):
-            return
-        self._client = client
-        self._events = gpukv.StepEvents(lambda: torch.cuda.Event(interprocess=True), keep=EVENTS_KEPT)
-        log.info("ghostserve: rank %d registered %d layers of GPU KV as group %s (%s)", rank, len(tensors),
-                 self.setup.group, label)
-
     def handle_preemptions(self, kv_connector_metadata: KVConnectorMetadata) -> None:
         self._worker().handle_preemptions(kv_connector_metadata)
 

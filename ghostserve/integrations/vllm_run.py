@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -143,7 +144,7 @@ def sigkill(proc: Any) -> None:
     :func:`lower_priority` on 2 busy cores took 20-60 s to end after its SIGKILL,
     and the daemon sees a rank lost only when its process has ended."""
     lower_priority(proc, os.getpriority(os.PRIO_PROCESS, 0))
-    proc.send_signal(9)
+    proc.send_signal(signal.SIGKILL)
 
 
 def watermarks(group_status: Any, ids: list[str]) -> dict[str, int]:
