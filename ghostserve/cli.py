@@ -81,12 +81,27 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-staging-bytes", type=int, metavar="BYTES",
                    help="each GPU's staging buffer for CUDA groups (peer sources, parity on its way to "
                         f"host memory) ({env('cuda_staging_bytes')})")
+    s = p.add_argument_group("off-node mirror (Mooncake Store; docs/scale-out.md)")
+    s.add_argument("--store", metavar="URL",
+                   help="mirror protected KV into this Mooncake Store: mooncake://HOST:PORT[?metadata=URL&"
+                        f"admin=HOST:PORT] ({env('store')}; needs ghostserve[mooncake])")
+    s.add_argument("--node", metavar="NAME", help=f"this node's name in status and logs ({env('node')})")
+    s.add_argument("--store-address", metavar="HOST[:PORT]",
+                   help=f"this node's address for the store's transfers ({env('store_address')})")
+    s.add_argument("--store-segment-bytes", type=int, metavar="BYTES",
+                   help=f"host memory this node gives the store for other nodes' mirrors ({env('store_segment_bytes')})")
+    s.add_argument("--mirror-min-tokens", type=int, metavar="N",
+                   help=f"mirror only requests with at least N protected tokens ({env('mirror_min_tokens')})")
+    s.add_argument("--mirror-backlog-blocks", type=int, metavar="N",
+                   help="blocks allowed to wait for the store before the oldest requests' mirroring is dropped "
+                        f"({env('mirror_backlog_blocks')})")
 
 
 def config_from(args: argparse.Namespace) -> Config:
     """The daemon's Config: defaults, then ``GHOSTSERVE_*``, then the flags given."""
     keys = ("socket", "listen", "tls_cert", "tls_key", "insecure", "metrics_port", "metrics_host",
-            "shm_prefix", "encode_threads", "log_level", "region_prefix", "ended_ttl", "cuda_staging_bytes")
+            "shm_prefix", "encode_threads", "log_level", "region_prefix", "ended_ttl", "cuda_staging_bytes",
+            "store", "node", "store_address", "store_segment_bytes", "mirror_min_tokens", "mirror_backlog_blocks")
     return Config.from_env(**{k: getattr(args, k, None) for k in keys})
 
 

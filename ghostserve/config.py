@@ -63,6 +63,14 @@ class Config:
     # CUDA groups: each device's staging ring (peer sources, parity on its way to the
     # arena); a stripe longer than half of it is encoded in pieces
     cuda_staging_bytes: int = 64 << 20
+    # off-node mirror (docs/scale-out.md): "" keeps everything on this node and never imports Mooncake
+    store: str = ""                     # mooncake://HOST:PORT[?metadata=URL&admin=HOST:PORT]
+    node: str = ""                      # this node's name in status and logs ("": the host name)
+    store_address: str = "127.0.0.1"    # HOST[:PORT] other nodes reach this node's segment at (no port: a free one)
+    store_segment_bytes: int = 1 << 30  # host memory given to the store for other nodes' mirrors
+    mirror_min_tokens: int = 512        # shorter requests are cheap to recompute: not mirrored
+    mirror_backlog_blocks: int = 65536  # more blocks waiting than this: the oldest requests' mirroring is dropped
+    store_retry_seconds: float = 2.0    # back-off after the store failed or refused
 
     def __post_init__(self) -> None:
         if not self.socket and not self.listen:
@@ -93,6 +101,15 @@ class Config:
             raise ConfigError("restore_tile_bytes", f"{self.restore_tile_bytes} must be >= 0 (0: no fused pass)")
         if self.cuda_staging_bytes < 64 << 10:
             raise ConfigError("cuda_staging_bytes", f"{self.cuda_staging_bytes} must be >= 65536")
+        if self.store:
+            from ghostserve.daemon.offnode.store import MIN_SEGMENT_BYTES, StoreUrl
+            StoreUrl.parse(self.store)
+            if self.store_segment_bytes < MIN_SEGMENT_BYTES:
+                raise ConfigError("store_segment_bytes", f"{self.store_segment_bytes} must be >= {MIN_SEGMENT_BYTES}")
+        if self.mirror_min_tokens < 1 or self.mirror_backlog_blocks < 1:
+            raise ConfigError("mirror_min_tokens", "mirror_min_tokens and mirror_backlog_blocks must be >= 1")
+        if self.store_retry_seconds <= 0:
+            raise ConfigError("store_retry_seconds", f"{self.store_retry_seconds} must be > 0")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("tls_cert", "give both --tls-cert and --tls-key")
         for name in ("tls_cert", "tls_key"):  # now, not after the socket is bound

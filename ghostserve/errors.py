@@ -186,6 +186,13 @@ class GpuUnavailable(DaemonError):
     where to run. Raised by the CUDA data path when a group is created."""
 
 
+class StoreError(DaemonError):
+    """The off-node store (Mooncake Store, ``--store``) could not be reached or
+    refused an operation. Raised by ``ghostserve.daemon.offnode.store``; the mirror
+    counts it and goes on (local protection never depends on the store), and a
+    Fetch from the store answers UNAVAILABLE."""
+
+
 class ForeignStore(GhostServeError):
     """Segments under this daemon's prefix belong to another daemon: one whose
     shared-memory prefix is longer and starts with this one's (a chaos run under
@@ -381,6 +388,7 @@ STATUS: dict[type[GhostServeError], str] = {
     Unsupported: "UNIMPLEMENTED",
     DaemonInternalError: "INTERNAL",
     DaemonUnavailable: "UNAVAILABLE",
+    StoreError: "UNAVAILABLE",
 }
 # codes no daemon answers on purpose but a client sees: the connection's
 _TRANSPORT = {"DEADLINE_EXCEEDED": DaemonUnavailable, "CANCELLED": DaemonUnavailable, "UNKNOWN": DaemonInternalError}

@@ -98,6 +98,33 @@ class Metrics:
             "ghostserve_dropped_bytes_total", "Shared-memory bytes given back by dropped groups", ["reason"],
             registry=registry)
 
+        # the off-node mirror (--store)
+        self.mirrored_bytes = Counter(
+            "ghostserve_mirrored_bytes_total", "KV bytes (all ranks) copied into other nodes' store segments", g,
+            registry=registry)
+        self.mirror_lag_steps = Gauge(
+            "ghostserve_mirror_lag_steps",
+            "Newest protected step minus the newest step whose full blocks are all off-node", g, registry=registry)
+        self.mirror_remote_bytes = Gauge(
+            "ghostserve_mirror_remote_bytes", "Bytes of a group's KV held in other nodes' store segments", g,
+            registry=registry)
+        self.mirror_refused = Counter(
+            "ghostserve_mirror_refused_total",
+            "Blocks not mirrored, by reason (no_room, local: placed on this node, unsettled: changed or unprotected)",
+            ["reason"], registry=registry)
+        self.mirror_dropped_blocks = Counter(
+            "ghostserve_mirror_dropped_blocks_total",
+            "Blocks whose mirroring was given up (the backlog outgrew --mirror-backlog-blocks)", registry=registry)
+        self.store_errors = Counter(
+            "ghostserve_store_errors_total", "Store operations that failed, by operation", ["op"], registry=registry)
+        self.store_up = Gauge(
+            "ghostserve_store_up", "1 while the store answers (0: unreachable, or not joined yet)", registry=registry)
+        self.store_fetches = Counter(
+            "ghostserve_store_fetches_total", "Fetches served from the store, by outcome (ok, partial)", ["outcome"],
+            registry=registry)
+        self.store_fetched_bytes = Counter(
+            "ghostserve_store_fetched_bytes_total", "KV bytes fetched from the store", registry=registry)
+
     def forget_group(self, group: str) -> None:
         """Remove every label set of ``group`` (a dropped group leaves no series behind)."""
         for collector in self._collectors():

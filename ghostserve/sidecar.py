@@ -25,18 +25,19 @@ class Sidecar:
     removes its socket directory and every shared-memory segment under its prefix."""
 
     def __init__(self, prefix: str = "", encode_threads: int = 0, log_level: str = "warning",
-                 metrics_port: int = 0):
+                 metrics_port: int = 0, args: tuple[str, ...] = ()):
         self.dir = tempfile.mkdtemp(prefix="ghostserve-")
         self.socket = os.path.join(self.dir, "gs.sock")
         self.prefix = prefix or f"gs{uuid.uuid4().hex[:8]}-"
         self.encode_threads, self.log_level = encode_threads, log_level
         self.metrics_port = metrics_port  # 0: no Prometheus endpoint
+        self.args = tuple(args)           # more `ghostserve serve` flags (--store ..., say)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Sidecar:
         cmd = [sys.executable, "-m", "ghostserve", "serve", "--socket", self.socket,
                "--shm-prefix", self.prefix, "--metrics-port", str(self.metrics_port), "--log-level", self.log_level,
-               "--encode-threads", str(self.encode_threads)]
+               "--encode-threads", str(self.encode_threads), *self.args]
         log = open(os.path.join(self.dir, "daemon.log"), "ab")  # noqa: SIM115 - the child owns it
         # a private daemon: never the node's TCP listener or TLS identity
         env = {k: v for k, v in os.environ.items() if k not in NETWORK_ENV}

@@ -106,6 +106,10 @@ def group_facts(g: pb.GroupStatus) -> list[tuple[str, str]]:
     elif g.held_bytes:
         facts.append(("shared memory", f"holds {_bytes(g.held_bytes)}"))
     facts.append(("requests", f"{len(g.watermarks)} with protected tokens"))
+    if g.mirrored_step >= 0 or g.remote_bytes:  # --store: what survives this node
+        behind = g.protected_step - g.mirrored_step
+        text = f"step {g.mirrored_step}, {_bytes(g.remote_bytes)} on other nodes"
+        facts.append(("off-node", text + (f", [yellow]{behind} steps behind[/]" if behind > 0 else "")))
     if g.HasField("last_restore"):
         lr = g.last_restore
         text = f"rank {lr.rank}, {lr.seconds:.3f} s, {_bytes(lr.restored_bytes)} rebuilt"

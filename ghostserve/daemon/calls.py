@@ -69,6 +69,20 @@ class FetchCall:
 
 
 @dataclass(frozen=True)
+class MirrorView:
+    """A group as the mirror sees it (a snapshot, :meth:`Group.mirror_view`): the
+    requests with enough protected tokens, and (tokens, full blocks) up to the
+    watermark of those with full blocks the mirror has not seen."""
+
+    protected_step: int
+    namespace: str
+    layout: Layout
+    world_size: int
+    present: set[str]
+    requests: dict[str, tuple[list[int], list[int]]]
+
+
+@dataclass(frozen=True)
 class RankView:
     """One rank, as status shows it."""
 
@@ -103,6 +117,8 @@ class GroupView:
     ended_seconds: float = 0.0
     held_bytes: int = 0
     expires_seconds: float = 0.0
+    mirrored_step: int = -1           # newest step whose full blocks are all off-node (-1: none, no store)
+    remote_bytes: int = 0             # bytes of this group's KV held in other nodes' segments
 
 
 
@@ -133,4 +149,4 @@ class Notice:
     ranks: tuple[RankView, ...] = ()   # SNAPSHOT only
 
 
-__all__ = ["FetchCall", "GroupView", "LookupHit", "Notice", "NoticeKind", "RankView", "Registered", "Registration"]
+__all__ = ["FetchCall", "GroupView", "LookupHit", "MirrorView", "Notice", "NoticeKind", "RankView", "Registered", "Registration"]

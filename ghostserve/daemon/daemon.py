@@ -14,6 +14,7 @@ them (:meth:`Daemon.reattach`) and loses nothing protected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import sqlite3
@@ -43,11 +44,14 @@ from ghostserve.daemon.calls import (
 from ghostserve.daemon.datapath import DataPath, RegionSpec
 from ghostserve.daemon.group import EndReason, Group, open_group
 from ghostserve.daemon.layout import Layout
+from ghostserve.daemon.offnode.mirror import STORE_GROUP, Mirror
+from ghostserve.daemon.offnode.objects import KeySpace
 from ghostserve.daemon.pidwatch import PidWatch
 from ghostserve.daemon.recovery import FetchResult
 from ghostserve.daemon.store import ParityStore
 from ghostserve.daemon.watch import Subscription, Watchers
 from ghostserve.errors import (
+    BlockOutOfRange,
     ForeignStore,
     GhostServeError,
     InvalidRequest,
@@ -98,12 +102,19 @@ class Daemon:
         self._pids = PidWatch()
         self._watcher = threading.Thread(target=self._watch_pids, name="gs-pids", daemon=True)
         self.watchers = Watchers()
+        self.mirror: Mirror | None = None
+        if config.store:  # Mooncake is imported by the mirror's thread, never without --store
+            from ghostserve.daemon.offnode.store import open_store
+            self.mirror = Mirror(functools.partial(open_store, config.store, config.store_address,
+                                                   config.store_segment_bytes), config, self.metrics)
 
     # ---------------------------------------------------------------- lifecycle
 
     def start(self) -> None:
         self.reattach()
         self._watcher.start()
+        if self.mirror is not None:
+            self.mirror.start()
 
     def reattach(self) -> None:
         """Re-open every group left in shared memory by an earlier daemon."""
@@ -132,6 +143,8 @@ class Daemon:
         self.groups[name] = group
         group.on_change = self._pids.kick  # new pids and ended engines: the watcher looks again
         group.on_notice = self.watchers.publish
+        if self.mirror is not None:
+            group.on_watermarks = self.mirror.kick
         group.start()
         return group
 
@@ -142,6 +155,8 @@ class Daemon:
         self.watchers.close()
         for group in list(self.groups.values()):
             group.stop()
+        if self.mirror is not None:
+            self.mirror.close()
         self.pool.shutdown(wait=True)
 
     def end_streams(self) -> None:
@@ -235,6 +250,8 @@ class Daemon:
                     held += size
             self.groups.pop(g.name)
         self.metrics.forget_group(g.name)
+        if self.mirror is not None:
+            self.mirror.forget_group(g.name)
         self.watchers.publish(Notice(NoticeKind.GROUP_DROPPED, g.name, -1, "dropped", detail=str(reason)))
         self.metrics.groups_dropped.labels(reason).inc()
         self.metrics.dropped_bytes.labels(reason).inc(held)
@@ -408,13 +425,30 @@ class Daemon:
             hit = g.match(tokens)
             if hit is not None and (best is None or hit[1] > best[1][1]):
                 best = (g, hit)
-        if best is None:
-            return None
+        if best is None:  # another node's KV, mirrored into the store?
+            if self.mirror is None:
+                return None
+            spaces = {KeySpace.of(g.namespace, g.layout, g.n) for g in list(self.groups.values())
+                      if g.slotted and g.namespace == namespace}
+            return self.mirror.lookup(tokens, sorted(spaces, key=lambda s: s.prefix))
         g, (request_id, n, blocks) = best
         return LookupHit(g.name, request_id, n, blocks, g.layout.block_slots)
 
     def fetch(self, call: FetchCall) -> FetchResult:
-        """Deliver an ended group's blocks into a registered rank's (:meth:`Group.fetch`)."""
+        """Deliver an ended group's blocks into a registered rank's (:meth:`Group.fetch`),
+        or a store hit's (:meth:`Mirror.fetch`)."""
+        if call.source_group.startswith(STORE_GROUP) and self.mirror is not None:
+            if len(call.source_blocks) != len(call.blocks):
+                raise InvalidRequest(f"{len(call.source_blocks)} source blocks but {len(call.blocks)} destination blocks")
+            dst = self.group(call.group)
+            for b in call.blocks:
+                if b >= dst.layout.num_blocks:
+                    raise BlockOutOfRange(dst.name, call.rank, b, f"outside 0..{dst.layout.num_blocks - 1}")
+            out = self.mirror.fetch(call, dst)
+            log.info("fetch: %s rank %d <- the store (%s rank %d): %d blocks, %d bytes in %.4f s%s", dst.name,
+                     call.rank, call.source_group, call.source_rank, len(call.blocks), out.fetched_bytes, out.seconds,
+                     f", {len(out.unrecoverable_blocks)} blocks missing or corrupt" if out.unrecoverable_blocks else "")
+            return out
         src, dst = self.group(call.source_group), self.group(call.group)
         if src is dst:
             raise InvalidRequest("source_group and group are the same group")
@@ -465,7 +499,9 @@ class Daemon:
             expires = 0.0
             if g.end_reason == EndReason.FAILURE:
                 expires = max(0.0, self.config.ended_ttl - v.ended_seconds)
-            out.append(dataclasses.replace(v, held_bytes=self.held_bytes(g), expires_seconds=expires))
+            mirrored, remote = self.mirror.view(g.name) if self.mirror is not None else (-1, 0)
+            out.append(dataclasses.replace(v, held_bytes=self.held_bytes(g), expires_seconds=expires,
+                                           mirrored_step=mirrored, remote_bytes=remote))
         return out
 
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from ghostserve.config import Config
 from ghostserve.daemon import datapath, recovery
-from ghostserve.daemon.calls import GroupView, Notice, NoticeKind, RankView
+from ghostserve.daemon.calls import GroupView, MirrorView, Notice, NoticeKind, RankView
 from ghostserve.daemon.commits import CommitRecord, validate
 from ghostserve.daemon.datapath import DataPath, RankMemory, RegionSpec
 from ghostserve.daemon.encoder import Pending, StepEncoder, failed_news, news
@@ -115,6 +115,9 @@ class Group:
         self.on_change: Callable[[], None] = lambda: None
         # called (under ``lock``, must not block) with what watchers hear (Operator.Watch)
         self.on_notice: Callable[[Notice], None] = lambda notice: None
+        # called (under ``lock``, must not block) with the watermarks a protected step or
+        # a release changed (0: the request is gone): the mirror looks again
+        self.on_watermarks: Callable[[Group, dict[str, int]], None] = lambda group, changed: None
         # (step, monotonic time it was first committed) of committed steps not yet known
         # protected, oldest first: how long protection has kept a step waiting
         self._waiting: collections.deque[tuple[int, float]] = collections.deque()
@@ -514,6 +517,7 @@ class Group:
                 self.update_gauges()
                 self.broadcast(Ack(t, changed))
                 self._notify(NoticeKind.STEP_PROTECTED)
+                self.on_watermarks(self, changed)
 
     def _memories(self) -> dict[int, RankMemory]:
         """Every rank's memory (all alive: all mapped). Caller holds ``lock``."""
@@ -560,6 +564,44 @@ class Group:
         with self.lock:
             return self.index.match(tokens, self.layout.block_slots)
 
+    def mirror_view(self, min_tokens: int, known: Mapping[str, int]) -> MirrorView | None:
+        """What the mirror may copy off-node now: the protected step, the requests
+        with at least ``min_tokens`` protected, and the tokens and full blocks up to
+        the watermark of those that have more full blocks than ``known`` says
+        (None: the group keeps no request index, or its engine ended)."""
+        slots = self.layout.block_slots
+        with self.lock:
+            if not self.slotted or self._ended or self.ended_at is not None:
+                return None
+            present, out = set(), {}
+            for req, (tokens, blocks) in self.index.requests.items():
+                mark = min(self.index.watermarks.get(req, 0), len(tokens), len(blocks) * slots)
+                if mark >= min_tokens:
+                    present.add(req)
+                    if mark // slots > known.get(req, 0):
+                        out[req] = (tokens[:mark], blocks[: mark // slots])
+            return MirrorView(self.protected_step, self.namespace, self.layout, self.n, present, out)
+
+    def read_protected(self, block: int, outs: list[np.ndarray]) -> bool:
+        """Copy every rank's shard of full ``block`` into ``outs[rank]`` if they are
+        the protected bytes (each rank's checksum after the copy is the one recorded
+        when the block was encoded); False (``outs`` undefined) if a rank is not
+        alive, the block is not full and protected, or it changed since."""
+        slots = self.layout.block_slots
+        with self.lock:
+            mems = {q: r.memory for q, r in self.ranks.items() if r.state == ALIVE and r.memory is not None}
+        if len(mems) != self.n:
+            return False
+        st = self.stripes
+        with st.io:
+            if not st.deliverable([block], np.asarray([slots]))[0]:
+                return False
+            for q, mem in mems.items():
+                st.data.read_block(mem, block, outs[q])
+                if st.data.checksum(mem, block, 0, slots) != int(st.store.crc[block, 0, q]):
+                    return False
+        return True
+
     def ended(self) -> bool:
         """The engine is gone (what Lookup, Fetch and Drop need): a keep_survivors
         group whose last rank ended, a group whose ranks all said goodbye, or
@@ -580,7 +622,8 @@ class Group:
             self.stripes.void(blocks)
             with self.lock:
                 if requests:
-                    self.index.apply(StepNews(step=None, forget=dict.fromkeys(requests, step)))
+                    changed = self.index.apply(StepNews(step=None, forget=dict.fromkeys(requests, step)))
+                    self.on_watermarks(self, {**changed, **dict.fromkeys(requests, 0)})
                 self.update_gauges()
 
     # ------------------------------------------------------------------ recovery

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -45,6 +46,13 @@ class RestoreResult:
     seconds: float = 0.0
 
 
+class FetchSource(StrEnum):
+    """Where a fetch's bytes came from (``FetchResponse.source``)."""
+
+    NODE = "node"     # this daemon's kept memory and parity
+    STORE = "store"   # the off-node mirror in the store
+
+
 @dataclass
 class FetchResult:
     """What a fetch did (``FetchResponse``)."""
@@ -54,6 +62,7 @@ class FetchResult:
     unrecoverable_blocks: list[int] = field(default_factory=list)
     corrupt_chunks: int = 0
     seconds: float = 0.0
+    source: FetchSource = FetchSource.NODE
 
 
 @dataclass
@@ -330,5 +339,5 @@ def scrub(st: Stripes, mems: Mapping[int, RankMemory], parity: bool) -> ScrubRes
     return out
 
 
-__all__ = ["FetchResult", "Placement", "RestoreResult", "ScrubResult", "Segment", "fetch", "find_bad",
+__all__ = ["FetchResult", "FetchSource", "Placement", "RestoreResult", "ScrubResult", "Segment", "fetch", "find_bad",
            "rebuild_verified", "restore", "scrub"]

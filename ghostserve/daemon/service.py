@@ -122,7 +122,8 @@ def group_status(v: GroupView) -> pb.GroupStatus:
         held_bytes=v.held_bytes, expires_seconds=v.expires_seconds, protected_step=v.protected_step,
         newest_step=v.newest_step, lag_steps=v.lag_steps, lag_seconds=v.lag_seconds, kv_bytes=v.kv_bytes,
         protected_bytes=v.protected_bytes, parity_bytes=v.parity_bytes, parity_arena_bytes=v.parity_arena_bytes,
-        layout=pb.KVLayout(**v.layout.to_dict()), watermarks=_tokens(v.watermarks))
+        layout=pb.KVLayout(**v.layout.to_dict()), watermarks=_tokens(v.watermarks),
+        mirrored_step=v.mirrored_step, remote_bytes=v.remote_bytes)
     for r in v.ranks:
         gs.ranks.add(rank=r.rank, state=r.state, pid=r.pid, committed_step=r.committed_step, region=r.region,
                      process_ended=r.process_ended)
@@ -210,7 +211,7 @@ class Services:
                                      req.group, req.rank, req.session, list(req.blocks)))
         return pb.FetchResponse(fetched_bytes=res.fetched_bytes, rebuilt=res.rebuilt,
                                 unrecoverable_blocks=res.unrecoverable_blocks,
-                                corrupt_chunks=res.corrupt_chunks, seconds=res.seconds)
+                                corrupt_chunks=res.corrupt_chunks, seconds=res.seconds, source=str(res.source))
 
     def release(self, req: pb.ReleaseRequest) -> pb.ReleaseResponse:
         """Forget finished requests and void released blocks before the step that reuses them."""

@@ -288,18 +288,20 @@ class FetchRequest(_message.Message):
     def __init__(self, source_group: _Optional[str] = ..., source_rank: _Optional[int] = ..., source_blocks: _Optional[_Iterable[int]] = ..., tokens: _Optional[int] = ..., group: _Optional[str] = ..., rank: _Optional[int] = ..., session: _Optional[str] = ..., blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class FetchResponse(_message.Message):
-    __slots__ = ("fetched_bytes", "rebuilt", "unrecoverable_blocks", "corrupt_chunks", "seconds")
+    __slots__ = ("fetched_bytes", "rebuilt", "unrecoverable_blocks", "corrupt_chunks", "seconds", "source")
     FETCHED_BYTES_FIELD_NUMBER: _ClassVar[int]
     REBUILT_FIELD_NUMBER: _ClassVar[int]
     UNRECOVERABLE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CORRUPT_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     fetched_bytes: int
     rebuilt: bool
     unrecoverable_blocks: _containers.RepeatedScalarFieldContainer[int]
     corrupt_chunks: int
     seconds: float
-    def __init__(self, fetched_bytes: _Optional[int] = ..., rebuilt: _Optional[bool] = ..., unrecoverable_blocks: _Optional[_Iterable[int]] = ..., corrupt_chunks: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
+    source: str
+    def __init__(self, fetched_bytes: _Optional[int] = ..., rebuilt: _Optional[bool] = ..., unrecoverable_blocks: _Optional[_Iterable[int]] = ..., corrupt_chunks: _Optional[int] = ..., seconds: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("group", "rank", "session", "step", "request_ids", "blocks")
@@ -372,7 +374,7 @@ class LastRestore(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., seconds: _Optional[float] = ..., restored_bytes: _Optional[int] = ..., unrecoverable_bytes: _Optional[int] = ..., unix_time: _Optional[float] = ...) -> None: ...
 
 class GroupStatus(_message.Message):
-    __slots__ = ("group", "world_size", "parity", "state", "protected_step", "newest_step", "lag_steps", "kv_bytes", "protected_bytes", "parity_bytes", "parity_arena_bytes", "ranks", "watermarks", "last_restore", "layout", "ended_seconds", "held_bytes", "expires_seconds", "lag_seconds")
+    __slots__ = ("group", "world_size", "parity", "state", "protected_step", "newest_step", "lag_steps", "kv_bytes", "protected_bytes", "parity_bytes", "parity_arena_bytes", "ranks", "watermarks", "last_restore", "layout", "ended_seconds", "held_bytes", "expires_seconds", "lag_seconds", "mirrored_step", "remote_bytes")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     PARITY_FIELD_NUMBER: _ClassVar[int]
@@ -392,6 +394,8 @@ class GroupStatus(_message.Message):
     HELD_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LAG_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_STEP_FIELD_NUMBER: _ClassVar[int]
+    REMOTE_BYTES_FIELD_NUMBER: _ClassVar[int]
     group: str
     world_size: int
     parity: int
@@ -411,7 +415,9 @@ class GroupStatus(_message.Message):
     held_bytes: int
     expires_seconds: float
     lag_seconds: float
-    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., state: _Optional[str] = ..., protected_step: _Optional[int] = ..., newest_step: _Optional[int] = ..., lag_steps: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., parity_bytes: _Optional[int] = ..., parity_arena_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., last_restore: _Optional[_Union[LastRestore, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., ended_seconds: _Optional[float] = ..., held_bytes: _Optional[int] = ..., expires_seconds: _Optional[float] = ..., lag_seconds: _Optional[float] = ...) -> None: ...
+    mirrored_step: int
+    remote_bytes: int
+    def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., state: _Optional[str] = ..., protected_step: _Optional[int] = ..., newest_step: _Optional[int] = ..., lag_steps: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., parity_bytes: _Optional[int] = ..., parity_arena_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., last_restore: _Optional[_Union[LastRestore, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., ended_seconds: _Optional[float] = ..., held_bytes: _Optional[int] = ..., expires_seconds: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., mirrored_step: _Optional[int] = ..., remote_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("groups", "version")

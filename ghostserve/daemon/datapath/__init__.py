@@ -187,6 +187,13 @@ class DataPath(Protocol[M]):
     def zero(self, mem: M, block: int, c0: int, c1: int) -> None:
         """Zero chunks [c0, c1) of ``block`` in every layer (a rebuild that did not verify)."""
 
+    def read_block(self, mem: M, block: int, out: np.ndarray) -> None:
+        """Gather ``mem``'s shard of ``block``, every layer, into ``out`` (host bytes,
+        ``num_layers * block_bytes``, layer after layer): what the mirror stores."""
+
+    def write_block(self, mem: M, block: int, data: np.ndarray) -> None:
+        """Scatter ``data`` (as :meth:`read_block` gathers it) into ``mem``'s ``block``."""
+
     def parity_mismatch(self, mems: Mapping[int, M], block: int, chunk: int) -> bool:
         """Does the stored parity of the chunk differ from a fresh encode of ``mems`` (scrub)?"""
 

@@ -435,6 +435,24 @@ class CudaDataPath:
                 rt.memset(at, 0, hi - lo, stream)
         rt.record(stream).synchronize()
 
+    def read_block(self, mem: CudaMemory, block: int, out: np.ndarray) -> None:
+        """Copy ``mem``'s shard of ``block`` (device) into ``out`` (host), layer after layer."""
+        bb, rt = self.layout.block_bytes, self.rt
+        stream = rt.stream(mem.device)
+        for layer in range(self.layout.num_layers):
+            for lo, hi, at in self.pieces(mem, layer, block, 0, bb):
+                rt.copy(out.ctypes.data + layer * bb + lo, at, hi - lo, stream)
+        rt.record(stream).synchronize()
+
+    def write_block(self, mem: CudaMemory, block: int, data: np.ndarray) -> None:
+        """Copy ``data`` (host, :meth:`read_block`'s order) into ``mem``'s ``block``."""
+        bb, rt = self.layout.block_bytes, self.rt
+        stream = rt.stream(mem.device)
+        for layer in range(self.layout.num_layers):
+            for lo, hi, at in self.pieces(mem, layer, block, 0, bb):
+                rt.copy(at, data.ctypes.data + layer * bb + lo, hi - lo, stream)
+        rt.record(stream).synchronize()
+
     def parity_mismatch(self, mems: Mapping[int, CudaMemory], block: int, chunk: int) -> bool:
         """Does the arena's parity of a chunk differ from a fresh encode (filled slots only)?"""
         lay, cb, store = self.layout, self.layout.chunk_bytes, self.store

@@ -357,6 +357,20 @@ class HostDataPath:
             for lo, hi, at in self.pieces(mem, layer, block, c0 * cb, c1 * cb):
                 ctypes.memset(at, 0, hi - lo)
 
+    def read_block(self, mem: HostMemory, block: int, out: np.ndarray) -> None:
+        """Gather ``mem``'s shard of ``block``, layer after layer, into ``out``."""
+        bb = self.layout.block_bytes
+        for layer in range(self.layout.num_layers):
+            for lo, hi, at in self.pieces(mem, layer, block, 0, bb):
+                ctypes.memmove(out.ctypes.data + layer * bb + lo, at, hi - lo)
+
+    def write_block(self, mem: HostMemory, block: int, data: np.ndarray) -> None:
+        """Scatter ``data`` (:meth:`read_block`'s order) into ``mem``'s ``block``."""
+        bb = self.layout.block_bytes
+        for layer in range(self.layout.num_layers):
+            for lo, hi, at in self.pieces(mem, layer, block, 0, bb):
+                ctypes.memmove(at, data.ctypes.data + layer * bb + lo, hi - lo)
+
     def parity_mismatch(self, mems: Mapping[int, HostMemory], block: int, chunk: int) -> bool:
         """Does the stored parity of a chunk differ from a fresh encode of ``mems``
         (filled slots only)? For scrub."""
