@@ -288,6 +288,8 @@ class Mirror:
         view = g.mirror_view(self.min_tokens, known)
         if view is None:
             return
+        log.debug("mirror scan of %s at step %d: %d requests long enough, %d with new full blocks", g.name,
+                  view.protected_step, len(view.present), len(view.requests))
         lay, slots = view.layout, view.layout.block_slots
         todo: list[tuple[str, _Request, list[int]]] = []
         with self._cond:
@@ -346,6 +348,7 @@ class Mirror:
         assert self.store is not None
         lay = g.layout
         if not g.read_protected(block, gm.buffers):
+            log.debug("mirror of %s/%s block %d (%d): not settled", g.name, req, i, block)
             self.metrics.mirror_refused.labels("unsettled").inc()
             return False
         target = self._target()
