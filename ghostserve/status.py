@@ -125,7 +125,9 @@ def render(resp: pb.StatusResponse) -> Any:
     from rich.table import Table  # noqa: PLC0415
     from rich.text import Text  # noqa: PLC0415
 
-    parts: list[Any] = [Text(f"ghostserve {resp.version}: {len(resp.groups)} group(s)", style="bold")]
+    where = f" on node {resp.node}" if resp.node else ""
+    where += f", mirroring into {resp.store.split('?')[0]}" if resp.store else ""
+    parts: list[Any] = [Text(f"ghostserve {resp.version}{where}: {len(resp.groups)} group(s)", style="bold")]
     for g in resp.groups:
         parts.append(Text.from_markup(f"\n[bold]{g.group}[/]  {g.world_size}+{g.parity}  {_styled(g.state)}",
                                       overflow="fold"))

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import re
+import socket
 import sqlite3
 import threading
 import time
@@ -102,6 +103,7 @@ class Daemon:
         self._pids = PidWatch()
         self._watcher = threading.Thread(target=self._watch_pids, name="gs-pids", daemon=True)
         self.watchers = Watchers()
+        self.node = config.node or socket.gethostname()
         self.mirror: Mirror | None = None
         if config.store:  # Mooncake is imported by the mirror's thread, never without --store
             from ghostserve.daemon.offnode.store import open_store

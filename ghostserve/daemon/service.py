@@ -303,7 +303,7 @@ class Services:
         """Groups, ranks, watermarks and shared memory held."""
         import ghostserve  # noqa: PLC0415
 
-        return pb.StatusResponse(version=ghostserve.__version__,
+        return pb.StatusResponse(version=ghostserve.__version__, node=self.d.node, store=self.d.config.store,
                                  groups=[group_status(v) for v in self.d.status(req.group)])
 
     def scrub(self, req: pb.ScrubRequest) -> pb.ScrubResponse:

@@ -420,12 +420,16 @@ class GroupStatus(_message.Message):
     def __init__(self, group: _Optional[str] = ..., world_size: _Optional[int] = ..., parity: _Optional[int] = ..., state: _Optional[str] = ..., protected_step: _Optional[int] = ..., newest_step: _Optional[int] = ..., lag_steps: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., protected_bytes: _Optional[int] = ..., parity_bytes: _Optional[int] = ..., parity_arena_bytes: _Optional[int] = ..., ranks: _Optional[_Iterable[_Union[RankStatus, _Mapping]]] = ..., watermarks: _Optional[_Iterable[_Union[RequestTokens, _Mapping]]] = ..., last_restore: _Optional[_Union[LastRestore, _Mapping]] = ..., layout: _Optional[_Union[KVLayout, _Mapping]] = ..., ended_seconds: _Optional[float] = ..., held_bytes: _Optional[int] = ..., expires_seconds: _Optional[float] = ..., lag_seconds: _Optional[float] = ..., mirrored_step: _Optional[int] = ..., remote_bytes: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("groups", "version")
+    __slots__ = ("groups", "version", "node", "store")
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
     groups: _containers.RepeatedCompositeFieldContainer[GroupStatus]
     version: str
-    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+    node: str
+    store: str
+    def __init__(self, groups: _Optional[_Iterable[_Union[GroupStatus, _Mapping]]] = ..., version: _Optional[str] = ..., node: _Optional[str] = ..., store: _Optional[str] = ...) -> None: ...
 
 class ScrubRequest(_message.Message):
     __slots__ = ("group",)

@@ -118,6 +118,7 @@ class MooncakeStore:
     """A daemon's membership in a Mooncake Store cluster (see the module doc)."""
 
     def __init__(self, url: StoreUrl, address: str, segment_bytes: int, buffer_bytes: int = MIN_SEGMENT_BYTES):
+        os.environ.setdefault("GLOG_minloglevel", "1")  # Mooncake's INFO lines would flood the daemon's log
         try:
             from mooncake.store import MooncakeDistributedStore, ReplicateConfig
         except ImportError as exc:
