@@ -341,3 +341,61 @@ def test_a_bad_store_url_is_refused_at_start():
             Config(socket="/tmp/x.sock", store=url)
     with pytest.raises(ConfigError):
         Config(socket="/tmp/x.sock", store="mooncake://127.0.0.1:1", store_segment_bytes=1 << 20)
+
+
+def test_gpu_kv_goes_off_node_and_back_through_the_cuda_data_path(master, tmp_path, region):
+    """The CUDA data path's read_block/write_block (the mirror's copy and a store
+    fetch), on tests/cudasim.py's stand-in of CUDA (no GPU here): node A's GPU
+    group is mirrored, node B fetches it into GPU blocks on other devices."""
+    from cudasim import HostCuda
+    from prometheus_client import CollectorRegistry
+    from test_cuda_datapath import GpuRank
+
+    from ghostserve.config import Config
+    from ghostserve.daemon.server import Server
+
+    servers = []
+    try:
+        for name in ("a", "b"):
+            cfg = Config(socket=str(tmp_path / f"{name}.sock"), shm_prefix=f"gsg{name}{uuid.uuid4().hex[:6]}-",
+                         encode_threads=1, store=master.url, mirror_min_tokens=4, store_segment_bytes=16 << 20)
+            srv = Server(cfg, CollectorRegistry(), cuda_runtime=HostCuda(devices=2))
+            srv.start()
+            srv.sock, srv.sim = cfg.socket, srv.daemon.cuda_runtime
+            servers.append(srv)
+        a, b = servers
+        rng = np.random.default_rng(12)
+        lay = Layout(2, 6, 256, 256, 6 * 256, 256, block_slots=4)
+        slot_map = (np.arange(256) // 64).astype("<u2").tobytes()
+        ranks = [GpuRank(a, region, "gpu-a", q, 2, 1, lay, device=q, slot_map=slot_map) for q in range(2)]
+        tokens = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]
+        for r in ranks:
+            for blk in (1, 2, 3):
+                r.write(rng, blk)
+        for i, r in enumerate(ranks):
+            r.commit(0, [1, 2, 3], {"q": 12}, fills=dict.fromkeys((1, 2, 3), 4),
+                     records=[pb.RequestRecord(request_id="q", tokens=tokens, blocks=[1, 2, 3], reset=True)]
+                     if i == 0 else [])
+        assert ranks[0].client.wait_protected(0)
+        op = OperatorClient(a.sock)
+        wait_for(lambda: op.status("gpu-a").groups[0].mirrored_step >= 0)
+        before = [r.shards() for r in ranks]
+        fresh = [GpuRank(b, region, "gpu-b", q, 2, 1, lay, device=1 - q, slot_map=slot_map) for q in range(2)]
+        # the key space is that of b's engines of the namespace: b's group must exist first
+        hit = worker_stub(channel(b.sock)).Lookup(pb.LookupRequest(tokens=np.asarray(tokens, "<u4").tobytes()))
+        assert hit.group.startswith("store:") and hit.tokens == 12
+        for q, new in enumerate(fresh):
+            resp = new.client.fetch(hit.group, q, hit.blocks, hit.tokens, [5, 0, 4])
+            assert resp.source == "store" and list(resp.unrecoverable_blocks) == []
+            got = new.shards()
+            for layer in range(2):
+                for src, dst in zip((1, 2, 3), (5, 0, 4), strict=True):
+                    assert np.array_equal(got[layer * 6 + dst], before[q][layer * 6 + src]), (q, layer, src)
+            new.client.goodbye()
+        for r in ranks:
+            r.client.goodbye()
+    finally:
+        for srv in servers:
+            srv.stop(grace=1)
+            for name in shm.list_names(srv.daemon.config.shm_prefix):
+                shm.unlink(name)
