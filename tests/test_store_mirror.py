@@ -23,7 +23,7 @@ import pytest
 
 pytest.importorskip("mooncake.store", reason="the ghostserve[mooncake] extra is not installed")
 
-from test_resume import BLOCK, LAYERS, LAYOUT, SLOTS, Rank, protected_bytes  # noqa: E402
+from test_resume import BLOCK, LAYERS, LAYOUT, SLOTS, Rank, fill, protected_bytes  # noqa: E402
 
 from ghostserve import shm  # noqa: E402
 from ghostserve.client import OperatorClient, WorkerClient, channel, worker_stub  # noqa: E402
@@ -118,14 +118,7 @@ def run_request(ranks, rng, tokens: list[int], blocks: list[int], steps: int = 0
             b = blocks[t // SLOTS]
             s0, _ = writes.get(b, (t % SLOTS, 0))
             writes[b] = (s0, t % SLOTS + 1)
-        for r in ranks:
-            for b, (s0, s1) in writes.items():
-                for s in range(s0, s1):
-                    r.write(rng, b, s)
-        fills = {b: s1 for b, (_, s1) in writes.items()}
-        for i, r in enumerate(ranks):
-            r.client.commit(step, [(b, 0, BLOCK) for b in writes], requests={"q": last}, fills=fills,
-                            records=records if i == 0 else ())
+        fill(ranks, rng, step, writes, {"q": last}, records)
     n = len(tokens) - steps
     write(0, 0, n, [pb.RequestRecord(request_id="q", tokens=tokens[:n], blocks=blocks[: -(-n // SLOTS)],
                                      reset=True)])
@@ -236,7 +229,9 @@ def test_a_corrupt_mirrored_object_is_detected_and_never_served(nodes, master):
         bad = bytearray(probe.get(key))
         bad[-5] ^= 0x40
         assert probe.remove(key)
-        assert probe.put(key, bytes(bad), "") == "stored"   # on b's segment, the only one
+        # on b's segment: once the master has forgotten the lost node's (its client TTL)
+        (b_segment,) = wait_for(lambda: [x.name for x in probe.segments()] if len(probe.segments()) == 1 else None)
+        assert probe.put(key, bytes(bad), b_segment) == "stored"
     finally:
         probe.close()
     fresh = b.ranks("eng-b")

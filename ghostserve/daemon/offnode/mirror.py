@@ -110,6 +110,7 @@ class Mirror:
         self._removals: collections.deque[str] = collections.deque()
         self._hits: collections.OrderedDict[str, _Hit] = collections.OrderedDict()
         self._segments: tuple[float, list[str]] = (0.0, [])
+        self._shunned: dict[str, float] = {}   # segment -> until when a failed put keeps it out
         self._backoff_until = 0.0
         # the store failed since the last audit: it may have restarted and forgotten every object
         self._suspect = False
@@ -359,7 +360,13 @@ class Mirror:
         for q, buf in enumerate(gm.buffers):
             key = gm.space.key(rm.chain[i], q)
             obj = BlockObject(lay.num_layers, lay.block_bytes, lay.block_slots, q, g.n, _crc(buf)).pack(buf.data)
-            outcome = self.store.put(key, obj, target)
+            try:
+                outcome = self.store.put(key, obj, target)
+            except StoreError:
+                # a node that died stays listed until the master's client TTL: try the others meanwhile
+                self._shunned[target] = time.monotonic() + 5 * self.retry_seconds
+                self._segments = (0.0, [])
+                raise
             if outcome != PutOutcome.STORED:
                 self.metrics.mirror_refused.labels(str(outcome)).inc()
                 self._segments = (0.0, [])   # look at the segments again
@@ -377,10 +384,12 @@ class Mirror:
         """Another node's segment with the most room ("" if there is none)."""
         assert self.store is not None
         at, names = self._segments
-        if time.monotonic() - at > _SEGMENTS_TTL:
-            segs = [s for s in self.store.segments() if s.name != self.store.segment]
+        now = time.monotonic()
+        if now - at > _SEGMENTS_TTL:
+            segs = [s for s in self.store.segments()
+                    if s.name != self.store.segment and self._shunned.get(s.name, 0.0) <= now]
             names = [s.name for s in sorted(segs, key=lambda s: s.used - s.capacity)]
-            self._segments = (time.monotonic(), names)
+            self._segments = (now, names)
         return names[0] if names else ""
 
     def _gauges(self, name: str, gm: _GroupMirror, protected: int) -> None:
