@@ -71,9 +71,46 @@ from ghostserve.errors import ChaosError, ChaosOptionError, GhostServeError
 from ghostserve.sidecar import NETWORK_ENV  # the private daemon never opens TCP
 from ghostserve.v1 import ghostserve_pb2 as pb
 
-__all__ = ["Chaos", "ChaosResult", "run_cli", "shape_from"]
+__all__ = ["Chaos", "ChaosResult", "NodeLoss", "run_cli", "shape_from"]
 
 CORRUPT_BYTES = 16  # flipped at the start of layer 0's K of the request's first token
+
+
+@dataclass
+class NodeLoss:
+    """What a ``--kill-node`` run found (:mod:`ghostserve.chaos.nodes`): how far the
+    mirror was at the loss, and what node B got back from where. Blocks count
+    block positions of requests (a position is restored when every rank fetched
+    it, byte-checked); the rest is recomputed on node B: each request's tail (not
+    a full block: never mirrored), blocks not yet mirrored at the loss, blocks a
+    Fetch reported unrecoverable, and requests too short to be mirrored."""
+
+    step: int                     # node A was lost before this step's writes
+    lost: str = "a"               # the node lost, and the node its requests resumed on
+    resumed_on: str = "b"
+    source: str = ""              # where the restored bytes came from (FetchResponse.source): "store"
+    committed_step: int = -1      # at the loss: the newest step node A's workers had committed,
+    protected_step: int = -1      # the newest its daemon had protected (just before the loss),
+    mirrored_step: int = -1       # and the newest whose full blocks were all off-node (-1: none)
+    mirror_lag_steps: int = 0     # protected_step - mirrored_step (protected_step + 1 if none)
+    remote_bytes: int = 0         # node A's KV in other nodes' store segments
+    requests: int = 0             # requests node A held at the loss
+    requests_restored: int = 0    # of them, with at least one block from the store
+    lookup_misses: int = 0        # of them, long enough to be mirrored, whose Lookup found nothing
+    blocks: int = 0               # their blocks, tails included
+    restored_blocks: int = 0
+    recompute_blocks: int = 0     # tail + unmirrored + unrecoverable
+    tail_blocks: int = 0          # the requests' last blocks, not full: never mirrored
+    unmirrored_blocks: int = 0    # full blocks not off-node at the loss (the mirror's lag, short requests)
+    unrecoverable_blocks: int = 0  # named by a store hit, not delivered by a Fetch (missing or corrupt)
+    # full blocks that were protected by mirrored_step (so off-node by the status's word) and that
+    # Lookup did not find: the mirror's status ran ahead of its copies (a note, not a failure)
+    overstated_blocks: int = 0
+    restored_tokens: int = 0
+    recompute_tokens: int = 0
+    resume_seconds: float = 0.0   # from the loss to every rank of node B holding what the store had
+    mirror_min_tokens: int = 0
+    nodes: dict[str, dict[str, str]] = field(default_factory=dict)  # name -> socket, shm_prefix
 
 
 @dataclass
@@ -110,6 +147,7 @@ class ChaosResult:
     socket: str = ""
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    node_loss: NodeLoss | None = None     # --nodes 2 --kill-node STEP
 
 
 @dataclass
@@ -176,6 +214,10 @@ class Chaos:
                                        "'ghostserve[gpu-cuda13]' (or [gpu-cuda12]) on a machine with a GPU")
         self.stall_seconds = stall_seconds
         self.prefix = shm_prefix or private_prefix()
+        # the daemon the workers talk to, their group, and where their KV lives (a
+        # node-loss run moves these from node A to node B; workload step s is
+        # the group's step s - step_offset)
+        self.group, self.namespace, self.kv_prefix, self.step_offset = worker.GROUP, "", self.prefix, 0
         self.tmp = tempfile.mkdtemp(prefix="ghostserve-chaos-")
         self.socket = socket or os.path.join(self.tmp, "gs.sock")
         self.metrics_port = metrics_port
@@ -222,8 +264,9 @@ class Chaos:
     def spawn_worker(self, rank: int) -> float:
         """Start rank's worker (it registers on its own); returns when it started."""
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=worker.main, args=(child, self.shape, self.socket, self.prefix,
-                                                          rank, self.generation[rank], self.device), daemon=True)
+        proc = self.ctx.Process(target=worker.main, args=(child, self.shape, self.socket, self.kv_prefix,
+                                                          rank, self.generation[rank], self.device), daemon=True,
+                                kwargs=dict(group=self.group, namespace=self.namespace, step_offset=self.step_offset))
         t0 = time.perf_counter()
         proc.start()
         child.close()  # the worker holds its end: EOF here once it exits
@@ -274,7 +317,7 @@ class Chaos:
         os.kill(proc.pid, signal.SIGKILL)
         proc.join()
         self.conns.pop(rank).close()
-        name = worker.region_name(self.prefix, rank, self.generation[rank])
+        name = worker.region_name(self.kv_prefix, rank, self.generation[rank])
         host = self.device == KvDevice.HOST
         if daemon_too:
             # the memory goes once nobody maps it: the old daemon's mapping died with it,
@@ -282,7 +325,7 @@ class Chaos:
             self.restart_daemon(DaemonMoment.DEATH, step, f"right after rank {rank}'s SIGKILL",
                                 then=(lambda: self._zero(name)) if host else None)
         try:
-            self.op.wait_ranks("chaos", {rank: "lost"}, timeout=30)
+            self.op.wait_ranks(self.group, {rank: "lost"}, timeout=30)
         except TimeoutError as exc:
             raise ChaosError(f"the daemon did not mark rank {rank} lost within 30 s of its SIGKILL: {exc}") from None
         detected = time.perf_counter() - t0
@@ -318,7 +361,7 @@ class Chaos:
         """A copy of a live rank's KV, as (layers, blocks, 2, block_size, token_bytes):
         read from its shared memory, or (GPU) dumped by the worker."""
         if self.device == KvDevice.HOST:
-            seg = shm.Segment.attach(worker.region_name(self.prefix, rank, self.generation[rank]))
+            seg = shm.Segment.attach(worker.region_name(self.kv_prefix, rank, self.generation[rank]))
             try:
                 return self.shape.view(seg.array()).copy()
             finally:
@@ -332,7 +375,7 @@ class Chaos:
     def damage(self, rank: int, offset: int, data: bytes) -> None:
         """Overwrite ``data`` at byte ``offset`` of a live rank's KV, behind its back."""
         if self.device == KvDevice.HOST:
-            seg = shm.Segment.attach(worker.region_name(self.prefix, rank, self.generation[rank]))
+            seg = shm.Segment.attach(worker.region_name(self.kv_prefix, rank, self.generation[rank]))
             arr = seg.array()
             arr[offset : offset + len(data)] = np.frombuffer(data, dtype=np.uint8)
             del arr
@@ -349,7 +392,7 @@ class Chaos:
         """Wait until the daemon has protected ``step`` (after a daemon restart: until
         the workers have rejoined and resent); False on timeout."""
         try:
-            self.op.wait_protected("chaos", step, timeout)
+            self.op.wait_protected(self.group, step - self.step_offset, timeout)
             return True
         except TimeoutError:
             return False
@@ -361,7 +404,7 @@ class Chaos:
         # the daemon's watermarks say which tokens are protected: let it catch up first
         # (after a daemon restart the workers rejoin and resend), so they are current
         caught_up = self.wait_protected(step - 1)
-        status = self.op.status("chaos").groups[0]
+        status = self.op.status(self.group).groups[0]
         marks = {w.request_id: w.tokens for w in status.watermarks}
         tables = self.work.steps[step - 1].tables
         # the request that lives longest, so the damage is still there to be found
@@ -521,11 +564,11 @@ class Chaos:
     def final_scrub(self) -> None:
         """Check every protected byte against its checksum; repair the bad ranks;
         settle every corruption still pending."""
-        scrub = self.op.scrub("chaos")
+        scrub = self.op.scrub(self.group)
         self.result.corruption_detected += scrub.checksum_mismatches
         repaired: dict[int, pb.RestoreResponse] = {}
         for rank in scrub.bad_ranks:  # a checksum names the bad rank: restore repairs it
-            resp = repaired[rank] = self.op.restore("chaos", rank)
+            resp = repaired[rank] = self.op.restore(self.group, rank)
             self.result.corruption_repaired += 0 if resp.unrecoverable_blocks else 1
         bad_blocks, bad_ranks = set(scrub.bad_blocks), set(scrub.bad_ranks)
         for c in self.corruptions:
@@ -564,15 +607,16 @@ class Chaos:
 
     def _lag(self, step: int) -> None:
         """Protection lag after ``step``; a step waiting longer than ``stall_seconds`` fails the run."""
-        g = self.op.status("chaos").groups
+        g = self.op.status(self.group).groups
         if not g:
             return
         r = self.result
-        r.max_lag_steps = max(r.max_lag_steps, step - g[0].protected_step)
+        done = g[0].protected_step + self.step_offset  # in workload steps
+        r.max_lag_steps = max(r.max_lag_steps, step - done)
         r.max_lag_seconds = max(r.max_lag_seconds, g[0].lag_seconds)
         if g[0].lag_seconds > self.stall_seconds:
             raise ChaosError(f"protection stalled: after step {step} the daemon had protected only step "
-                             f"{g[0].protected_step}, and step {g[0].protected_step + 1} had waited "
+                             f"{done}, and step {done + 1} had waited "
                              f"{g[0].lag_seconds:.1f} s (--stall-seconds {self.stall_seconds:g})")
 
     def run(self) -> ChaosResult:
@@ -633,29 +677,38 @@ class Chaos:
                 self.restart_daemon(DaemonMoment.STEP, step, "before the step's writes")
             if self.kills.get(step):
                 self.fail_ranks(self.kills[step], step)
-            t_step = time.perf_counter()
-            for rank in range(self.shape.ranks):
-                redo = self.recompute.pop(rank, [])
-                if redo:
-                    self.rewrote[step][rank] = redo
-                self.conns[rank].send(("step", step, redo))
-            for rank in range(self.shape.ranks):
-                self._expect_done(rank)
-            self._after_step(step)
-            self._lag(step)
-            time.sleep(max(0.0, self.step_seconds - (time.perf_counter() - t_step)))
-            if self.progress:
-                self.progress(step + 1, self.shape.steps)
+            self._step(step)
+        self._finish()
+
+    def _step(self, step: int) -> None:
+        """Every worker writes and commits ``step`` (and what it recomputes); then the lag, and the pace."""
+        t_step = time.perf_counter()
+        for rank in range(self.shape.ranks):
+            redo = self.recompute.pop(rank, [])
+            if redo:
+                self.rewrote[step][rank] = redo
+            self.conns[rank].send(("step", step, redo))
+        for rank in range(self.shape.ranks):
+            self._expect_done(rank)
+        self._after_step(step)
+        self._lag(step)
+        time.sleep(max(0.0, self.step_seconds - (time.perf_counter() - t_step)))
+        if self.progress:
+            self.progress(step + 1, self.shape.steps)
+
+    def _finish(self) -> None:
+        """After the last step: its protection, the final scrub, the figures, the final check."""
         if not self.wait_protected(self.shape.steps - 1):
             raise ChaosError("the last step was not protected within 60 s")
         self._lag(self.shape.steps - 1)
         self.final_scrub()
-        g = self.op.status("chaos").groups[0]
+        g = self.op.status(self.group).groups[0]
         self.result.parity_bytes, self.result.kv_bytes = g.parity_bytes, g.protected_bytes
         self.result.parity_arena_bytes = g.parity_arena_bytes
         self.final_check()
 
-    def cleanup(self) -> None:
+    def quit_workers(self) -> None:
+        """Every live worker says goodbye and exits (else is killed)."""
         for rank in list(self.conns):
             try:
                 self.conns[rank].send(("quit",))
@@ -666,6 +719,9 @@ class Chaos:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.kill()
+
+    def cleanup(self) -> None:
+        self.quit_workers()
         if self.daemon is not None and self.daemon.poll() is None:
             self.daemon.send_signal(signal.SIGTERM)
             try:
@@ -686,7 +742,28 @@ def shape_from(args: Any) -> Shape:
 def _fault_label(f: dict[str, Any]) -> str:
     if f["kind"] == "kill-daemon":
         return "kill daemon" + (f" at {f['moment']}" if f.get("moment", "step") != "step" else "")
+    if f["kind"] == "kill-node":
+        return f"kill node {f['node']}"
     return f"{f['kind']} rank {f['rank']}"
+
+
+def _node_rows(n: NodeLoss) -> list[tuple[str, str]]:
+    """The summary rows of a node-loss run."""
+    lag = f"{n.mirror_lag_steps} step(s) behind protection" if n.mirrored_step >= 0 else "nothing mirrored yet"
+    why = (f"{n.tail_blocks} tails (never a full block), {n.unmirrored_blocks} not off-node at the loss "
+           f"({n.lookup_misses} request(s) not in the store at all; none under {n.mirror_min_tokens} tokens is), "
+           f"{n.unrecoverable_blocks} unrecoverable")
+    return [
+        ("node loss", f"node {n.lost} lost before step {n.step}: its {n.requests} request(s) resumed on node "
+                      f"{n.resumed_on}"),
+        ("mirror at the loss", f"step {n.committed_step} committed, {n.protected_step} protected, "
+                               f"{n.mirrored_step} mirrored off-node ({lag}); {n.remote_bytes:,} bytes in the store"),
+        ("restored from", n.source or "[red]nothing[/]"),
+        ("restored", f"{n.requests_restored} of {n.requests} request(s), {n.restored_blocks} of {n.blocks} "
+                     f"blocks ({n.restored_tokens:,} tokens)"),
+        ("to recompute", f"{n.recompute_blocks} blocks ({n.recompute_tokens:,} tokens): {why}"),
+        ("resume (s)", f"{n.resume_seconds:.3f} (loss to every rank holding the store's blocks)"),
+    ]
 
 
 def render(result: ChaosResult, shape: Shape) -> list[Any]:
@@ -695,7 +772,8 @@ def render(result: ChaosResult, shape: Shape) -> list[Any]:
 
     r = result
     verdict = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
-    summary = Table(title=f"ghostserve chaos: {shape.ranks}+{shape.parity}, {shape.steps} steps: {verdict}")
+    nodes = ", 2 nodes" if r.node_loss is not None else ""
+    summary = Table(title=f"ghostserve chaos: {shape.ranks}+{shape.parity}, {shape.steps} steps{nodes}: {verdict}")
     summary.add_column("what")
     summary.add_column("value", overflow="fold")
     unrec = "none"
@@ -703,7 +781,8 @@ def render(result: ChaosResult, shape: Shape) -> list[Any]:
         n = len({(u["rank"], u["block"]) for u in r.unrecoverable_ranges})
         unrec = f"{n} block(s), " + ("expected (more than m shards lost)" if r.expected_unrecoverable
                                      else "[red]NOT all expected[/]")
-    rows = [
+    rows = _node_rows(r.node_loss) if r.node_loss is not None else []
+    rows += [
         ("restored bytes", f"{r.restored_bytes:,} ({r.verified_bytes:,} verified, {r.mismatched_bytes:,} "
                            f"mismatched, {r.garbage_bytes:,} garbage)"),
         ("final check", f"{r.final_verified_bytes:,} bytes verified, {r.final_mismatched_bytes:,} mismatched"),
@@ -717,6 +796,10 @@ def render(result: ChaosResult, shape: Shape) -> list[Any]:
         ("daemon restarts", str(r.daemon_restarts)),
         ("wall (s)", f"{r.wall_seconds:.1f}"),
     ]
+    if r.node_loss is not None:  # no rank restores or daemon restarts: the node's rows say it all
+        rows = [(k, v) for k, v in rows if k not in ("unrecoverable", "recovery (s)", "failure seen after (ms)",
+                                                     "daemon restarts")]
+        rows += [("[yellow]note[/]", note) for note in r.notes]
     for key, value in rows:
         summary.add_row(key, value)
     for e in r.errors:
@@ -728,7 +811,7 @@ def render(result: ChaosResult, shape: Shape) -> list[Any]:
     for i, f in enumerate(r.faults):
         outcome = f.get("outcome", "")
         style = {"undetected": "red", "corrected": "green", "restored": "green", "detected": "yellow",
-                 "partly restored": "yellow"}.get(outcome)
+                 "partly restored": "yellow", "not restored": "red"}.get(outcome)
         lines.append((f["step"], i, (str(f["step"]), _fault_label(f), str(f.get("block", "")),
                                      f"[{style}]{outcome}[/]" if style else outcome,
                                      f.get("note", "") + (f" ({f['detected_by']})" if f.get("detected_by") else ""))))
@@ -753,15 +836,23 @@ def run_cli(args: Any) -> int:
     kw = dict(socket=args.socket, shm_prefix=args.shm_prefix, metrics_port=args.metrics_port,
               recover_after=args.recover_after, step_seconds=args.step_ms / 1000, stall_seconds=args.stall_seconds,
               device=args.device)
+
+    def make(progress: Any = None) -> Chaos:
+        if args.nodes:
+            from ghostserve.chaos.nodes import NodeChaos  # noqa: PLC0415
+
+            return NodeChaos(shape, args.kill_node, nodes=args.nodes, progress=progress, **kw)
+        return Chaos(shape, args.kill, args.kill_daemon, args.corrupt, progress=progress, **kw)
+
     if args.json:
-        result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt, **kw).run()
+        result = make().run()
         print(json.dumps(asdict(result)))
         return 0 if result.ok else 1
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("chaos", total=shape.steps)
-        result = Chaos(shape, args.kill, args.kill_daemon, args.corrupt,
-                       progress=lambda done, total: progress.update(task, completed=done), **kw).run()
+        chaos = make(lambda done, total: progress.update(task, completed=done))
+        result = chaos.run()
     console = Console()
-    for table in render(result, shape):
+    for table in render(result, chaos.shape):
         console.print(table)
     return 0 if result.ok else 1

@@ -88,6 +88,16 @@ def add_chaos_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=[d.value for d in KvDevice], default=KvDevice.HOST.value,
                    help="where the workers' KV lives: host (shared memory) or cuda (a GPU allocation, "
                         "rank r on device r mod the devices; needs the gpu-cuda12/13 extra and a GPU)")
+    n = p.add_argument_group("node loss (needs the mooncake extra; docs/scale-out.md)")
+    n.add_argument("--nodes", type=int, default=0, metavar="N",
+                   help="run on N nodes (0: one, no store; only 2 for now): a Mooncake master and a daemon per "
+                        "node on loopback, "
+                        "each joined to the store; the workers run on node A, whose daemon mirrors their KV "
+                        "into node B's store segment (--metrics-port is node A's daemon's)")
+    n.add_argument("--kill-node", type=int, default=None, metavar="STEP",
+                   help="with --nodes 2: lose node A whole before STEP (SIGKILL its daemon and workers, unlink "
+                        "its shared memory), then resume its requests on node B from the store: Lookup, Fetch, "
+                        "every fetched byte checked, the rest recomputed, the run finished on node B")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -141,6 +151,32 @@ def check_plan(ranks: int, parity: int, steps: int, sizes: dict[str, int],
         raise ChaosOptionError(f"--metrics-port {metrics_port}: not a port")
 
 
+def check_nodes(nodes: int, kill_node: int | None, steps: int, device: str = KvDevice.HOST,
+                kills: Iterable[tuple[int, int]] = (), daemon_kills: Iterable[object] = (),
+                corrupts: Iterable[tuple[int, int]] = (), socket: str = "") -> None:
+    """Refuse a node-loss plan that cannot work (``--nodes``, ``--kill-node``), naming the option."""
+    if not nodes:
+        if kill_node is not None:
+            raise ChaosOptionError(f"--kill-node {kill_node}: needs --nodes 2 (a node to lose and one to resume on)")
+        return
+    if nodes != 2:
+        raise ChaosOptionError(f"--nodes {nodes}: only 2 nodes for now (node A runs the workers and is lost, "
+                               "node B resumes its requests)")
+    if kill_node is None:
+        raise ChaosOptionError("--nodes 2: give --kill-node STEP (the loss of node A is the run's fault)")
+    if not 0 < kill_node < steps:
+        raise ChaosOptionError(f"--kill-node {kill_node}: step {kill_node} is outside 1..{steps - 1}")
+    if device != KvDevice.HOST:
+        raise ChaosOptionError(f"--device {device} with --nodes: node loss runs on host KV only for now")
+    for flag, given in (("--kill", list(kills)), ("--kill-daemon", list(daemon_kills)),
+                        ("--corrupt", list(corrupts))):
+        if given:
+            raise ChaosOptionError(f"{flag} with --nodes: the loss of node A is a two-node run's only fault "
+                                   "for now")
+    if socket:
+        raise ChaosOptionError(f"--socket {socket} with --nodes: each node's daemon gets a fresh socket of its own")
+
+
 def as_daemon_kill(item: int | tuple[DaemonMoment, int]) -> tuple[DaemonMoment, int]:
     """A daemon kill of a plan: a bare step means before that step's writes."""
     return (DaemonMoment.STEP, item) if isinstance(item, int) else (DaemonMoment(item[0]), int(item[1]))
@@ -152,3 +188,5 @@ def check_args(args: argparse.Namespace) -> None:
              "--heads": args.heads, "--head-dim": args.head_dim, "--requests": args.requests}
     check_plan(args.ranks, args.parity, args.steps, sizes, args.kill, args.kill_daemon, args.corrupt,
                args.recover_after, args.step_ms / 1000, args.metrics_port, args.stall_seconds)
+    check_nodes(args.nodes, args.kill_node, args.steps, args.device, args.kill, args.kill_daemon, args.corrupt,
+                args.socket)

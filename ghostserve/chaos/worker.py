@@ -7,7 +7,11 @@ memory (:class:`HostKV`, device "host") or an allocation on a GPU
 may share one), exported over CUDA IPC and written through a host mirror whose
 dirty bytes are copied up before each commit, with an interprocess event. A
 replacement (generation > 0) restores first and then recomputes what the
-daemon did not protect. Commands and replies travel over a pipe; an error
+daemon did not protect. With a slotted shape (node-loss runs) each commit also
+carries filled slots and, from rank 0, Lookup records; a new group on another
+node (``step_offset``: the workload step its group's step 0 stands for) first
+fetches what the store holds (``fetch``), then commits every live request at
+once (``resume``) and goes on with the workload. Commands and replies travel over a pipe; an error
 (the daemon refusing the registration, say) goes back over it as
 ``("error", text)`` before the process exits, so the driver reports it at once.
 """
@@ -22,11 +26,13 @@ from typing import Any
 import numpy as np
 
 from ghostserve import shm
-from ghostserve.chaos.workload import Shape, Workload, write_tokens
+from ghostserve.chaos.workload import Shape, SlotCommit, Workload, write_tokens
 from ghostserve.client import WorkerClient
 from ghostserve.errors import GhostServeError
+from ghostserve.v1 import ghostserve_pb2 as pb
 
 EVENTS_KEPT = 1024  # CudaKV: steps whose events wait for the daemon (gpukv.StepEvents)
+GROUP = "chaos"     # the workers' group (a node-loss run names one per node)
 
 
 def region_name(prefix: str, rank: int, generation: int) -> str:
@@ -171,10 +177,11 @@ def open_kv(shape: Shape, device: str, name: str, rank: int) -> HostKV | CudaKV:
 
 
 def main(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, generation: int,
-         device: str = "host") -> None:
-    """The worker process: serve the driver's commands until ``quit``."""
+         device: str = "host", group: str = GROUP, namespace: str = "", step_offset: int = 0) -> None:
+    """The worker process: serve the driver's commands until ``quit``. It commits
+    workload step ``s`` as its group's step ``s - step_offset``."""
     try:
-        _serve(conn, shape, socket, prefix, rank, generation, device)
+        _serve(conn, shape, socket, prefix, rank, generation, device, group, namespace, step_offset)
     except (EOFError, BrokenPipeError):  # the driver is gone
         return
     except BaseException as exc:
@@ -185,12 +192,18 @@ def main(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, ge
         raise SystemExit(1) from None
 
 
+def _records(sc: SlotCommit) -> list[pb.RequestRecord]:
+    return [pb.RequestRecord(request_id=r.request, tokens=r.tokens, blocks=r.blocks, reset=r.reset)
+            for r in sc.records]
+
+
 def _serve(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, generation: int,
-           device: str) -> None:
+           device: str, group: str, namespace: str, step_offset: int) -> None:
     work = Workload(shape)
     memory = open_kv(shape, device, region_name(prefix, rank, generation), rank)
     kv = memory.kv
-    client = WorkerClient(socket, "chaos", rank, shape.ranks, shape.parity, shape.layout(), **memory.client_region)
+    client = WorkerClient(socket, group, rank, shape.ranks, shape.parity, shape.layout(), namespace=namespace,
+                          **memory.client_region)
     t0 = time.perf_counter()
     conn.send(("registering",))
     client.register(wait=60)  # a daemon still starting (or restarting: --kill-daemon register@STEP)
@@ -202,14 +215,37 @@ def _serve(conn: Connection, shape: Shape, socket: str, prefix: str, rank: int, 
             step, recompute = args
             st = work.steps[step]
             write_tokens(shape, kv, rank, st.writes + recompute)
-            dirty = work.dirty(step)
-            tb, bs = shape.token_bytes, shape.block_size
-            for _, _, b, j in recompute:
-                dirty += [(b, j * tb, (j + 1) * tb), (b, (bs + j) * tb, (bs + j + 1) * tb)]
+            slotted: dict[str, Any] = {}
+            if shape.slotted:
+                sc = work.slot_commit(step, recompute)
+                dirty = sc.dirty
+                slotted = dict(fills=sc.fills, records=_records(sc) if rank == 0 else ())  # records: once a step
+            else:
+                dirty = work.dirty(step)
+                tb, bs = shape.token_bytes, shape.block_size
+                for _, _, b, j in recompute:
+                    dirty += [(b, j * tb, (j + 1) * tb), (b, (bs + j) * tb, (bs + j + 1) * tb)]
             t = time.perf_counter()
             memory.protected(client.protected_step)
-            event = memory.publish(step, dirty)
-            client.commit(step, dirty, st.lengths, st.freed, st.finished, cuda_event=event)
+            event = memory.publish(step - step_offset, dirty)
+            client.commit(step - step_offset, dirty, st.lengths, st.freed, st.finished, cuda_event=event,
+                          **slotted)
+            conn.send(("done", step, time.perf_counter() - t))
+        elif cmd == "fetch":
+            # args: source group, source rank, source blocks, tokens, this rank's blocks
+            resp = client.fetch(*args)
+            memory.restored()
+            conn.send(("fetched", resp.SerializeToString()))
+        elif cmd == "resume":
+            # args: the workload step this group takes over after, and the slots to recompute
+            # (rid, token, block, slot); then one commit holds every live request
+            step, recompute = args
+            write_tokens(shape, kv, rank, recompute)
+            sc = work.resume_commit(step)
+            t = time.perf_counter()
+            event = memory.publish(step - step_offset, sc.dirty)
+            client.commit(step - step_offset, sc.dirty, sc.lengths, fills=sc.fills,
+                          records=_records(sc) if rank == 0 else (), cuda_event=event)
             conn.send(("done", step, time.perf_counter() - t))
         elif cmd == "restore":
             t = time.perf_counter()

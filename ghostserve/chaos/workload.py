@@ -10,10 +10,18 @@ slot can be recomputed at any time for byte-exact checks.
 Per-rank KV layout (paged, 2-byte elements): ``(layers, blocks, 2 [K, V],
 block_size, heads * head_dim * 2 bytes)``. A token's K (or V) bytes of one
 layer are one checksum chunk.
+
+A slotted shape (``Shape.slotted``, the node-loss runs) keeps those bytes but
+declares the layout slot-addressed, as vLLM's paged KV is: a block is one chunk,
+its ``slot_map`` names the slot (token) of every byte, and commits carry filled
+slots and Lookup records, so the daemon's request index, its mirror and
+``Lookup`` see each request's token prefix. Token ids are a pure function of
+(seed, request, token) too (:func:`token_ids`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,6 +40,7 @@ class Shape:
     requests: int = 6       # concurrent requests
     prefill_chunk: int = 32
     seed: int = 0
+    slotted: bool = False   # a slot-addressed layout with Lookup records (see the module doc)
 
     @property
     def token_bytes(self) -> int:
@@ -41,10 +50,18 @@ class Shape:
     def block_bytes(self) -> int:
         return 2 * self.block_size * self.token_bytes
 
-    def layout(self) -> dict[str, int]:
-        return dict(num_layers=self.layers, num_blocks=self.blocks, block_bytes=self.block_bytes,
-                    chunk_bytes=self.token_bytes, layer_stride=self.blocks * self.block_bytes,
-                    block_stride=self.block_bytes, offset=0)
+    def layout(self) -> dict[str, int | bytes]:
+        out: dict[str, int | bytes] = dict(
+            num_layers=self.layers, num_blocks=self.blocks, block_bytes=self.block_bytes,
+            chunk_bytes=self.token_bytes, layer_stride=self.blocks * self.block_bytes,
+            block_stride=self.block_bytes, offset=0)
+        if self.slotted:  # one chunk a block; its bytes' slots: K of slots 0..bs-1, then V of them
+            out.update(chunk_bytes=self.block_bytes, block_slots=self.block_size, slot_map=self.slot_map().tobytes())
+        return out
+
+    def slot_map(self) -> np.ndarray:
+        """The slot of every byte of a block (``KVLayout.slot_map``, little-endian uint16)."""
+        return ((np.arange(self.block_bytes) // self.token_bytes) % self.block_size).astype("<u2")
 
     @property
     def region_bytes(self) -> int:
@@ -80,6 +97,28 @@ class Step:
     freed: list[int]
     finished: list[str]
     tables: dict[int, tuple[int, list[int]]]      # live rid -> (tokens, blocks) after this step
+
+
+@dataclass(frozen=True)
+class RecordNews:
+    """One request's Lookup record in a commit (``pb.RequestRecord``'s fields)."""
+
+    request: str
+    tokens: list[int]       # token ids appended (all of them with ``reset``)
+    blocks: list[int]       # blocks appended
+    reset: bool             # the request starts here: earlier records are forgotten
+
+
+@dataclass(frozen=True)
+class SlotCommit:
+    """What a slotted shape's commit carries besides the step's freed blocks and
+    finished requests: whole dirty blocks, their filled slots, the requests'
+    lengths, and (rank 0 sends them) the Lookup records."""
+
+    dirty: list[tuple[int, int, int]]
+    fills: dict[int, int]
+    lengths: dict[str, int]
+    records: list[RecordNews]
 
 
 class Workload:
@@ -128,6 +167,57 @@ class Workload:
                 out.append((block, (bs + slot) * tb, (bs + slot + 1) * tb))
         return out
 
+    def slot_commit(self, step: int, extra: Iterable[tuple[int, int, int, int]] = ()) -> SlotCommit:
+        """The commit of ``step`` for a slotted shape: the blocks its writes (and
+        ``extra`` ones, recomputed) touch, whole; records of the tokens and new
+        blocks of each request it wrote (a request's first tokens reset it)."""
+        st, bb = self.steps[step], self.shape.block_bytes
+        fills: dict[int, int] = {}
+        written: dict[int, list[tuple[int, int, int]]] = {}   # rid -> (token, block, slot), in order
+        for rid, t, b, j in st.writes:
+            written.setdefault(rid, []).append((t, b, j))
+        for _, _, b, j in [*st.writes, *extra]:
+            fills[b] = max(fills.get(b, 0), j + 1)  # a request's tokens fill its blocks in order
+        records = [RecordNews(f"req{rid}", token_ids(self.shape, rid, ws[0][0], ws[-1][0] + 1),
+                              [b for _, b, j in ws if j == 0], reset=ws[0][0] == 0)
+                   for rid, ws in written.items()]
+        return SlotCommit([(b, 0, bb) for b in fills], fills, dict(st.lengths), records)
+
+    def resume_commit(self, step: int) -> SlotCommit:
+        """A new group's first commit, holding every request live after ``step``
+        (fetched or recomputed): all their blocks, filled as far as their tokens
+        go, and a record of each that starts it afresh."""
+        bs, bb = self.shape.block_size, self.shape.block_bytes
+        fills: dict[int, int] = {}
+        records, lengths = [], {}
+        for rid, (n, blocks) in self.steps[step].tables.items():
+            for i, b in enumerate(blocks):
+                fills[b] = min(bs, n - i * bs)
+            records.append(RecordNews(f"req{rid}", token_ids(self.shape, rid, 0, n), list(blocks), reset=True))
+            lengths[f"req{rid}"] = n
+        return SlotCommit([(b, 0, bb) for b in fills], fills, lengths, records)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """A 64-bit finaliser (splitmix64's): every input bit reaches every output bit."""
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(31)
+        x *= np.uint64(0x7FB5D329728EA185)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x81DADEF4BC2DD44D)
+        x ^= x >> np.uint64(33)
+    return x
+
+
+def token_ids(shape: Shape, rid: int, first: int, last: int) -> list[int]:
+    """Token ids of tokens [first, last) of request ``rid``: a hash of (seed,
+    request, token), 31 bits, so two requests' blocks never share a prefix key."""
+    t = np.arange(first, last, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (np.uint64(shape.seed) * np.uint64(0xD1B54A32D192ED03) + np.uint64(rid) * np.uint64(0xAEF17502108EF2D9)
+             + t * np.uint64(0xF1357AEA2E62A9C5) + np.uint64(0x632BE59BD9B4E019))
+    return (_mix(x) >> np.uint64(33)).astype(np.int64).tolist()
+
 
 def content(shape: Shape, rank: int, rids: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     """Expected KV bytes of tokens, shape (n, layers, 2, token_bytes): a hash of
@@ -141,12 +231,7 @@ def content(shape: Shape, rank: int, rids: np.ndarray, tokens: np.ndarray) -> np
         x = (np.uint64(shape.seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(rank) * np.uint64(0xBF58476D1CE4E5B9)
              + rids * np.uint64(0x94D049BB133111EB) + tokens * np.uint64(0x2545F4914F6CDD1D)
              + layer * np.uint64(0x9E6C63D0676A9A99) + kv * np.uint64(0xD6E8FEB86659FD93) + byte)
-        x ^= x >> np.uint64(31)
-        x *= np.uint64(0x7FB5D329728EA185)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x81DADEF4BC2DD44D)
-        x ^= x >> np.uint64(33)
-    return (x & np.uint64(0xFF)).astype(np.uint8)
+    return (_mix(x) & np.uint64(0xFF)).astype(np.uint8)
 
 
 def write_tokens(shape: Shape, kv: np.ndarray, rank: int, writes: list[tuple[int, int, int, int]]) -> None:
