@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "gpu": ("cupy",),
     "bench": ("matplotlib",),
     "front": ("aiohttp",),
+    "mooncake": ("mooncake",),
 }
 
 

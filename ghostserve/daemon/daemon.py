@@ -107,6 +107,8 @@ class Daemon:
         self.mirror: Mirror | None = None
         if config.store:  # Mooncake is imported by the mirror's thread, never without --store
             from ghostserve.daemon.offnode.store import open_store
+            from ghostserve.extras import require
+            require("mooncake", "ghostserve serve --store")
             self.mirror = Mirror(functools.partial(open_store, config.store, config.store_address,
                                                    config.store_segment_bytes), config, self.metrics)
 

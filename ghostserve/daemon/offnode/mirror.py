@@ -47,7 +47,7 @@ from ghostserve.daemon.calls import FetchCall, LookupHit
 from ghostserve.daemon.offnode.objects import BlockObject, KeySpace
 from ghostserve.daemon.offnode.store import PutOutcome, RemoteStore
 from ghostserve.daemon.recovery import FetchResult, FetchSource
-from ghostserve.errors import StoreError, UnknownGroup
+from ghostserve.errors import GhostServeError, StoreError, UnknownGroup
 from ghostserve.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -111,6 +111,7 @@ class Mirror:
         self._hits: collections.OrderedDict[str, _Hit] = collections.OrderedDict()
         self._segments: tuple[float, list[str]] = (0.0, [])
         self._shunned: dict[str, float] = {}   # segment -> until when a failed put keeps it out
+        self._said: dict[str, PutOutcome] = {}  # group -> the refusal last logged at WARNING
         self._backoff_until = 0.0
         # the store failed since the last audit: it may have restarted and forgotten every object
         self._suspect = False
@@ -144,7 +145,7 @@ class Mirror:
             gm = self._groups.get(group.name)
             have = gm.requests if gm is not None else {}
             due = gm is None or not gm.complete or any(
-                (t == 0 and r in have) or (t >= self.min_tokens and t // slots > len(have[r].chain if r in have else ()))
+                (t == 0 and r in have) or (t >= self.min_tokens and t // slots > (have[r].stored if r in have else 0))
                 for r, t in changed.items())
             if due:
                 if gm is not None or any(t >= self.min_tokens for t in changed.values()):
@@ -262,7 +263,7 @@ class Mirror:
     def _join(self) -> bool:
         try:
             self.store = self._connect()
-        except StoreError as exc:
+        except GhostServeError as exc:  # StoreError; a ConfigError of the URL was caught at start
             log.warning("joining the store failed (%s); mirroring waits, local protection goes on", exc)
             self.metrics.store_errors.labels("join").inc()
             self._backoff_until = time.monotonic() + self.retry_seconds
@@ -312,12 +313,14 @@ class Mirror:
                 if not rm.dropped and rm.stored < len(blocks):
                     todo.append((req, rm, blocks))
             self._trim_backlog(g.name, todo)
+            if todo:  # until this scan ends, the mirror is not as current as protection
+                gm.complete = False
         if not gm.buffers:
             gm.buffers = [np.empty(lay.num_layers * lay.block_bytes, dtype=np.uint8) for _ in range(view.world_size)]
         complete = True
         for req, rm, blocks in todo:
             while not rm.dropped and rm.stored < len(blocks):
-                if not self._mirror_block(g, gm, req, rm, rm.stored, blocks[rm.stored]):
+                if not self._mirror_block(g, gm, req, rm, rm.stored, blocks[rm.stored], view.protected_step):
                     complete = False
                     break
         with self._cond:
@@ -344,11 +347,13 @@ class Mirror:
             log.warning("mirror of %s/%s dropped: %d blocks behind (more than --mirror-backlog-blocks %d)",
                         group, req, n, self.backlog_limit)
 
-    def _mirror_block(self, g: Group, gm: _GroupMirror, req: str, rm: _Request, i: int, block: int) -> bool:
-        """Copy position ``i`` (block ``block``) of request ``req`` off-node, every rank."""
+    def _mirror_block(self, g: Group, gm: _GroupMirror, req: str, rm: _Request, i: int, block: int,
+                      as_of: int) -> bool:
+        """Copy position ``i`` (block ``block``) of request ``req`` off-node, every rank,
+        if the block still holds what it held at step ``as_of`` (the snapshot's)."""
         assert self.store is not None
         lay = g.layout
-        if not g.read_protected(block, gm.buffers):
+        if not g.read_protected(block, gm.buffers, as_of):
             log.debug("mirror of %s/%s block %d (%d): not settled", g.name, req, i, block)
             self.metrics.mirror_refused.labels("unsettled").inc()
             return False
@@ -371,12 +376,15 @@ class Mirror:
                 self.metrics.mirror_refused.labels(str(outcome)).inc()
                 self._segments = (0.0, [])   # look at the segments again
                 self._backoff_until = time.monotonic() + self.retry_seconds
-                log.warning("mirror of %s/%s block %d refused: %s", g.name, req, i, outcome)
+                say = log.warning if self._said.get(g.name) != outcome else log.debug  # once, not every retry
+                self._said[g.name] = outcome
+                say("mirror of %s/%s block %d refused: %s", g.name, req, i, outcome)
                 return False
             with self._cond:
                 self._holders.setdefault(key, set()).add((g.name, req))
                 rm.keys[key] = len(obj)
         rm.stored = i + 1
+        self._said.pop(g.name, None)
         self.metrics.mirrored_bytes.labels(g.name).inc(lay.num_layers * lay.block_bytes * g.n)
         return True
 

@@ -144,14 +144,17 @@ class MooncakeStore:
         cfg.with_hard_pin = True   # mirrors are removed with their request, never evicted
         if target:
             cfg.preferred_segment = target
-        rc = self._client.put(key, data, cfg)
-        if rc == -200:
-            return PutOutcome.NO_ROOM
-        if rc != 0:
-            raise StoreError(f"put {key}: {describe(rc)}")
+        existed = self.exists([key])[0]
+        if not existed:
+            rc = self._client.put(key, data, cfg)
+            if rc == -200:
+                return PutOutcome.NO_ROOM
+            if rc != 0:
+                raise StoreError(f"put {key}: {describe(rc)}")
         where = self.where(key)
         if where and all(w in self._own_names() for w in where):
-            self.remove(key)
+            if not existed:  # ours, and useless here; another node's copy (a resumed request) is left alone
+                self.remove(key)
             return PutOutcome.LOCAL
         return PutOutcome.STORED
 
