@@ -63,6 +63,12 @@ class Config:
     # CUDA groups: each device's staging ring (peer sources, parity on its way to the
     # arena); a stripe longer than half of it is encoded in pieces
     cuda_staging_bytes: int = 64 << 20
+    # a group's encoder takes up to this many consecutive ready steps in one encode (one
+    # read of each block they wrote, one wake-up): it only merges steps that wait already
+    coalesce_steps: int = 4
+    # ... and waits up to this long for the next step before it encodes one alone (0: never
+    # waits; a step's protection is then delayed by at most this, bounding lag to ~2 steps)
+    coalesce_wait_seconds: float = 0.0
     # off-node mirror (docs/scale-out.md): "" keeps everything on this node and never imports Mooncake
     store: str = ""                     # mooncake://HOST:PORT[?metadata=URL&admin=HOST:PORT]
     node: str = ""                      # this node's name in status and logs ("": the host name)
@@ -99,6 +105,10 @@ class Config:
             raise ConfigError("rpc_threads", f"{self.rpc_threads} must be >= 4")
         if self.restore_tile_bytes < 0:
             raise ConfigError("restore_tile_bytes", f"{self.restore_tile_bytes} must be >= 0 (0: no fused pass)")
+        if self.coalesce_steps < 1:
+            raise ConfigError("coalesce_steps", f"{self.coalesce_steps} must be >= 1 (1: a step per encode)")
+        if not 0 <= self.coalesce_wait_seconds <= 5:
+            raise ConfigError("coalesce_wait_seconds", f"{self.coalesce_wait_seconds} must be in 0..5")
         if self.cuda_staging_bytes < 64 << 10:
             raise ConfigError("cuda_staging_bytes", f"{self.cuda_staging_bytes} must be >= 65536")
         if self.store:

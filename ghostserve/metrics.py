@@ -28,6 +28,9 @@ class Metrics:
         self.steps_encoded = Counter(
             "ghostserve_steps_encoded_total", "Engine steps whose KV writes are protected", g,
             registry=registry)
+        self.encodes = Counter(
+            "ghostserve_encodes_total", "Encodes run (consecutive steps encoded together count once)", g,
+            registry=registry)
         self.commits = Counter(
             "ghostserve_commits_total", "Step commits received from workers", g, registry=registry)
         self.lag_steps = Gauge(

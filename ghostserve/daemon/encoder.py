@@ -18,7 +18,7 @@ encoded and never the group's lock.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ghostserve.daemon.commits import CommitRecord, Range, merge
@@ -52,6 +52,15 @@ class Pending:
 
     def take(self, t: int) -> dict[int, CommitRecord]:
         return self._steps.pop(t)
+
+    def take_run(self, protected: int, n: int, alive: Callable[[int], bool], most: int) -> list[
+            tuple[int, dict[int, CommitRecord]]]:
+        """Steps ``protected`` + 1, + 2, ... while each is ready (at most ``most``):
+        what one encode covers when the encoder is behind."""
+        run: list[tuple[int, dict[int, CommitRecord]]] = []
+        while len(run) < most and (t := self.ready(protected + len(run), n, alive)) is not None:
+            run.append((t, self.take(t)))
+        return run
 
     def put_back(self, t: int, commits: Mapping[int, CommitRecord]) -> None:
         """A step whose encode was dropped: its live ranks' commits wait for the rest again."""
@@ -104,6 +113,32 @@ class StepEncoder:
                               {b for c in commits.values() for b in (*c.released, *c.freed)})
 
 
+def coalesce(run: Sequence[tuple[int, Mapping[int, CommitRecord]]]) -> dict[int, CommitRecord]:
+    """One commit per rank that encodes what the consecutive steps of ``run`` wrote,
+    as the last of them (its memory is read once, after all of them): every range;
+    each block's fill as the last step that filled it leaves it; the blocks
+    released by any step (voided before the encode; what earlier steps wrote there
+    is dropped); the blocks freed by a step and not written or released by a later one. Requests and
+    records stay with each step (the index takes them step by step)."""
+    out: dict[int, CommitRecord] = {}
+    for _, commits in run:
+        for q, c in commits.items():
+            m = out.get(q)
+            if m is None:
+                m = out[q] = CommitRecord(c.step, [], fills={}, event=c.event)
+            released = set(c.released)
+            live = {b for b, _, _ in c.ranges} | released
+            m.freed = [b for b in m.freed if b not in live] + list(c.freed)
+            # a released block's earlier contents belong to no one: only what this step writes counts
+            m.ranges = [r for r in m.ranges if r[0] not in released] + list(c.ranges)
+            for b in released:
+                m.fills.pop(b, None)
+            m.fills.update(c.fills)
+            m.released += c.released
+            m.step, m.event = c.step, c.event or m.event
+    return out
+
+
 def news(t: int, commits: Mapping[int, CommitRecord], void: Callable[[str, int], bool]) -> StepNews:
     """What encoded step ``t`` tells the request index: tokens written on every
     rank (the minimum across ranks) become protected; records of requests not
@@ -128,4 +163,4 @@ def failed_news(t: int, commits: Mapping[int, CommitRecord]) -> StepNews:
     return StepNews(step=t, unprotect=victims - finished, finished=finished)
 
 
-__all__ = ["Pending", "Range", "StepEncoder", "failed_news", "news"]
+__all__ = ["Pending", "Range", "StepEncoder", "coalesce", "failed_news", "news"]

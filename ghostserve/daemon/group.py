@@ -49,7 +49,7 @@ from ghostserve.daemon import datapath, recovery
 from ghostserve.daemon.calls import GroupView, MirrorView, Notice, NoticeKind, RankView
 from ghostserve.daemon.commits import CommitRecord, validate
 from ghostserve.daemon.datapath import DataPath, RankMemory, RegionSpec
-from ghostserve.daemon.encoder import Pending, StepEncoder, failed_news, news
+from ghostserve.daemon.encoder import Pending, StepEncoder, coalesce, failed_news, news
 from ghostserve.daemon.index import RequestIndex, StepNews
 from ghostserve.daemon.layout import Layout
 from ghostserve.daemon.messages import SUPERSEDED, Ack, Event, EventKind, OutboxItem
@@ -108,6 +108,7 @@ class Group:
         self.end_reason: EndReason | None = EndReason(reason) if reason else None
         self.last_restore: dict[str, Any] | None = None
         self.rejoin_wait = config.rejoin_wait_seconds  # a restore waits this long for survivors to rejoin
+        self.coalesce_steps, self.coalesce_wait = config.coalesce_steps, config.coalesce_wait_seconds
         self.stall_seconds = config.stall_seconds
         self.closed = False  # dropped: the pid watcher may still hold it for one pass
         # called (under ``lock``, must not block) when a rank registers or the engine ends:
@@ -486,34 +487,47 @@ class Group:
         return r is not None and r.state == ALIVE
 
     def _encode_loop(self) -> None:
-        """The encoder thread: each step once every rank committed it and all are
-        alive; its result applied under ``lock`` (index news, then the protected step)."""
+        """The encoder thread: the next step once every rank committed it and all are
+        alive, with the steps after it that are ready too (at most ``coalesce_steps``,
+        one encode: the daemon is behind), after waiting up to ``coalesce_wait_seconds``
+        for the next one; the result applied under ``lock`` (index news step by step,
+        then the protected step)."""
         while True:
             with self.cond:
                 while not self._stopped and self.pending.ready(self.protected_step, self.n, self._alive) is None:
                     self.cond.wait()
                 if self._stopped:
                     return
-                t = self.protected_step + 1
-                commits = self.pending.take(t)
+                if self.coalesce_wait > 0 and self.coalesce_steps > 1:  # the steps stay pending meanwhile
+                    self.cond.wait_for(lambda: self._stopped or self.pending.ready(
+                        self.protected_step + 1, self.n, self._alive) is not None, timeout=self.coalesce_wait)
+                run = self.pending.take_run(self.protected_step, self.n, self._alive, self.coalesce_steps)
+                if not run:  # a rank was lost while we waited
+                    continue
                 mems = self._memories()
+            t = run[-1][0]
+            commits = coalesce(run) if len(run) > 1 else run[0][1]
             started = time.perf_counter()
             try:
-                nbytes = self.encoder.encode(t, commits, mems, functools.partial(self._still_mapped, t, commits, mems))
-            except Exception:  # a daemon bug: fail this step visibly, keep serving
+                nbytes = self.encoder.encode(t, commits, mems, functools.partial(self._still_mapped, run, mems))
+            except Exception:  # a daemon bug: fail these steps visibly, keep serving
                 log.exception("group %s: encoding step %d failed; its writes are unprotected", self.name, t)
-                self._step_failed(t, commits)
+                for s, c in run:
+                    self._step_failed(s, c)
                 continue
             if nbytes is None:
                 continue
             with self.lock:
-                # the index first: after a crash in between, the workers resend step t
-                # and the index, which already has it, ignores the resend
-                changed = self.index.apply(news(t, commits, self.index.void))
+                # the index first: after a crash in between, the workers resend the steps
+                # and the index, which already has them, ignores the resend
+                changed: dict[str, int] = {}
+                for s, c in run:
+                    changed.update(self.index.apply(news(s, c, self.index.void)))
                 self.stripes.publish(t)
                 self.metrics.encoded_bytes.labels(self.name).inc(nbytes)
                 self.metrics.encode_seconds.labels(self.name).inc(time.perf_counter() - started)
-                self.metrics.steps_encoded.labels(self.name).inc()
+                self.metrics.steps_encoded.labels(self.name).inc(len(run))
+                self.metrics.encodes.labels(self.name).inc()
                 self.update_gauges()
                 self.broadcast(Ack(t, changed))
                 self._notify(NoticeKind.STEP_PROTECTED)
@@ -528,14 +542,15 @@ class Group:
             mems[q] = mem
         return mems
 
-    def _still_mapped(self, t: int, commits: Mapping[int, CommitRecord], mems: Mapping[int, RankMemory]) -> bool:
+    def _still_mapped(self, run: list[tuple[int, dict[int, CommitRecord]]], mems: Mapping[int, RankMemory]) -> bool:
         """Are ``mems`` still the ranks' memories? If a rank was lost while the
         encoder read it, the parity may cover a dead rank's destroyed bytes: the
-        step's live commits wait again, and the replacement recommits step t."""
+        steps' live commits wait again, and the replacement recommits them."""
         with self.lock:
             if all(self.ranks[q].memory is mems[q] for q in range(self.n)):
                 return True
-            self.pending.put_back(t, {q: c for q, c in commits.items() if self._alive(q)})
+            for t, commits in run:
+                self.pending.put_back(t, {q: c for q, c in commits.items() if self._alive(q)})
             self.update_gauges()
             return False
 
@@ -582,11 +597,12 @@ class Group:
                         out[req] = (tokens[:mark], blocks[: mark // slots])
             return MirrorView(self.protected_step, self.namespace, self.layout, self.n, present, out)
 
-    def read_protected(self, block: int, outs: list[np.ndarray]) -> bool:
+    def read_protected(self, block: int, outs: list[np.ndarray], as_of: int) -> bool:
         """Copy every rank's shard of full ``block`` into ``outs[rank]`` if they are
-        the protected bytes (each rank's checksum after the copy is the one recorded
-        when the block was encoded); False (``outs`` undefined) if a rank is not
-        alive, the block is not full and protected, or it changed since."""
+        the bytes protected at step ``as_of`` or before (each rank's checksum after
+        the copy is the one recorded when the block was encoded); False (``outs``
+        undefined) if a rank is not alive, the block is not full and protected, or
+        it was encoded again since ``as_of`` (reused by another request, say)."""
         slots = self.layout.block_slots
         with self.lock:
             mems = {q: r.memory for q, r in self.ranks.items() if r.state == ALIVE and r.memory is not None}
@@ -594,7 +610,7 @@ class Group:
             return False
         st = self.stripes
         with st.io:
-            if not st.deliverable([block], np.asarray([slots]))[0]:
+            if not st.deliverable([block], np.asarray([slots]))[0] or int(st.store.chunk_step[block].max()) > as_of:
                 return False
             for q, mem in mems.items():
                 st.data.read_block(mem, block, outs[q])
