@@ -434,7 +434,12 @@ class Daemon:
                 return None
             spaces = {KeySpace.of(g.namespace, g.layout, g.n) for g in list(self.groups.values())
                       if g.slotted and g.namespace == namespace}
-            return self.mirror.lookup(tokens, sorted(spaces, key=lambda s: s.prefix))
+            started = time.perf_counter()
+            hit = self.mirror.lookup(tokens, sorted(spaces, key=lambda s: s.prefix))
+            if hit is not None:
+                log.info("lookup: %d of %d tokens in the store (%s) in %.4f s", hit.tokens, len(tokens), hit.group,
+                         time.perf_counter() - started)
+            return hit
         g, (request_id, n, blocks) = best
         return LookupHit(g.name, request_id, n, blocks, g.layout.block_slots)
 
