@@ -55,6 +55,7 @@ class Node:
             "--store", master.url, "--node", name, "--store-segment-bytes", str(segment_bytes),
             "--mirror-min-tokens", str(MIN_TOKENS))).start()
         self.sock = self.daemon.socket
+        self.master = master
         self.made: list[shm.Segment] = []
 
     def region(self, size: int) -> shm.Segment:
@@ -82,6 +83,13 @@ class Node:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith(name) and not line.startswith("#"))
+
+    def store_exists(self, keys: list[str]) -> list[bool]:
+        probe = MooncakeStore(StoreUrl.parse(self.master.url), "127.0.0.1", 0)
+        try:
+            return probe.exists(keys)
+        finally:
+            probe.close()
 
     def lose(self) -> None:
         """The whole node goes: its daemon SIGKILLed, every segment it held unlinked."""
@@ -172,6 +180,20 @@ def test_a_lost_nodes_request_is_fetched_on_another_node_byte_exact(nodes):
     other = list(tokens)
     other[3 * SLOTS + 1] += 1
     assert lookup(b, other).tokens == 3 * SLOTS
+    # b runs the request on: the copies a left in b's segment are now b's request's (no other
+    # node can take them), and go from the store when b's request is released
+    for i, r in enumerate(fresh):   # the loaded blocks protected on b (as the connector re-protects them)
+        r.client.commit(0, [(d, 0, BLOCK) for d in dst], requests={"q": full * SLOTS},
+                        fills=dict.fromkeys(dst, SLOTS), records=[pb.RequestRecord(
+                            request_id="q", tokens=tokens[:full * SLOTS], blocks=dst, reset=True)] if i == 0 else ())
+    assert fresh[0].client.wait_protected(0)
+    wait_for(lambda: b.metric('ghostserve_mirror_refused_total{reason="held_here"}') >= 1)
+    space = _space()
+    keys = [space.key(h, q) for h in space.chain(tokens[:full * SLOTS]) for q in range(2)]
+    assert b.store_exists(keys) == [True] * len(keys)
+    for r in fresh:
+        r.client.release(1, ["q"])
+    wait_for(lambda: b.store_exists(keys) == [False] * len(keys))
 
 
 def test_short_requests_are_not_mirrored_and_a_released_request_leaves_the_store(nodes, master):

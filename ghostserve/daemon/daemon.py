@@ -435,11 +435,11 @@ class Daemon:
             spaces = {KeySpace.of(g.namespace, g.layout, g.n) for g in list(self.groups.values())
                       if g.slotted and g.namespace == namespace}
             started = time.perf_counter()
-            hit = self.mirror.lookup(tokens, sorted(spaces, key=lambda s: s.prefix))
-            if hit is not None:
-                log.info("lookup: %d of %d tokens in the store (%s) in %.4f s", hit.tokens, len(tokens), hit.group,
-                         time.perf_counter() - started)
-            return hit
+            stored = self.mirror.lookup(tokens, sorted(spaces, key=lambda s: s.prefix))
+            if stored is not None:
+                log.info("lookup: %d of %d tokens in the store (%s) in %.4f s", stored.tokens, len(tokens),
+                         stored.group, time.perf_counter() - started)
+            return stored
         g, (request_id, n, blocks) = best
         return LookupHit(g.name, request_id, n, blocks, g.layout.block_slots)
 

@@ -358,12 +358,31 @@ class Mirror:
             self.metrics.mirror_refused.labels("unsettled").inc()
             return False
         target = self._target()
-        if not target:
-            self.metrics.mirror_refused.labels(str(PutOutcome.NO_ROOM)).inc()
-            self._backoff_until = time.monotonic() + self.retry_seconds
-            return False
         for q, buf in enumerate(gm.buffers):
             key = gm.space.key(rm.chain[i], q)
+            where = self.store.locate(key)
+            if where is not None:
+                # the same prefix is in the store already (another request's, or another node's
+                # copy that this node resumed from): held by this request too, removed with it
+                self._hold(key, g.name, req, rm, 0)
+                if not self._is_own(where):
+                    rm.keys[key] = self.store.size(key)
+                    continue
+                # another node's copy on this node's own segment (a request resumed here from it):
+                # it does not survive this node, and is not replaced (a remove before a put that
+                # fails would lose the only copy). The request's copies are held, to go with it,
+                # and its mirroring is given up
+                keys = [gm.space.key(h, r) for h in rm.chain for r in range(g.n)]
+                for k, there in zip(keys, self.store.exists(keys), strict=True):
+                    if there:
+                        self._hold(k, g.name, req, rm, 0)
+                rm.dropped = True
+                self.metrics.mirror_refused.labels(str(PutOutcome.HELD_HERE)).inc()
+                log.warning("mirror of %s/%s: its prefix is another node's copy on this node's segment; "
+                            "not mirrored (docs/scale-out.md)", g.name, req)
+                return False
+            if not target:
+                return self._refused(g.name, req, i, PutOutcome.NO_ROOM)
             obj = BlockObject(lay.num_layers, lay.block_bytes, lay.block_slots, q, g.n, _crc(buf)).pack(buf.data)
             try:
                 outcome = self.store.put(key, obj, target)
@@ -373,20 +392,31 @@ class Mirror:
                 self._segments = (0.0, [])
                 raise
             if outcome != PutOutcome.STORED:
-                self.metrics.mirror_refused.labels(str(outcome)).inc()
-                self._segments = (0.0, [])   # look at the segments again
-                self._backoff_until = time.monotonic() + self.retry_seconds
-                say = log.warning if self._said.get(g.name) != outcome else log.debug  # once, not every retry
-                self._said[g.name] = outcome
-                say("mirror of %s/%s block %d refused: %s", g.name, req, i, outcome)
-                return False
-            with self._cond:
-                self._holders.setdefault(key, set()).add((g.name, req))
-                rm.keys[key] = len(obj)
+                return self._refused(g.name, req, i, outcome)
+            self._hold(key, g.name, req, rm, len(obj))
         rm.stored = i + 1
         self._said.pop(g.name, None)
         self.metrics.mirrored_bytes.labels(g.name).inc(lay.num_layers * lay.block_bytes * g.n)
         return True
+
+    def _hold(self, key: str, group: str, req: str, rm: _Request, nbytes: int) -> None:
+        with self._cond:
+            self._holders.setdefault(key, set()).add((group, req))
+            rm.keys[key] = nbytes
+
+    def _is_own(self, where: list[str]) -> bool:
+        assert self.store is not None
+        return bool(where) and all(w in self.store.own_names() for w in where)
+
+    def _refused(self, group: str, req: str, i: int, outcome: PutOutcome) -> bool:
+        """Block ``i`` of ``req`` is not off-node: count it, back off, look at the segments again."""
+        self.metrics.mirror_refused.labels(str(outcome)).inc()
+        self._segments = (0.0, [])
+        self._backoff_until = time.monotonic() + self.retry_seconds
+        say = log.warning if self._said.get(group) != outcome else log.debug  # once, not every retry
+        self._said[group] = outcome
+        say("mirror of %s/%s block %d refused: %s", group, req, i, outcome)
+        return False
 
     def _target(self) -> str:
         """Another node's segment with the most room ("" if there is none)."""

@@ -50,6 +50,7 @@ class PutOutcome(StrEnum):
     STORED = "stored"        # on another node's segment
     LOCAL = "local"          # Mooncake placed it on this node's own segment: removed again, not mirrored
     NO_ROOM = "no_room"      # no other node's segment could take it
+    HELD_HERE = "held_here"  # another node's copy lies on this node's own segment (a request resumed here)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,15 @@ class RemoteStore(Protocol):
         object under ``key`` is left as it is (same key: same bytes)."""
 
     def exists(self, keys: list[str]) -> list[bool]: ...
+
+    def locate(self, key: str) -> list[str] | None:
+        """The segments (as replica descriptors name them) holding ``key`` (None: absent)."""
+
+    def own_names(self) -> set[str]:
+        """The names replica descriptors give this node's own segment."""
+
+    def size(self, key: str) -> int:
+        """Bytes of ``key``'s object (0 if absent)."""
 
     def get(self, key: str) -> bytes | None:
         """The object's bytes (None: no such object)."""
@@ -144,21 +154,26 @@ class MooncakeStore:
         cfg.with_hard_pin = True   # mirrors are removed with their request, never evicted
         if target:
             cfg.preferred_segment = target
-        existed = self.exists([key])[0]
-        if not existed:
-            rc = self._client.put(key, data, cfg)
-            if rc == -200:
-                return PutOutcome.NO_ROOM
-            if rc != 0:
-                raise StoreError(f"put {key}: {describe(rc)}")
+        rc = self._client.put(key, data, cfg)
+        if rc == -200:
+            return PutOutcome.NO_ROOM
+        if rc != 0:
+            raise StoreError(f"put {key}: {describe(rc)}")
         where = self.where(key)
-        if where and all(w in self._own_names() for w in where):
-            if not existed:  # ours, and useless here; another node's copy (a resumed request) is left alone
-                self.remove(key)
+        if where and all(w in self.own_names() for w in where):
+            self.remove(key)
             return PutOutcome.LOCAL
         return PutOutcome.STORED
 
-    def _own_names(self) -> set[str]:
+    def locate(self, key: str) -> list[str] | None:
+        """Where ``key``'s replicas are (None: no such object)."""
+        return self.where(key) if self.exists([key])[0] else None
+
+    def size(self, key: str) -> int:
+        n = self._client.get_size(key)
+        return max(0, int(n))
+
+    def own_names(self) -> set[str]:
         """This node's segment as descriptors name it (its transfer endpoint: with
         Mooncake's P2P handshake not the segment's name)."""
         if not self._endpoint:
