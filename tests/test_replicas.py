@@ -12,12 +12,12 @@ test per outcome:
 2. once they run on replica 1, its workers are held (SIGSTOP) until replica 0
    is back, then its TP worker 1 is SIGKILLed too: every request moves back to
    the restarted replica 0;
-3. with both replicas up again, one streamed request, and a TP worker of each
-   replica SIGKILLed at once: nowhere to move, so it waits for the first replica
-   back and resumes there (with its KV);
+3. (--runslow) with both replicas up again, one streamed request, and a TP worker
+   of each replica SIGKILLed at once: nowhere to move, so it waits for the first
+   replica back and resumes there (with its KV);
 4. SIGTERM stops everything in order and leaves /dev/shm as it was.
 
-About 6 minutes on 2 cores, most of it vLLM starting (five times).
+About 4.5 minutes on 2 cores, most of it vLLM starting (four times; six with --runslow).
 """
 
 from __future__ import annotations
@@ -327,6 +327,8 @@ def both_killed(pair, moved):
     return {"out": out["stream"], "first_back": first, "second_back": second}
 
 
+@pytest.mark.slow  # two more engine starts; the wait-and-resume with KV runs by default in test_front,
+# and with every replica down on stand-in upstreams in test_front_pool
 @pytest.mark.timeout(600)  # two engines restarting at once
 def test_both_replicas_dead_at_once_falls_back_to_wait_and_resume(baselines, both_killed):
     got = both_killed["out"]
@@ -335,7 +337,7 @@ def test_both_replicas_dead_at_once_falls_back_to_wait_and_resume(baselines, bot
     assert r["gap_seconds"] > 5  # it waited for an engine to start
 
 
-def test_sigterm_stops_everything_in_order_and_leaves_dev_shm_as_it_was(pair, both_killed):
+def test_sigterm_stops_everything_in_order_and_leaves_dev_shm_as_it_was(pair, moved):
     code = pair["gv"].stop(timeout=120)
     log = open(pair["gv"].log_path).read()
     assert code == 0, log[-3000:]
