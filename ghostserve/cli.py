@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "ghostserve vllm [OPTIONS] -- VLLM_ARGS (needs the front and vllm extras)", front_cli.cmd_vllm))
 
     p = command("bench", "run a benchmark from benchmarks/ (codec, checkpoint, serving, vllm_resume, "
-                         "front_resume, sglang_resume, peers)", cmd_bench)
+                         "front_resume, sglang_resume, peers, node_loss)", cmd_bench)
     p.add_argument("name", help="the benchmark: a file name in benchmarks/ without .py")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --json)")
     return parser
