@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from test_resume import BLOCK, BLOCKS, SLOTS, Rank, end_engine, wait_ended
 
-from ghostserve import shm
 from ghostserve.client import OperatorClient
 from ghostserve.config import Config
 from ghostserve.daemon.server import Server
@@ -36,19 +35,6 @@ def pair(tmp_path_factory):
     yield servers
     for srv in servers:
         srv.stop(grace=1)
-
-
-@pytest.fixture
-def region_factory(shm_prefix):
-    made = []
-
-    def make(size: int, tag: str = ""):
-        seg = shm.Segment.create(f"{shm_prefix}{uuid.uuid4().hex[:8]}", size)
-        made.append(seg)
-        return seg
-    yield make
-    for seg in made:
-        seg.close()
 
 
 def plan(draw_ops: list[tuple[int, int]], seed: int) -> list[dict]:
@@ -86,13 +72,13 @@ def plan(draw_ops: list[tuple[int, int]], seed: int) -> list[dict]:
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.sampled_from([0, 0, 0, 1, 2]), st.integers(1, 11)), min_size=3, max_size=14),
        seed=st.integers(0, 2**31))
-def test_coalesced_steps_protect_what_single_steps_protect(pair, region_factory, ops, seed):
+def test_coalesced_steps_protect_what_single_steps_protect(pair, region, ops, seed):
     steps = plan(ops, seed)
     name = f"co{uuid.uuid4().hex[:6]}"
     views = []
     for srv in pair:
         rng = np.random.default_rng(seed)   # the same bytes on both
-        ranks = [Rank(srv, region_factory, name, q, 2, 1) for q in range(2)]
+        ranks = [Rank(srv, region, name, q, 2, 1) for q in range(2)]
         for t, s in enumerate(steps):
             for r in ranks:
                 for b, (s0, s1) in s["writes"].items():
